@@ -1,0 +1,228 @@
+"""Wire format between client and backend: binary frames for tensors and ciphertexts, JSON for the rest.
+
+A frame is ``MAGIC | version u8 | reserved u8 | header length u32 LE | header (UTF-8 JSON) | blobs``. The
+header names each blob with its kind ("tensor" with dtype and shape, or "bytes") and its length; blobs
+follow in that order with nothing in between or after. Large arrays never go through base64.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"HEDF"
+FRAME_CONTENT_TYPE = "application/x-hediff-frame"
+_PREFIX = struct.Struct("<4sBBI")
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_BLOBS = 256
+MAX_DIMS = 6
+DEFAULT_MAX_FRAME_BYTES = 256 << 20
+
+TENSOR_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "uint8": np.uint8}
+ACTIVATION_DTYPES = ("float32", "float16")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says what is wrong."""
+
+
+@dataclass
+class Frame:
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        entries, payloads = [], []
+        for name, arr in self.tensors.items():
+            arr = np.ascontiguousarray(arr)
+            dtype = _dtype_name(arr.dtype)
+            entries.append({"name": name, "kind": "tensor", "dtype": dtype, "shape": list(arr.shape), "nbytes": arr.nbytes})
+            payloads.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        for name, data in self.blobs.items():
+            entries.append({"name": name, "kind": "bytes", "nbytes": len(data)})
+            payloads.append(bytes(data))
+        header = json.dumps({"meta": self.meta, "blobs": entries}, separators=(",", ":")).encode()
+        return b"".join([_PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(header)), header, *payloads])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values()) + sum(len(b) for b in self.blobs.values())
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    for name, t in TENSOR_DTYPES.items():
+        if np.dtype(t) == dtype.newbyteorder("="):
+            return name
+    raise ProtocolError(f"dtype {dtype} cannot go on the wire; use one of {', '.join(TENSOR_DTYPES)}")
+
+
+def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(data) < _PREFIX.size:
+        raise ProtocolError(f"frame truncated: {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, _reserved, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("not an HE-Diffusion frame (bad magic bytes)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"frame protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+        raise ProtocolError(f"frame header length {header_len} is impossible for a {len(data)}-byte frame")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"frame header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) or not isinstance(header.get("blobs"), list):
+        raise ProtocolError("frame header must be an object with 'meta' (object) and 'blobs' (list)")
+    entries = header["blobs"]
+    if len(entries) > MAX_BLOBS:
+        raise ProtocolError(f"frame has {len(entries)} blobs; at most {MAX_BLOBS} are allowed")
+    frame = Frame(meta=header["meta"])
+    offset = _PREFIX.size + header_len
+    for i, entry in enumerate(entries):
+        name, kind, nbytes = _entry_fields(entry, i)
+        if name in frame.tensors or name in frame.blobs:
+            raise ProtocolError(f"blob {name!r} appears twice")
+        if offset + nbytes > len(data):
+            raise ProtocolError(f"frame truncated: blob {name!r} needs {nbytes} bytes, {len(data) - offset} remain")
+        chunk = data[offset : offset + nbytes]
+        offset += nbytes
+        if kind == "bytes":
+            frame.blobs[name] = chunk
+        else:
+            frame.tensors[name] = _tensor_from(entry, name, chunk)
+    if offset != len(data):
+        raise ProtocolError(f"frame has {len(data) - offset} unexpected trailing bytes")
+    return frame
+
+
+def _entry_fields(entry: Any, i: int) -> tuple[str, str, int]:
+    if not isinstance(entry, dict):
+        raise ProtocolError(f"blob entry {i} is not an object")
+    name, kind, nbytes = entry.get("name"), entry.get("kind"), entry.get("nbytes")
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise ProtocolError(f"blob entry {i} has no valid name")
+    if kind not in ("tensor", "bytes"):
+        raise ProtocolError(f"blob {name!r} has unknown kind {kind!r}")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ProtocolError(f"blob {name!r} has an invalid length {nbytes!r}")
+    return name, kind, nbytes
+
+
+def _tensor_from(entry: dict, name: str, chunk: bytes) -> np.ndarray:
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if dtype not in TENSOR_DTYPES:
+        raise ProtocolError(f"tensor {name!r} has unsupported dtype {dtype!r}; allowed: {', '.join(TENSOR_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)
+    ):
+        raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+    np_dtype = np.dtype(TENSOR_DTYPES[dtype]).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if expected != len(chunk):
+        raise ProtocolError(f"tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(chunk)}")
+    return np.frombuffer(chunk, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="), copy=False)
+
+
+# --- message-level helpers, used by both sides ---------------------------------------------------
+
+
+def require_tensor(frame: Frame, name: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> np.ndarray:
+    """The named tensor with exactly this shape, one of these dtypes, all finite."""
+    if name not in frame.tensors:
+        raise ProtocolError(f"missing tensor {name!r}")
+    arr = frame.tensors[name]
+    if tuple(arr.shape) != tuple(shape):
+        raise ProtocolError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if _dtype_name(arr.dtype) not in dtypes:
+        raise ProtocolError(f"tensor {name!r} has dtype {_dtype_name(arr.dtype)}, expected {' or '.join(dtypes)}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ProtocolError(f"tensor {name!r} contains NaN or infinite values")
+    return arr
+
+
+def ciphertext_names(n: int) -> list[str]:
+    return [f"ct{i}" for i in range(n)]
+
+
+def collect_ciphertexts(frame: Frame, n: int) -> list[bytes]:
+    names = ciphertext_names(n)
+    missing = [x for x in names if x not in frame.blobs]
+    if missing:
+        raise ProtocolError(f"expected {n} ciphertexts, missing {', '.join(missing[:4])}")
+    extra = [x for x in frame.blobs if x.startswith("ct") and x not in names]
+    if extra:
+        raise ProtocolError(f"expected {n} ciphertexts, got extra blobs {', '.join(extra[:4])}")
+    return [frame.blobs[x] for x in names]
+
+
+def meta_int(meta: dict, key: str, lo: int, hi: int) -> int:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def meta_float(meta: dict, key: str, lo: float, hi: float) -> float:
+    v = meta.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or not lo <= v <= hi:
+        raise ProtocolError(f"{key!r} must be a number in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def meta_choice(meta: dict, key: str, choices) -> str:
+    v = meta.get(key)
+    if v not in tuple(choices):
+        raise ProtocolError(f"{key!r} must be one of {', '.join(map(str, choices))}, got {v!r}")
+    return v
+
+
+# --- session settings ------------------------------------------------------------------------------
+
+ENCRYPTION_CHOICES = ("full", "min-distortion", "none")  # "none": the same split protocol in plaintext
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    scheduler: str
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    split: str
+    encryption: str
+    he_preset: str | None
+    activation_dtype: str
+    plan_digest: str
+
+    def to_meta(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_meta(cls, meta: dict, *, schedulers, splits, presets, max_steps: int, max_side: int) -> SessionSettings:
+        encryption = meta_choice(meta, "encryption", ENCRYPTION_CHOICES)
+        he_preset = None if encryption == "none" else meta_choice(meta, "he_preset", presets)
+        digest = meta.get("plan_digest")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ProtocolError("'plan_digest' must be the 64-character hex digest of the client's step plan")
+        return cls(
+            scheduler=meta_choice(meta, "scheduler", schedulers),
+            steps=meta_int(meta, "steps", 1, max_steps),
+            guidance=meta_float(meta, "guidance", 0.0, 100.0),
+            height=meta_int(meta, "height", 8, max_side),
+            width=meta_int(meta, "width", 8, max_side),
+            split=meta_choice(meta, "split", splits),
+            encryption=encryption,
+            he_preset=he_preset,
+            activation_dtype=meta_choice(meta, "activation_dtype", ACTIVATION_DTYPES),
+            plan_digest=digest,
+        )

@@ -1,0 +1,554 @@
+"""HE-compatible affine descriptions of deterministic diffusers scheduler steps.
+
+For the deterministic samplers supported here, one denoising step is *affine* in the
+latents with public (plaintext) coefficients::
+
+    x_{i+1} = sum_j a_j * x_j + sum_k c_k * e_k
+
+where ``x_j`` are the latents the client has held so far (``x_0`` is the initial noise
+already multiplied by ``init_noise_sigma``) and ``e_k`` is the guided noise prediction
+computed at step ``k``.  The server holds an encrypted copy of one latent ``x_p`` (the
+*pivot*) and adds a plaintext vector built from its own noise predictions; the client,
+who holds the secret key, decrypts and applies the remaining latent coefficients.
+
+Coefficients are not derived by hand: :func:`build_plan` runs the real diffusers
+scheduler (built by :func:`make_scheduler`, exactly as ``StableDiffusionPipeline`` would
+use it after ``Scheduler.from_config(pipe.scheduler.config)``) on one-hot coefficient
+vectors ("symbolic linear execution").  Every supported ``step()`` is linear in
+``(sample, model_output, stored history)``, so the output vector *is* the coefficient
+vector of ``x_{i+1}`` in the basis ``(x_0..x_N, e_0..e_{N-1})``.
+
+Precision: the symbolic run uses float64 tensors.  DDIM and PNDM keep float64 throughout
+(their scalars ``alphas_cumprod`` are float32 values, applied in float64).  Euler and
+DPM-Solver++ upcast ``sample`` to float32 unconditionally inside ``step()``; one-hot
+vectors survive that cast exactly, and because ``model_output`` is float64 the result is
+promoted back to float64, so the coefficients are the float64 evaluation of the
+scheduler's float32 scalars.  A real float32 pipeline run therefore agrees with the plan
+to float32 rounding (~1e-7 relative); a real float64 run of DDIM/PNDM agrees to ~1e-15.
+
+Note that the number of steps in a plan is ``len(scheduler.timesteps)``, which for PLMS
+(PNDM with ``skip_prk_steps``) is ``num_inference_steps + 1`` when ``num_inference_steps
+>= 2``: diffusers evaluates the UNet twice at the second-highest timestep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+__all__ = [
+    "SCHEDULER_NAMES",
+    "AffinePlan",
+    "AffineStep",
+    "apply_step",
+    "build_plan",
+    "client_finish",
+    "make_scheduler",
+    "server_offset",
+]
+
+#: Supported scheduler names, in a stable order.
+SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "plms", "euler", "dpmpp-2m")
+
+# name -> (diffusers class, keyword overrides passed to from_config)
+_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+# step()-time knobs that would make a step stochastic; we always call step() with the
+# defaults, so a config that asks for anything else is rejected rather than ignored.
+_STEP_KWARG_DEFAULTS: dict[str, float] = {
+    "eta": 0.0,  # DDIM
+    "s_churn": 0.0,  # Euler
+    "s_tmin": 0.0,
+    "s_tmax": float("inf"),
+    "s_noise": 1.0,
+}
+
+_PLAN_FORMAT = "he-diffusion/affine-plan/v1"
+# Coefficients whose magnitude is below this fraction of the step's largest coefficient
+# are float64 cancellation noise (e.g. 1 - 1 in a derivative); they are dropped.
+_DROP_REL = 1e-13
+# A latent coefficient smaller than this fraction of the largest one cannot be a pivot.
+_PIVOT_REL = 1e-12
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler construction and validation
+# --------------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid names are: {', '.join(SCHEDULER_NAMES)}")
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
+    """Build the diffusers scheduler ``name`` from a model's scheduler config.
+
+    This is exactly the object ``StableDiffusionPipeline`` would use after
+    ``pipe.scheduler = Cls.from_config(pipe.scheduler.config, **overrides)``; use it for the
+    pipeline too when comparing against a plan.  Settings that make a step non-affine or
+    non-deterministic (or that we do not support) raise ``ValueError`` naming the setting.
+    """
+    _check_name(name)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"scheduler config must be a mapping, got {type(config).__name__}")
+    raw = dict(config)
+    _check_raw_config(name, raw)
+    cls, overrides = _SCHEDULERS[name]
+    scheduler = cls.from_config(raw, **overrides)
+    _check_resolved_config(name, dict(scheduler.config))
+    return scheduler
+
+
+def _check_raw_config(name: str, raw: dict[str, Any]) -> None:
+    for key, default in _STEP_KWARG_DEFAULTS.items():
+        if key in raw and raw[key] is not None and float(raw[key]) != default:
+            raise ValueError(
+                f"scheduler {name!r}: {key}={raw[key]!r} is not supported (only the deterministic "
+                f"default {key}={default} gives an affine step)"
+            )
+    if raw.get("clip_sample"):
+        raise ValueError(
+            f"scheduler {name!r}: clip_sample=True is not supported (clipping the predicted sample is "
+            "not affine); set clip_sample=False"
+        )
+
+
+def _check_resolved_config(name: str, cfg: dict[str, Any]) -> None:
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ValueError(f"scheduler {name!r}: prediction_type={pred!r} is not supported; only 'epsilon' is")
+    if cfg.get("thresholding"):
+        raise ValueError(
+            f"scheduler {name!r}: thresholding=True is not supported (dynamic thresholding is not affine)"
+        )
+    if cfg.get("clip_sample"):
+        raise ValueError(f"scheduler {name!r}: clip_sample=True is not supported (not affine)")
+    if cfg.get("timestep_spacing") == "leading" and cfg.get("steps_offset", 0) != 1:
+        # StableDiffusionPipeline silently rewrites steps_offset to 1 on construction, so a
+        # different value here would give timesteps that differ from the pipeline's.
+        raise ValueError(
+            f"scheduler {name!r}: steps_offset={cfg.get('steps_offset')!r} is not supported with "
+            "timestep_spacing='leading'; StableDiffusionPipeline forces steps_offset=1, pass its "
+            "scheduler.config (or set steps_offset=1)"
+        )
+    if name == "dpmpp-2m":
+        if cfg.get("variance_type") is not None:
+            raise ValueError(
+                f"scheduler {name!r}: variance_type={cfg['variance_type']!r} is not supported "
+                "(only models predicting epsilon alone)"
+            )
+        if cfg.get("use_dynamic_shifting"):
+            raise ValueError(f"scheduler {name!r}: use_dynamic_shifting=True is not supported")
+
+
+def _check_num_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise TypeError(f"num_inference_steps must be an integer, got {type(num_inference_steps).__name__}")
+    n = int(num_inference_steps)
+    if not 1 <= n <= 1000:
+        raise ValueError(f"num_inference_steps must be in [1, 1000], got {n}")
+    if n > num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={num_train_timesteps}"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# Data structures
+# --------------------------------------------------------------------------------------
+
+
+def _coeff_dict(d: Mapping[Any, Any], what: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for k, v in d.items():
+        fv = float(v)
+        if not math.isfinite(fv):
+            raise ValueError(f"{what}[{k}] is not finite: {v!r}")
+        if fv != 0.0:
+            out[int(k)] = fv
+    return dict(sorted(out.items()))
+
+
+def _timestep_value(t: Any) -> int | float:
+    if isinstance(t, bool):
+        raise TypeError("timestep must be a number, not a bool")
+    if isinstance(t, (int, np.integer)):
+        return int(t)
+    return float(t)
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """One denoising step: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k``.
+
+    ``timestep`` is the value fed to the UNet: an ``int`` for DDIM/PLMS/DPM-Solver++ and a
+    ``float`` for Euler (its linspace timesteps are float32 and generally non-integral).
+    The model input is ``input_scale * x_index``.
+    """
+
+    index: int
+    timestep: int | float
+    input_scale: float
+    pivot: int
+    latent_coeffs: dict[int, float]
+    eps_coeffs: dict[int, float]
+
+    def __post_init__(self) -> None:
+        lat = _coeff_dict(self.latent_coeffs, "latent_coeffs")
+        eps = _coeff_dict(self.eps_coeffs, "eps_coeffs")
+        object.__setattr__(self, "index", int(self.index))
+        object.__setattr__(self, "timestep", _timestep_value(self.timestep))
+        object.__setattr__(self, "input_scale", float(self.input_scale))
+        object.__setattr__(self, "pivot", int(self.pivot))
+        object.__setattr__(self, "latent_coeffs", lat)
+        object.__setattr__(self, "eps_coeffs", eps)
+        i = self.index
+        if i < 0:
+            raise ValueError(f"step index must be >= 0, got {i}")
+        if not (math.isfinite(self.input_scale) and self.input_scale != 0.0):
+            raise ValueError(f"step {i}: input_scale must be finite and nonzero, got {self.input_scale}")
+        if self.pivot not in lat:
+            raise ValueError(f"step {i}: pivot {self.pivot} has no nonzero latent coefficient")
+        if any(j < 0 or j > i for j in lat):
+            raise ValueError(f"step {i}: latent coefficients must reference x_0..x_{i}, got {sorted(lat)}")
+        if any(k < 0 or k > i for k in eps):
+            raise ValueError(f"step {i}: eps coefficients must reference e_0..e_{i}, got {sorted(eps)}")
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.index,
+                self.timestep,
+                self.input_scale,
+                self.pivot,
+                tuple(self.latent_coeffs.items()),
+                tuple(self.eps_coeffs.items()),
+            )
+        )
+
+    @property
+    def pivot_coeff(self) -> float:
+        """``a_p``, the coefficient of the latent the server updates."""
+        return self.latent_coeffs[self.pivot]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "timestep": self.timestep,
+            "input_scale": self.input_scale,
+            "pivot": self.pivot,
+            "latent_coeffs": {str(k): v for k, v in self.latent_coeffs.items()},
+            "eps_coeffs": {str(k): v for k, v in self.eps_coeffs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AffineStep:
+        try:
+            return cls(
+                index=d["index"],
+                timestep=d["timestep"],
+                input_scale=d["input_scale"],
+                pivot=d["pivot"],
+                latent_coeffs=d["latent_coeffs"],
+                eps_coeffs=d["eps_coeffs"],
+            )
+        except KeyError as exc:
+            raise ValueError(f"AffineStep dict is missing key {exc.args[0]!r}") from None
+
+    def _canonical(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "timestep": _round12(self.timestep),
+            "input_scale": _round12(self.input_scale),
+            "pivot": self.pivot,
+            "latent_coeffs": {str(k): _round12(v) for k, v in self.latent_coeffs.items()},
+            "eps_coeffs": {str(k): _round12(v) for k, v in self.eps_coeffs.items()},
+        }
+
+
+def _round12(v: float) -> float:
+    if isinstance(v, int):
+        return v
+    r = float(f"{v:.12g}")
+    return 0.0 if r == 0.0 else r  # normalise -0.0
+
+
+@dataclass(frozen=True)
+class AffinePlan:
+    """The full sampling schedule as a sequence of affine steps.
+
+    ``len(steps)`` is the number of UNet evaluations, i.e. ``len(scheduler.timesteps)``,
+    which can exceed ``num_inference_steps`` (PLMS).  The final latent is ``x_{len(steps)}``.
+    """
+
+    scheduler: str
+    num_inference_steps: int
+    init_noise_sigma: float
+    steps: tuple[AffineStep, ...]
+
+    def __post_init__(self) -> None:
+        _check_name(self.scheduler)
+        steps = tuple(s if isinstance(s, AffineStep) else AffineStep.from_dict(s) for s in self.steps)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "num_inference_steps", int(self.num_inference_steps))
+        object.__setattr__(self, "init_noise_sigma", float(self.init_noise_sigma))
+        if not steps:
+            raise ValueError("an AffinePlan needs at least one step")
+        for i, s in enumerate(steps):
+            if s.index != i:
+                raise ValueError(f"plan steps out of order: position {i} holds step {s.index}")
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def eps_history_needed(self) -> int:
+        """How many noise predictions (current one included) the server must keep."""
+        return max(((s.index - min(s.eps_coeffs)) + 1 for s in self.steps if s.eps_coeffs), default=0)
+
+    def latent_history_needed(self) -> int:
+        """How many encrypted latents (current one included) the server must keep (>= 1)."""
+        return max(max(s.index - s.pivot + 1 for s in self.steps), 1)
+
+    def client_history_needed(self) -> int:
+        """How many plaintext latents (current one included) the client must keep (>= 1)."""
+        return max(max(s.index - min(s.latent_coeffs) + 1 for s in self.steps), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _PLAN_FORMAT,
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_inference_steps,
+            "init_noise_sigma": self.init_noise_sigma,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AffinePlan:
+        fmt = d.get("format", _PLAN_FORMAT)
+        if fmt != _PLAN_FORMAT:
+            raise ValueError(f"unsupported plan format {fmt!r} (expected {_PLAN_FORMAT!r})")
+        try:
+            return cls(
+                scheduler=d["scheduler"],
+                num_inference_steps=d["num_inference_steps"],
+                init_noise_sigma=d["init_noise_sigma"],
+                steps=tuple(AffineStep.from_dict(s) for s in d["steps"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"AffinePlan dict is missing key {exc.args[0]!r}") from None
+
+    def canonical_json(self) -> str:
+        """Canonical JSON (coefficients rounded to 12 significant digits) hashed by :meth:`digest`."""
+        payload = {
+            "format": _PLAN_FORMAT,
+            "scheduler": self.scheduler,
+            "num_inference_steps": self.num_inference_steps,
+            "init_noise_sigma": _round12(self.init_noise_sigma),
+            "steps": [s._canonical() for s in self.steps],
+        }
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def digest(self) -> str:
+        """sha256 hex of :meth:`canonical_json`, for client/server agreement checks."""
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Plan construction by symbolic linear execution
+# --------------------------------------------------------------------------------------
+
+
+def _sparse(vec: np.ndarray, lo: int, hi: int, scale: float) -> dict[int, float]:
+    thresh = _DROP_REL * scale
+    return {j - lo: float(vec[j]) for j in range(lo, hi) if abs(vec[j]) > thresh}
+
+
+def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> AffinePlan:
+    """Derive the affine plan of scheduler ``name`` from the real diffusers implementation.
+
+    The scheduler is driven exactly like ``StableDiffusionPipeline`` does (``set_timesteps``
+    on CPU, then ``scale_model_input`` followed by ``step`` at every timestep), but on one-hot
+    float64 coefficient vectors.  The result is verified against a numeric run of a fresh
+    scheduler before it is returned.
+    """
+    scheduler = make_scheduler(name, scheduler_config)
+    n = _check_num_steps(num_inference_steps, int(scheduler.config.num_train_timesteps))
+    scheduler.set_timesteps(n, device="cpu")
+    timesteps = scheduler.timesteps
+    num_calls = len(timesteps)
+    dim = 2 * num_calls + 1  # x_0..x_N, e_0..e_{N-1}
+    e_off = num_calls + 1
+
+    def onehot(j: int) -> torch.Tensor:
+        v = torch.zeros(dim, dtype=torch.float64)
+        v[j] = 1.0
+        return v
+
+    steps: list[AffineStep] = []
+    for i, t in enumerate(timesteps):
+        x_i = onehot(i)
+        try:
+            scaled = scheduler.scale_model_input(x_i, t)
+            out = scheduler.step(model_output=onehot(e_off + i), timestep=t, sample=x_i, return_dict=True)
+        except (IndexError, ZeroDivisionError) as exc:
+            raise ValueError(
+                f"diffusers' {type(scheduler).__name__} cannot run {n} steps with this config "
+                f"(it fails at step {i}, timestep {t.item()}: {exc})"
+            ) from exc
+        scaled_np = scaled.detach().to(torch.float64).cpu().numpy()
+        input_scale = float(scaled_np[i])
+        others = np.delete(scaled_np, i)
+        if not math.isfinite(input_scale) or input_scale == 0.0 or np.any(others != 0.0):
+            raise RuntimeError(f"{name}: scale_model_input at step {i} is not a nonzero scalar multiple")
+        vec = out.prev_sample.detach().to(torch.float64).cpu().numpy()
+        if not np.all(np.isfinite(vec)):
+            dup = bool((timesteps[1:] == timesteps[:-1]).any()) and name != "plms"
+            raise ValueError(
+                f"diffusers' {type(scheduler).__name__} produces non-finite values at step {i} for "
+                f"num_inference_steps={n}" + (" (its timestep schedule repeats a timestep)" if dup else "")
+            )
+        scale = float(np.max(np.abs(vec))) or 1.0
+        lat = _sparse(vec, 0, num_calls + 1, scale)
+        eps = _sparse(vec, e_off, dim, scale)
+        if any(j > i for j in lat) or any(k > i for k in eps):
+            raise RuntimeError(f"{name}: step {i} references future latents/noise predictions")
+        if not lat:
+            raise RuntimeError(f"{name}: step {i} does not depend on any latent")
+        amax = max(abs(v) for v in lat.values())
+        candidates = [j for j, v in lat.items() if abs(v) > _PIVOT_REL * amax]
+        pivot = i if i in candidates else max(candidates)
+        steps.append(
+            AffineStep(
+                index=i,
+                timestep=_timestep_value(t.item()),
+                input_scale=input_scale,
+                pivot=pivot,
+                latent_coeffs=lat,
+                eps_coeffs=eps,
+            )
+        )
+
+    init_sigma = scheduler.init_noise_sigma
+    init_sigma = float(init_sigma.item() if isinstance(init_sigma, torch.Tensor) else init_sigma)
+    plan = AffinePlan(scheduler=name, num_inference_steps=n, init_noise_sigma=init_sigma, steps=tuple(steps))
+    _self_check(plan, scheduler_config)
+    return plan
+
+
+def _self_check(plan: AffinePlan, scheduler_config: Mapping[str, Any], rtol: float = 1e-4) -> None:
+    """Guard against a step that is not actually linear: replay a numeric run and compare."""
+    scheduler = make_scheduler(plan.scheduler, scheduler_config)
+    scheduler.set_timesteps(plan.num_inference_steps, device="cpu")
+    rng = np.random.default_rng(1234)
+    size = 8
+    x = rng.standard_normal(size) * plan.init_noise_sigma
+    latents = {0: x}
+    eps_hist: dict[int, np.ndarray] = {}
+    real = torch.from_numpy(x.copy())
+    for step, t in zip(plan.steps, scheduler.timesteps, strict=True):
+        i = step.index
+        eps_hist[i] = rng.standard_normal(size)
+        model_in = scheduler.scale_model_input(real, t).to(torch.float64).numpy()
+        real = scheduler.step(torch.from_numpy(eps_hist[i]), t, real, return_dict=True).prev_sample
+        real = real.to(torch.float64)
+        want_out = real.numpy()
+        got_in = step.input_scale * latents[i]
+        got_out = apply_step(step, latents, eps_hist)
+        for got, want in ((got_in, model_in), (got_out, want_out)):
+            err = float(np.max(np.abs(got - want)))
+            if not err <= rtol * max(float(np.max(np.abs(want))), 1e-30):
+                raise RuntimeError(
+                    f"{plan.scheduler}: affine plan disagrees with diffusers at step {i} "
+                    f"(max abs error {err:.3g}); the step is probably not affine for this config"
+                )
+        latents[i + 1] = want_out  # follow the real trajectory so errors don't compound
+
+
+# --------------------------------------------------------------------------------------
+# The two halves of a step (plaintext reference; ciphertext code uses the same coefficients)
+# --------------------------------------------------------------------------------------
+
+
+def _f64(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _get(history: Mapping[int, Any], k: int, what: str, step: AffineStep) -> np.ndarray:
+    try:
+        return _f64(history[k])
+    except KeyError:
+        raise KeyError(
+            f"step {step.index} needs {what}[{k}] but the history only has {sorted(history)}"
+        ) from None
+
+
+def _eps_sum(step: AffineStep, eps_history: Mapping[int, Any]) -> np.ndarray:
+    total: np.ndarray | None = None
+    for k, c in step.eps_coeffs.items():
+        term = c * _get(eps_history, k, "eps_history", step)
+        total = term if total is None else total + term
+    return np.zeros((), dtype=np.float64) if total is None else total
+
+
+def server_offset(
+    step: AffineStep, eps_history: Mapping[int, np.ndarray], server_multiplies: bool
+) -> tuple[float, np.ndarray]:
+    """Plaintext part of the server's update ``y = scalar * x_p + offset`` (``p = step.pivot``).
+
+    ``server_multiplies=False`` (fast preset): ``scalar = 1``, ``offset = (1/a_p) sum_k c_k e_k``.
+    ``server_multiplies=True`` (paper preset): ``scalar = a_p``, ``offset = sum_k c_k e_k``.
+    ``eps_history`` maps step index ``k`` to the guided noise prediction ``e_k``.
+    """
+    a_p = step.pivot_coeff
+    s = _eps_sum(step, eps_history)
+    if server_multiplies:
+        return a_p, s
+    return 1.0, s * (1.0 / a_p)
+
+
+def client_finish(
+    step: AffineStep, y: np.ndarray, latent_history: Mapping[int, np.ndarray], server_multiplies: bool
+) -> np.ndarray:
+    """Client side after decrypting ``y``: ``x_{i+1} = (a_p y or y) + sum_{j != p} a_j x_j``.
+
+    ``latent_history`` maps ``j`` to the plaintext latent ``x_j`` (only non-pivot ``j`` with a
+    nonzero coefficient are read).
+    """
+    out = _f64(y) if server_multiplies else step.pivot_coeff * _f64(y)
+    for j, a in step.latent_coeffs.items():
+        if j != step.pivot:
+            out = out + a * _get(latent_history, j, "latent_history", step)
+    return out
+
+
+def apply_step(
+    step: AffineStep, latent_history: Mapping[int, np.ndarray], eps_history: Mapping[int, np.ndarray]
+) -> np.ndarray:
+    """Plaintext reference: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k`` in float64."""
+    out = _eps_sum(step, eps_history)
+    for j, a in step.latent_coeffs.items():
+        out = out + a * _get(latent_history, j, "latent_history", step)
+    return out
