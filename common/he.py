@@ -77,7 +77,9 @@ def get_preset(name: str) -> HEPreset:
 
 
 def _new_context(preset: HEPreset) -> ts.Context:
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, preset.poly_modulus_degree, coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes))
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, preset.poly_modulus_degree, coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes)
+    )
     ctx.global_scale = preset.scale
     return ctx
 

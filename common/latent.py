@@ -37,7 +37,9 @@ def split_values(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np
     return flat[m], flat[~m]
 
 
-def merge_values(shape: tuple[int, ...], mask: np.ndarray | None, encrypted: np.ndarray, plain: np.ndarray) -> np.ndarray:
+def merge_values(
+    shape: tuple[int, ...], mask: np.ndarray | None, encrypted: np.ndarray, plain: np.ndarray
+) -> np.ndarray:
     if mask is None:
         return np.asarray(encrypted, dtype=np.float64).reshape(shape)
     out = np.empty(int(np.prod(shape)), dtype=np.float64)
@@ -60,7 +62,9 @@ def decrypt_latent(latent: EncryptedLatent, key: ClientKey) -> np.ndarray:
     return merge_values(latent.shape, latent.mask, enc, latent.remainder)
 
 
-def update_latent(latent: EncryptedLatent, ctx: EvaluationContext, scalar: float, offset: np.ndarray) -> EncryptedLatent:
+def update_latent(
+    latent: EncryptedLatent, ctx: EvaluationContext, scalar: float, offset: np.ndarray
+) -> EncryptedLatent:
     """Server side: scalar * x + offset on the encrypted part (under HE) and on the plaintext remainder."""
     enc_off, plain_off = split_values(np.asarray(offset).reshape(latent.shape), latent.mask)
     return EncryptedLatent(

@@ -43,7 +43,9 @@ class Frame:
         for name, arr in self.tensors.items():
             arr = np.ascontiguousarray(arr)
             dtype = _dtype_name(arr.dtype)
-            entries.append({"name": name, "kind": "tensor", "dtype": dtype, "shape": list(arr.shape), "nbytes": arr.nbytes})
+            entries.append(
+                {"name": name, "kind": "tensor", "dtype": dtype, "shape": list(arr.shape), "nbytes": arr.nbytes}
+            )
             payloads.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
         for name, data in self.blobs.items():
             entries.append({"name": name, "kind": "bytes", "nbytes": len(data)})
@@ -79,7 +81,11 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
         header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"frame header is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) or not isinstance(header.get("blobs"), list):
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("meta"), dict)
+        or not isinstance(header.get("blobs"), list)
+    ):
         raise ProtocolError("frame header must be an object with 'meta' (object) and 'blobs' (list)")
     entries = header["blobs"]
     if len(entries) > MAX_BLOBS:
@@ -129,7 +135,9 @@ def _tensor_from(entry: dict, name: str, chunk: bytes) -> np.ndarray:
     np_dtype = np.dtype(TENSOR_DTYPES[dtype]).newbyteorder("<")
     expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if expected != len(chunk):
-        raise ProtocolError(f"tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(chunk)}")
+        raise ProtocolError(
+            f"tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(chunk)}"
+        )
     return np.frombuffer(chunk, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="), copy=False)
 
 

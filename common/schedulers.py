@@ -138,9 +138,7 @@ def _check_resolved_config(name: str, cfg: dict[str, Any]) -> None:
     if pred != "epsilon":
         raise ValueError(f"scheduler {name!r}: prediction_type={pred!r} is not supported; only 'epsilon' is")
     if cfg.get("thresholding"):
-        raise ValueError(
-            f"scheduler {name!r}: thresholding=True is not supported (dynamic thresholding is not affine)"
-        )
+        raise ValueError(f"scheduler {name!r}: thresholding=True is not supported (dynamic thresholding is not affine)")
     if cfg.get("clip_sample"):
         raise ValueError(f"scheduler {name!r}: clip_sample=True is not supported (not affine)")
     if cfg.get("timestep_spacing") == "leading" and cfg.get("steps_offset", 0) != 1:
@@ -168,9 +166,7 @@ def _check_num_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
     if not 1 <= n <= 1000:
         raise ValueError(f"num_inference_steps must be in [1, 1000], got {n}")
     if n > num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={num_train_timesteps}"
-        )
+        raise ValueError(f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={num_train_timesteps}")
     return n
 
 
@@ -500,9 +496,7 @@ def _get(history: Mapping[int, Any], k: int, what: str, step: AffineStep) -> np.
     try:
         return _f64(history[k])
     except KeyError:
-        raise KeyError(
-            f"step {step.index} needs {what}[{k}] but the history only has {sorted(history)}"
-        ) from None
+        raise KeyError(f"step {step.index} needs {what}[{k}] but the history only has {sorted(history)}") from None
 
 
 def _eps_sum(step: AffineStep, eps_history: Mapping[int, Any]) -> np.ndarray:

@@ -3,7 +3,15 @@ import pytest
 import tenseal as ts
 
 from common import he
-from common.latent import decrypt_latent, encrypt_latent, merge_values, pack_mask, split_values, unpack_mask, update_latent
+from common.latent import (
+    decrypt_latent,
+    encrypt_latent,
+    merge_values,
+    pack_mask,
+    split_values,
+    unpack_mask,
+    update_latent,
+)
 from common.selection import min_distortion_mask
 
 

@@ -59,11 +59,30 @@ def _raw(header: dict, payload: bytes = b"") -> bytes:
 @pytest.mark.parametrize(
     "header,payload,message",
     [
-        ({"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "int64", "shape": [1], "nbytes": 8}]}, b"\0" * 8, "unsupported dtype"),
-        ({"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "float32", "shape": [3], "nbytes": 8}]}, b"\0" * 8, "needs 12 bytes"),
-        ({"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "float32", "shape": [-1], "nbytes": 4}]}, b"\0" * 4, "invalid shape"),
+        (
+            {"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "int64", "shape": [1], "nbytes": 8}]},
+            b"\0" * 8,
+            "unsupported dtype",
+        ),
+        (
+            {"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "float32", "shape": [3], "nbytes": 8}]},
+            b"\0" * 8,
+            "needs 12 bytes",
+        ),
+        (
+            {"meta": {}, "blobs": [{"name": "x", "kind": "tensor", "dtype": "float32", "shape": [-1], "nbytes": 4}]},
+            b"\0" * 4,
+            "invalid shape",
+        ),
         ({"meta": {}, "blobs": [{"name": "x", "kind": "weird", "nbytes": 0}]}, b"", "unknown kind"),
-        ({"meta": {}, "blobs": [{"name": "x", "kind": "bytes", "nbytes": 1}, {"name": "x", "kind": "bytes", "nbytes": 1}]}, b"ab", "twice"),
+        (
+            {
+                "meta": {},
+                "blobs": [{"name": "x", "kind": "bytes", "nbytes": 1}, {"name": "x", "kind": "bytes", "nbytes": 1}],
+            },
+            b"ab",
+            "twice",
+        ),
         ({"meta": [], "blobs": []}, b"", "must be an object"),
         ({"meta": {}, "blobs": [{"kind": "bytes", "nbytes": 0}]}, b"", "no valid name"),
         ({"meta": {}, "blobs": [{"name": "x", "kind": "bytes", "nbytes": -5}]}, b"", "invalid length"),

@@ -245,9 +245,7 @@ def test_affine_step_validation():
     with pytest.raises(ValueError, match="pivot"):
         AffineStep(index=1, timestep=1, input_scale=1.0, pivot=0, latent_coeffs={1: 1.0}, eps_coeffs={1: 1.0})
     with pytest.raises(ValueError, match="x_0..x_1"):
-        AffineStep(
-            index=1, timestep=1, input_scale=1.0, pivot=1, latent_coeffs={2: 1.0, 1: 1.0}, eps_coeffs={}
-        )
+        AffineStep(index=1, timestep=1, input_scale=1.0, pivot=1, latent_coeffs={2: 1.0, 1: 1.0}, eps_coeffs={})
 
 
 @pytest.mark.parametrize(

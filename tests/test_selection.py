@@ -14,7 +14,9 @@ def _reference_hill(latent: np.ndarray) -> np.ndarray:
     r = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), hp.expand(1, c, 3, 3)).abs()
     l1 = F.conv2d(F.pad(r, (1, 1, 1, 1), mode="reflect"), torch.full((1, 1, 3, 3), 1 / 9, dtype=torch.float64))
     inv = torch.where(l1 > 0, 1 / l1, torch.zeros_like(l1))
-    return F.conv2d(F.pad(inv, (7, 7, 7, 7), mode="reflect"), torch.full((1, 1, 15, 15), 1 / 225, dtype=torch.float64))[0, 0].numpy()
+    return F.conv2d(F.pad(inv, (7, 7, 7, 7), mode="reflect"), torch.full((1, 1, 15, 15), 1 / 225, dtype=torch.float64))[
+        0, 0
+    ].numpy()
 
 
 def test_hill_cost_matches_the_torch_reference():
@@ -34,9 +36,13 @@ def test_selection_is_the_exact_cumulative_sum_rule():
     assert plain.max() <= d[mask].min()
 
 
-@pytest.mark.parametrize("tau,expected", [(0.005, 0.919), (0.01, 0.886), (0.05, 0.747), (0.1, 0.645), (0.2, 0.503), (0.5, 0.237)])
+@pytest.mark.parametrize(
+    "tau,expected", [(0.005, 0.919), (0.01, 0.886), (0.05, 0.747), (0.1, 0.645), (0.2, 0.503), (0.5, 0.237)]
+)
 def test_encrypted_fraction_on_gaussian_latents_matches_the_paper(tau, expected):
-    fractions = [min_distortion_mask(np.random.default_rng(s).standard_normal((4, 64, 64)), tau).mean() for s in range(3)]
+    fractions = [
+        min_distortion_mask(np.random.default_rng(s).standard_normal((4, 64, 64)), tau).mean() for s in range(3)
+    ]
     assert abs(np.mean(fractions) - expected) < 0.01
 
 

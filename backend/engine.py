@@ -1,0 +1,250 @@
+"""The backend's work: open sessions, run the UNet body on both guidance branches, apply the HE update."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backend.sessions import Session, SessionError, SessionStore
+from common import he, models, protocol, split
+from common.latent import EncryptedLatent, unpack_mask, update_latent
+from common.protocol import Frame, ProtocolError, SessionSettings
+from common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
+
+
+class StepOrderError(SessionError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 64 << 20
+    max_steps: int = 500
+    max_side: int = 2048
+    session_ttl_s: float = 600.0
+    max_sessions: int = 64
+    max_sessions_per_token: int = 8
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(table)}")
+    return table[dtype]
+
+
+class ServerModel:
+    """The full UNet (run from any split point on), the scheduler config and the facts clients must match."""
+
+    def __init__(self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto"):
+        self.model_id = model_id
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
+        self.unet.eval()
+        self.bodies = {name: split.UNetBody.from_unet(self.unet, name) for name in split.SPLIT_POINTS}
+        self.heads = {name: split.UNetHead.from_unet(self.unet, name) for name in split.SPLIT_POINTS}
+        self.scheduler_config = models.load_scheduler_config(model_path)
+        vae_config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as StableDiffusionPipeline
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
+        self.lock = threading.Lock()  # one forward pass at a time on this device
+
+    def plan(self, scheduler: str, steps: int):
+        return _cached_plan(scheduler, _freeze(self.scheduler_config), steps)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        multiple = max(8, f)  # diffusers' pipeline insists on multiples of 8
+        if height % multiple or width % multiple:
+            raise ProtocolError(
+                f"height and width must be multiples of {multiple} for this model, got {height}x{width}"
+            )
+        return (self.latent_channels, height // f, width // f)
+
+    def activation_shapes(self, split_name: str, latent_shape) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v) for k, v in self.heads[split_name].activation_shapes((1, *latent_shape)).items()}
+
+    def capabilities(self, limits: Limits) -> dict:
+        return {
+            "protocol_version": protocol.PROTOCOL_VERSION,
+            "model": {
+                "id": self.model_id,
+                "latent_channels": self.latent_channels,
+                "vae_scale_factor": self.vae_scale_factor,
+                "cross_attention_dim": self.cross_attention_dim,
+                "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
+            },
+            "schedulers": list(SCHEDULER_NAMES),
+            "splits": list(split.SPLIT_POINTS),
+            "encryption": list(protocol.ENCRYPTION_CHOICES),
+            "he_presets": {name: p.description for name, p in he.PRESETS.items()},
+            "activation_dtypes": list(protocol.ACTIVATION_DTYPES),
+            "limits": limits.__dict__,
+        }
+
+    @torch.no_grad()
+    def guided_noise(
+        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, guidance: float
+    ):
+        with self.lock:
+            acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
+            batch = embeddings.shape[0]
+            acts = {k: v.expand(batch, *v.shape[1:]) for k, v in acts.items()}
+            noise = self.bodies[split_name](acts, timestep, embeddings)
+            if batch == 2:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            return noise[0].float().cpu().numpy().astype(np.float64)
+
+
+def _freeze(cfg: dict) -> tuple:
+    return tuple(
+        sorted(
+            (k, _freeze(v) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+        )
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(scheduler: str, frozen_config: tuple, steps: int):
+    return build_plan(scheduler, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}, steps)
+
+
+class Engine:
+    def __init__(self, model: ServerModel, limits: Limits, store: SessionStore):
+        self.model = model
+        self.limits = limits
+        self.store = store
+
+    def open_session(self, token_id: str, frame: Frame) -> dict:
+        settings = SessionSettings.from_meta(
+            frame.meta,
+            schedulers=SCHEDULER_NAMES,
+            splits=split.SPLIT_POINTS,
+            presets=tuple(he.PRESETS),
+            max_steps=self.limits.max_steps,
+            max_side=self.limits.max_side,
+        )
+        latent_shape = self.model.latent_shape(settings.height, settings.width)
+        plan = self.model.plan(settings.scheduler, settings.steps)
+        if plan.digest() != settings.plan_digest:
+            raise ProtocolError(
+                "the client's step plan differs from the server's (different scheduler config or library versions); "
+                "use the same model on both sides"
+            )
+        tokens_dim = (77, self.model.cross_attention_dim)
+        cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))
+        embeds = [cond]
+        if settings.guidance > 1.0:  # diffusers' pipeline runs the unconditional branch only when guidance > 1
+            embeds = [protocol.require_tensor(frame, "uncond", (1, *tokens_dim), ("float32", "float16")), cond]
+        context = None
+        if settings.encryption != "none":
+            if "context" not in frame.blobs:
+                raise ProtocolError("an encrypted session needs the 'context' blob (the HE evaluation parameters)")
+            context = he.EvaluationContext(frame.blobs["context"], settings.he_preset)
+        embeddings = torch.from_numpy(np.concatenate(embeds)).to(self.model.device, self.model.dtype)
+        session = self.store.add(
+            token_id,
+            settings=settings,
+            plan=plan,
+            context=context,
+            embeddings=embeddings,
+            latent_shape=latent_shape,
+            activation_shapes=self.model.activation_shapes(settings.split, latent_shape),
+        )
+        return {
+            "session_id": session.id,
+            "timesteps": [s.timestep for s in plan.steps],
+            "plan_digest": plan.digest(),
+            "latent_shape": list(latent_shape),
+            "activation_shapes": {k: list(v) for k, v in session.activation_shapes.items()},
+            "expires_after_idle_s": self.store.ttl_s,
+        }
+
+    def step(self, session: Session, frame: Frame) -> bytes:
+        t0 = time.perf_counter()
+        with session.lock:
+            step_index = protocol.meta_int(frame.meta, "step", 0, len(session.plan.steps) - 1)
+            if session.last_response is not None and session.last_response[0] == step_index:
+                return session.last_response[1]  # a retry of the step just answered: same answer, no new state
+            if step_index != session.next_step:
+                raise StepOrderError(f"expected step {session.next_step}, got step {step_index}")
+            settings = session.settings
+            acts = {
+                name: protocol.require_tensor(frame, name, shape, (settings.activation_dtype,))
+                for name, shape in session.activation_shapes.items()
+            }
+            latent = self._read_latent(session, frame)
+            t_parsed = time.perf_counter()
+
+            plan_step = session.plan.steps[step_index]
+            eps = self.model.guided_noise(
+                settings.split, acts, plan_step.timestep, session.embeddings, settings.guidance
+            )
+            t_body = time.perf_counter()
+
+            session.latents[step_index] = latent
+            session.eps_history[step_index] = eps
+            multiplies = settings.encryption != "none" and he.get_preset(settings.he_preset).server_multiplies
+            scalar, offset = server_offset(plan_step, session.eps_history, multiplies)
+            pivot = session.latents[plan_step.pivot]
+            out = Frame(meta={"step": step_index, "pivot": plan_step.pivot})
+            if settings.encryption == "none":
+                out.tensors["latent"] = scalar * pivot + offset.reshape(pivot.shape)
+            else:
+                updated = update_latent(pivot, session.context, scalar, offset)
+                for i, ct in enumerate(updated.ciphertexts):
+                    out.blobs[f"ct{i}"] = ct.serialize()
+                if updated.mask is not None:
+                    out.tensors["remainder"] = updated.remainder
+            t_he = time.perf_counter()
+
+            session.next_step += 1
+            session.forget_old()
+            out.meta["timings"] = {
+                "server_parse_s": t_parsed - t0,
+                "server_body_s": t_body - t_parsed,
+                "server_he_s": t_he - t_body,
+                "server_total_s": time.perf_counter() - t0,
+            }
+            data = out.encode()
+            session.last_response = (step_index, data)
+            return data
+
+    def _read_latent(self, session: Session, frame: Frame):
+        shape = session.latent_shape
+        settings = session.settings
+        if settings.encryption == "none":
+            return protocol.require_tensor(frame, "latent", shape, ("float64",)).astype(np.float64)
+        ctx = session.context
+        mask = None
+        remainder = np.zeros(0)
+        if settings.encryption == "min-distortion":
+            n_bytes = (int(np.prod(shape)) + 7) // 8
+            bits = protocol.require_tensor(frame, "mask", (n_bytes,), ("uint8",))
+            mask = unpack_mask(bits, shape)
+            n_plain = int((~mask).sum())
+            remainder = protocol.require_tensor(frame, "remainder", (n_plain,), ("float64",)).astype(np.float64)
+        n_enc = int(np.prod(shape)) if mask is None else int(mask.sum())
+        blobs = protocol.collect_ciphertexts(frame, ctx.preset.ciphertexts_for(n_enc))
+        return EncryptedLatent(shape=shape, mask=mask, ciphertexts=ctx.load(blobs), remainder=remainder)

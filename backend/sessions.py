@@ -1,0 +1,121 @@
+"""Generation sessions held by the backend: settings, plan, HE context, history, expiry."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.he import EvaluationContext
+from common.protocol import SessionSettings
+from common.schedulers import AffinePlan
+
+
+class SessionError(Exception):
+    status = 400
+
+
+class SessionNotFound(SessionError):
+    status = 404
+
+
+class SessionExpired(SessionError):
+    status = 410
+
+
+class TooManySessions(SessionError):
+    status = 429
+
+
+@dataclass
+class Session:
+    id: str
+    token_id: str
+    settings: SessionSettings
+    plan: AffinePlan
+    context: EvaluationContext | None
+    embeddings: Any  # torch tensor (batch, tokens, dim) on the model's device
+    latent_shape: tuple[int, ...]
+    activation_shapes: dict[str, tuple[int, ...]]
+    created: float
+    last_used: float
+    next_step: int = 0
+    eps_history: dict[int, Any] = field(default_factory=dict)  # step -> guided noise prediction (float64)
+    latents: dict[int, Any] = field(default_factory=dict)  # step -> EncryptedLatent or plaintext array
+    last_response: tuple[int, bytes] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def finished(self) -> bool:
+        return self.next_step >= len(self.plan.steps)
+
+    def forget_old(self) -> None:
+        """Drop history no later step can reference."""
+        keep_eps = self.plan.eps_history_needed()
+        keep_lat = self.plan.latent_history_needed()
+        for k in [k for k in self.eps_history if k < self.next_step - keep_eps]:
+            del self.eps_history[k]
+        for k in [k for k in self.latents if k < self.next_step - keep_lat]:
+            del self.latents[k]
+
+
+class SessionStore:
+    def __init__(
+        self, ttl_s: float, max_sessions: int, max_per_token: int, clock: Callable[[], float] = time.monotonic
+    ):
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.max_per_token = max_per_token
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._expired: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, token_id: str, **fields) -> Session:
+        with self._lock:
+            self._purge_locked()
+            if len(self._sessions) >= self.max_sessions:
+                raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
+            if sum(s.token_id == token_id for s in self._sessions.values()) >= self.max_per_token:
+                raise TooManySessions(
+                    f"this token already has {self.max_per_token} open sessions; close one (DELETE) or wait for expiry"
+                )
+            now = self.clock()
+            session = Session(id=secrets.token_urlsafe(16), token_id=token_id, created=now, last_used=now, **fields)
+            self._sessions[session.id] = session
+            return session
+
+    def get(self, session_id: str, token_id: str) -> Session:
+        with self._lock:
+            self._purge_locked()
+            session = self._sessions.get(session_id)
+            if session is None or session.token_id != token_id:
+                if session_id in self._expired:
+                    raise SessionExpired(f"session {session_id} expired after {self.ttl_s:.0f} s without a step")
+                raise SessionNotFound(f"no session {session_id} for this token")
+            session.last_used = self.clock()
+            return session
+
+    def close(self, session_id: str, token_id: str) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.token_id != token_id:
+                raise SessionNotFound(f"no session {session_id} for this token")
+            del self._sessions[session_id]
+
+    def count(self) -> int:
+        with self._lock:
+            self._purge_locked()
+            return len(self._sessions)
+
+    def _purge_locked(self) -> None:
+        now = self.clock()
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl_s]:
+            del self._sessions[sid]
+            self._expired[sid] = now
+        # remember expired ids for a while so clients get "expired" rather than "not found"
+        for sid in [sid for sid, t in self._expired.items() if now - t > 10 * self.ttl_s]:
+            del self._expired[sid]

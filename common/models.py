@@ -1,0 +1,630 @@
+"""Stable Diffusion 1.x model folders: resolving, validating, loading, and a tiny test model.
+
+A *model folder* is a diffusers-format Stable Diffusion 1.x directory::
+
+    model_index.json
+    unet/{config.json, diffusion_pytorch_model.safetensors}
+    vae/{config.json, diffusion_pytorch_model.safetensors}
+    text_encoder/{config.json, model.safetensors}
+    tokenizer/{vocab.json, merges.txt | tokenizer.json, ...}
+    scheduler/scheduler_config.json
+
+Only safetensors weights are supported (never pickle ``.bin`` / ``.ckpt`` files).
+
+``build_tiny_model`` writes a small randomly initialised but complete SD 1.x folder that loads offline
+with ``StableDiffusionPipeline.from_pretrained``; it is what ``resolve_model("embedded")`` falls back to
+when no real model is shipped in ``assets/embedded``.
+
+This module must stay importable without any GUI or web framework.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "EMBEDDED_MODEL_DIR",
+    "REPO_ROOT",
+    "SD15_SCHEDULER_CONFIG",
+    "SD15_UNET_CONFIG",
+    "TINY_MODEL_VERSION",
+    "ModelFolderError",
+    "ModelNotFoundError",
+    "build_tiny_model",
+    "count_prompt_tokens",
+    "encode_prompt",
+    "load_scheduler_config",
+    "load_text_encoder",
+    "load_tokenizer",
+    "load_unet",
+    "load_unet_config",
+    "load_vae",
+    "prompt_is_truncated",
+    "resolve_model",
+    "unet_weight_files",
+    "validate_model_folder",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_MODEL_DIR = REPO_ROOT / "assets" / "embedded"
+
+#: Bump when build_tiny_model's output changes, so stale caches are not reused.
+TINY_MODEL_VERSION = 1
+_TINY_CACHE_NAME = f"embedded-tiny-v{TINY_MODEL_VERSION}"
+
+#: UNet config of Stable Diffusion 1.5 (``unet/config.json`` of runwayml/stable-diffusion-v1-5, minus the
+#: ``_class_name``/``_diffusers_version`` bookkeeping keys). ``UNet2DConditionModel.from_config(...)`` of it has
+#: ~860M parameters (3.4 GB in fp32).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+
+#: The SD 1.x scheduler config (PNDM, as shipped with SD 1.4/1.5).
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+# Files snapshot_download fetches for a hub model: configs, safetensors weights and tokenizer files only.
+_HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.json",
+    "unet/diffusion_pytorch_model-*-of-*.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.safetensors.index.json",
+    "text_encoder/model-*-of-*.safetensors",
+    "tokenizer/*.json",
+    "tokenizer/*.txt",
+]
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+_FIX_HINT = (
+    "Point to a complete Stable Diffusion 1.x model folder in diffusers format with safetensors weights "
+    "(e.g. re-download it with resolve_model('<org>/<name>') or "
+    "huggingface_hub.snapshot_download), or use 'embedded'."
+)
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing a file or has an unreadable/corrupt one."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec could not be resolved to a local folder (no such directory, hub offline, unknown repo)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny model
+# --------------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 / CLIP reversible byte -> printable unicode character mapping (256 entries)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _tiny_clip_vocab() -> dict[str, int]:
+    """Char-level CLIP vocabulary: 256 byte chars, the same with '</w>', then the two special tokens (514)."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def _tiny_unet_config() -> dict[str, Any]:
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        # diffusers' (mis-named) attention_head_dim = number of heads: 4 heads of 8 (block 0) / 16 channels.
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    }
+
+
+def _write_tiny_tokenizer(tok_dir: Path) -> None:
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(_tiny_clip_vocab(), ensure_ascii=False), encoding="utf-8")
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tok_config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Write a tiny, complete, randomly initialised Stable Diffusion 1.x diffusers folder to ``path``.
+
+    Deterministic given ``seed`` (``torch.manual_seed`` before each component). Loadable offline with
+    ``StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)``.
+    Sizes: UNet (32, 64) channels / sample_size 16, VAE scale factor 2 (32x32 px <-> 4x16x16 latents),
+    CLIP text encoder with hidden size 32 and a 514-entry char-level vocabulary. Takes well under a second.
+
+    Weight scale: with diffusers' default initialisation this UNet already predicts noise with std ~0.3
+    (checked over timesteps 1..999), so no rescaling is applied; split/parity tests therefore compare
+    values of order 0.1-1 rather than near-zero outputs. Decoded images are random-looking (untrained).
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    # fork_rng: building must not disturb the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**_tiny_unet_config())
+
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+
+        torch.manual_seed(seed + 2)
+        vocab = _tiny_clip_vocab()
+        text_config = CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+        text_encoder = CLIPTextModel(text_config)
+
+        # from_config keeps "clip_sample" (not a PNDM argument, but present in the real SD 1.x scheduler_config.json).
+        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+        # The tokenizer is loaded from written vocab/merges files, proving that from-file loading works.
+        with tempfile.TemporaryDirectory(prefix="hediff-tok-") as tmp:
+            _write_tiny_tokenizer(Path(tmp))
+            tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    # transformers 5 saves tokenizer.json + a tokenizer_config.json with load-time noise ("is_local", ...)
+    # and no vocab.json. Rewrite the plain files so the folder also loads with transformers 4's
+    # vocab/merges-based CLIPTokenizer; tokenizer.json (same tokenizer, serialised) is kept.
+    _write_tiny_tokenizer(path / "tokenizer")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str, folder: Path) -> dict:
+    rel = path.relative_to(folder)
+    if not path.is_file():
+        raise ModelFolderError(f"Model folder {folder} is missing {rel} ({what}). {_FIX_HINT}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(
+            f"Model folder {folder}: {rel} ({what}) is unreadable or not valid JSON ({exc}). {_FIX_HINT}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"Model folder {folder}: {rel} ({what}) is not a JSON object. {_FIX_HINT}")
+    return data
+
+
+def _check_safetensors(path: Path, folder: Path, what: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for corrupt headers
+        raise ModelFolderError(
+            f"Model folder {folder}: {path.relative_to(folder)} ({what}) is not a readable safetensors file "
+            f"({exc}). {_FIX_HINT}"
+        ) from exc
+    if not keys:
+        raise ModelFolderError(
+            f"Model folder {folder}: {path.relative_to(folder)} ({what}) contains no tensors. {_FIX_HINT}"
+        )
+
+
+def _weight_files(folder: Path, sub: str, stem: str, what: str) -> list[Path]:
+    """Return the safetensors files of a component (single file or sharded with an index)."""
+    comp = folder / sub
+    single = comp / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = comp / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        data = _read_json(index, f"{what} shard index", folder)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFolderError(f"Model folder {folder}: {index.relative_to(folder)} has no weight_map.")
+        files = sorted({comp / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ModelFolderError(
+                    f"Model folder {folder} is missing {f.relative_to(folder)} ({what} shard). {_FIX_HINT}"
+                )
+        return files
+    other = sorted(p.name for p in comp.glob(f"{stem}*")) if comp.is_dir() else []
+    extra = ""
+    if other:
+        extra = (
+            f" Found {', '.join(other)} instead: only non-variant safetensors weights are supported "
+            "(convert .bin/.ckpt weights with diffusers and save with safe_serialization=True)."
+        )
+    raise ModelFolderError(f"Model folder {folder} is missing {sub}/{stem}.safetensors ({what}).{extra} {_FIX_HINT}")
+
+
+def unet_weight_files(path: Path) -> list[Path]:
+    """The UNet safetensors file(s) of a model folder (one file, or the shards listed in the index)."""
+    path = Path(path)
+    return _weight_files(path, "unet", "diffusion_pytorch_model", "UNet weights")
+
+
+def validate_model_folder(path: Path) -> None:
+    """Check that ``path`` is a complete SD 1.x diffusers folder; raise ``ModelFolderError`` otherwise.
+
+    Reads the JSON configs and the safetensors headers (cheap: no tensor data is loaded).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"Model folder {folder} does not exist or is not a directory. {_FIX_HINT}")
+    _read_json(folder / "model_index.json", "pipeline index", folder)
+    for sub, what in (
+        ("unet", "UNet config"),
+        ("vae", "VAE config"),
+        ("text_encoder", "text encoder config"),
+    ):
+        _read_json(folder / sub / "config.json", what, folder)
+    for sub, stem, what in (
+        ("unet", "diffusion_pytorch_model", "UNet weights"),
+        ("vae", "diffusion_pytorch_model", "VAE weights"),
+        ("text_encoder", "model", "text encoder weights"),
+    ):
+        for f in _weight_files(folder, sub, stem, what):
+            _check_safetensors(f, folder, what)
+    tok = folder / "tokenizer"
+    has_bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    if not has_bpe_files and not (tok / "tokenizer.json").is_file():
+        raise ModelFolderError(
+            f"Model folder {folder} is missing tokenizer/vocab.json + tokenizer/merges.txt "
+            f"(or tokenizer/tokenizer.json) (CLIP tokenizer). {_FIX_HINT}"
+        )
+    if has_bpe_files:
+        _read_json(tok / "vocab.json", "tokenizer vocabulary", folder)
+    _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config", folder)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resolving a model spec to a folder
+# --------------------------------------------------------------------------------------------------------
+
+
+def _default_cache_root() -> Path:
+    env = os.environ.get("HEDIFF_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "hediff"
+
+
+def _is_valid(folder: Path) -> bool:
+    try:
+        validate_model_folder(folder)
+    except ModelFolderError:
+        return False
+    return True
+
+
+def _ensure_tiny_model(cache_root: Path) -> Path:
+    target = cache_root / _TINY_CACHE_NAME
+    if _is_valid(target):
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        # A broken/partial cache entry (ours: the name is versioned): replace it.
+        shutil.rmtree(target, ignore_errors=True)
+    tmp = cache_root / f".{_TINY_CACHE_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_tiny_model(tmp)
+        try:
+            os.rename(tmp, target)  # atomic on POSIX when target does not exist
+        except OSError:
+            if not _is_valid(target):  # not a concurrent builder that won the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    validate_model_folder(target)
+    return target
+
+
+def _hub_offline() -> bool:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):  # pragma: no cover - very old huggingface_hub
+        return False
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover
+        raise ModelNotFoundError(f"Cannot download {repo_id!r}: huggingface_hub is not installed.") from exc
+    offline = _hub_offline()
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_ALLOW_PATTERNS, local_files_only=offline)
+    except Exception as exc:
+        name = type(exc).__name__
+        if offline or name in {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "IncompleteSnapshotError"}:
+            reason = (
+                "the Hugging Face hub cannot be reached (offline mode or no network) and the model is not in "
+                "the local Hugging Face cache"
+            )
+        elif name in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+            reason = "the repository does not exist, is private/gated (log in and accept its licence), or "
+            reason += "has no such revision"
+        else:
+            reason = f"download failed ({name}: {exc})"
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} could not be obtained from the Hugging Face hub: {reason}. Download it on a "
+            "machine with network access and pass the local folder path instead, or use 'embedded'."
+        ) from exc
+    folder = Path(folder)
+    try:
+        validate_model_folder(folder)
+    except ModelFolderError as exc:
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} was downloaded to {folder} but is not a usable SD 1.x diffusers model: {exc}"
+        ) from exc
+    return folder
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """Turn a model spec into a validated local model folder.
+
+    * ``"embedded"``: ``<repo>/assets/embedded`` if it holds a model, else the tiny model, built once into
+      ``<cache>/embedded-tiny-v1`` where ``<cache>`` is ``cache_dir``, else ``$HEDIFF_CACHE_DIR``, else
+      ``~/.cache/hediff``.
+    * an existing directory: validated and returned (resolved).
+    * ``"org/name"``: downloaded (configs, safetensors, tokenizer files only) with
+      ``huggingface_hub.snapshot_download``; ``ModelNotFoundError`` when offline / unknown.
+
+    Raises ``ModelFolderError`` for an incomplete folder and ``ModelNotFoundError`` for anything else.
+    """
+    spec = str(spec).strip()
+    if not spec:
+        raise ModelNotFoundError("Empty model spec: pass 'embedded', a model folder path or a hub id 'org/name'.")
+    if spec == "embedded":
+        if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            validate_model_folder(EMBEDDED_MODEL_DIR)
+            return EMBEDDED_MODEL_DIR
+        root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+        return _ensure_tiny_model(root)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        validate_model_folder(local)
+        return local.resolve()
+    if local.exists():
+        raise ModelFolderError(f"{spec} is a file, not a model folder. {_FIX_HINT}")
+    looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec
+    if _HUB_ID_RE.match(spec) and not looks_like_path:
+        return _download_from_hub(spec)
+    raise ModelNotFoundError(
+        f"Model {spec!r} not found: it is not an existing directory, 'embedded', or a hub id of the form 'org/name'."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------------------
+
+
+def _component_dir(path: Path, sub: str) -> Path:
+    comp = Path(path) / sub
+    if not comp.is_dir():
+        raise ModelFolderError(f"Model folder {path} is missing the {sub}/ folder. {_FIX_HINT}")
+    return comp
+
+
+def _diffusers_load_kwargs() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        # Without accelerate diffusers warns on every load that it falls back to this anyway.
+        kwargs["low_cpu_mem_usage"] = False
+    return kwargs
+
+
+def load_unet_config(path: Path) -> dict:
+    """The raw ``unet/config.json`` dict."""
+    path = Path(path)
+    return _read_json(path / "unet" / "config.json", "UNet config", path)
+
+
+def load_scheduler_config(path: Path) -> dict:
+    """The raw ``scheduler/scheduler_config.json`` dict."""
+    path = Path(path)
+    return _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config", path)
+
+
+def load_unet(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The full ``UNet2DConditionModel`` (server side), in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    comp = _component_dir(path, "unet")
+    unet = UNet2DConditionModel.from_pretrained(comp, torch_dtype=dtype, **_diffusers_load_kwargs())
+    return unet.to(device=device).eval()
+
+
+def load_vae(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The ``AutoencoderKL``, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    comp = _component_dir(path, "vae")
+    vae = AutoencoderKL.from_pretrained(comp, torch_dtype=dtype, **_diffusers_load_kwargs())
+    return vae.to(device=device).eval()
+
+
+def load_text_encoder(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The ``CLIPTextModel``, in eval mode."""
+    from transformers import CLIPTextModel
+
+    comp = _component_dir(path, "text_encoder")
+    # transformers 5 takes ``dtype=`` (``torch_dtype=`` is deprecated); casting afterwards works on 4.x and 5.x.
+    model = CLIPTextModel.from_pretrained(comp, local_files_only=True, use_safetensors=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(path: Path):
+    """The ``CLIPTokenizer`` (in transformers 5 this is the tokenizers-backed ("fast") implementation)."""
+    from transformers import CLIPTokenizer
+
+    comp = _component_dir(path, "tokenizer")
+    return CLIPTokenizer.from_pretrained(comp, local_files_only=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompt encoding
+# --------------------------------------------------------------------------------------------------------
+
+
+def _encode_one(tokenizer, text_encoder, text: str) -> torch.Tensor:
+    device = text_encoder.device
+    inputs = tokenizer(
+        [text],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = inputs.attention_mask.to(device)
+    else:
+        attention_mask = None
+    with torch.no_grad():
+        embeds = text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+    return embeds.to(dtype=text_encoder.dtype, device=device)
+
+
+def encode_prompt(tokenizer, text_encoder, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(cond, uncond)`` text embeddings, each ``(1, 77, D)``, exactly as
+    ``StableDiffusionPipeline.encode_prompt(prompt, device, 1, True, negative_prompt)`` computes them
+    (max-length padding, truncation to ``tokenizer.model_max_length``, no clip skip, the text encoder's
+    dtype/device). For classifier-free guidance the UNet batch is ``torch.cat([uncond, cond])``.
+
+    Prompts longer than the tokenizer's limit are silently truncated (like the pipeline); use
+    :func:`prompt_is_truncated` / :func:`count_prompt_tokens` to warn the user.
+    """
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise TypeError("prompt and negative_prompt must be strings")
+    cond = _encode_one(tokenizer, text_encoder, prompt)
+    uncond = _encode_one(tokenizer, text_encoder, negative_prompt)
+    return cond, uncond
+
+
+def count_prompt_tokens(tokenizer, prompt: str) -> int:
+    """Number of tokens of ``prompt`` including the start/end tokens, before truncation."""
+    return len(tokenizer(prompt, truncation=False)["input_ids"])
+
+
+def prompt_is_truncated(tokenizer, prompt: str) -> bool:
+    """Whether ``encode_prompt`` drops part of ``prompt`` (more than ``tokenizer.model_max_length`` tokens)."""
+    return count_prompt_tokens(tokenizer, prompt) > tokenizer.model_max_length

@@ -1,0 +1,239 @@
+"""The ``hediff`` command: serve, token, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the backend (UNet body + HE update)")
+    p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument(
+        "--tokens-file", type=Path, default=None, help="hashed API tokens (default ~/.config/hediff/tokens.json)"
+    )
+    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session is kept")
+    p.add_argument("--max-request-mb", type=float, default=64.0)
+
+
+def _add_token(sub) -> None:
+    p = sub.add_parser("token", help="make, list or revoke API tokens for `hediff serve`")
+    p.add_argument("--tokens-file", type=Path, default=None)
+    tsub = p.add_subparsers(dest="token_cmd", required=True)
+    c = tsub.add_parser("create", help="make a token; it is printed once and stored only as a hash")
+    c.add_argument("--label", default="")
+    tsub.add_parser("list")
+    r = tsub.add_parser("revoke")
+    r.add_argument("token_id")
+
+
+def _add_generate(sub) -> None:
+    from common import he, protocol, selection
+    from common.schedulers import SCHEDULER_NAMES
+    from common.split import SPLIT_POINTS
+
+    p = sub.add_parser("generate", help="generate an image; the latent leaves this machine only encrypted")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="backend URL, e.g. http://127.0.0.1:8470 (token from --token or $HEDIFF_TOKEN)")
+    where.add_argument("--local-backend", action="store_true", help="start a backend on loopback for this run")
+    p.add_argument("--token", default=None, help="API token (prefer $HEDIFF_TOKEN: arguments show up in process lists)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="plms")
+    p.add_argument("--encryption", choices=selection.ENCRYPTION_MODES, default="full")
+    p.add_argument(
+        "--tau", type=float, default=selection.DEFAULT_TAU, help="min-distortion budget (smaller encrypts more)"
+    )
+    p.add_argument("--he-preset", choices=tuple(he.PRESETS), default=he.DEFAULT_PRESET)
+    p.add_argument("--split", choices=SPLIT_POINTS, default=SPLIT_POINTS[0])
+    p.add_argument("--activation-dtype", choices=protocol.ACTIVATION_DTYPES, default="float32")
+    p.add_argument("--plaintext", action="store_true", help="same split protocol without HE (comparison baseline)")
+    p.add_argument("--out", type=Path, default=Path("out.png"))
+    p.add_argument("--embed-prompt", action="store_true", help="also write the prompts into the PNG metadata")
+    p.add_argument("--latents-out", type=Path, default=None, help="save the final latent (before VAE scaling) as .npy")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one server answer")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device for the local backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hediff", description="HE-Diffusion: private Stable Diffusion")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_serve(sub)
+    _add_token(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from common.models import ModelFolderError, ModelNotFoundError
+    from desktop.core.backend_client import BackendError
+    from desktop.core.engine import GenerationCancelled
+
+    try:
+        return {"serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}[args.cmd](args)
+    except (BackendError, ModelFolderError, ModelNotFoundError, ValueError, OSError) as e:
+        print(f"hediff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyboardInterrupt, GenerationCancelled):
+        print("hediff: cancelled", file=sys.stderr)
+        return 130
+
+
+def cmd_token(args) -> int:
+    from backend.auth import TokenStore, default_tokens_path
+
+    store = TokenStore.load(args.tokens_file or default_tokens_path())
+    if args.token_cmd == "create":
+        token = store.create(args.label)
+        print(token)
+        print(f"(stored as a hash in {store.path}; this is the only time the token is shown)", file=sys.stderr)
+    elif args.token_cmd == "list":
+        for r in store.records():
+            print(f"{r.id}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(r.created))}  {r.label}")
+    else:
+        if not store.revoke(args.token_id):
+            raise ValueError(f"no token with id {args.token_id!r} in {store.path}")
+        print(f"revoked {args.token_id}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from backend.app import create_app
+    from backend.auth import TokenStore, default_tokens_path
+    from backend.engine import Limits, ServerModel
+    from backend.serve import serve_forever
+    from common.models import resolve_model
+
+    tokens_path = args.tokens_file or default_tokens_path()
+    tokens = TokenStore.load(tokens_path)
+    if not tokens.records():
+        raise ValueError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
+    model_path = resolve_model(args.model)
+    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
+    limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), session_ttl_s=args.session_ttl)
+    print(
+        f"hediff backend: model {args.model} on {model.device} ({model.dtype}), http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
+    serve_forever(create_app(model, tokens, limits), args.host, args.port)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from PIL.PngImagePlugin import PngInfo
+    from tqdm import tqdm
+
+    from common.models import resolve_model
+    from desktop.core.backend_client import BackendClient
+    from desktop.core.client_model import ClientModel
+    from desktop.core.engine import GenerationParams, Generator
+
+    t0 = time.perf_counter()
+    model_path = resolve_model(args.model)
+    client_model = ClientModel(model_path, args.split)
+    native = client_model.native_size
+    params = GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width or native,
+        height=args.height or native,
+        scheduler=args.scheduler,
+        encryption="none" if args.plaintext else args.encryption,
+        tau=args.tau,
+        he_preset=args.he_preset,
+        split=args.split,
+        activation_dtype=args.activation_dtype,
+    )
+    params.validate()
+    local = None
+    if args.local_backend:
+        from backend.app import create_app
+        from backend.auth import TokenStore
+        from backend.engine import ServerModel
+        from backend.serve import start_in_thread
+
+        tokens, token = TokenStore.ephemeral()
+        local = start_in_thread(
+            create_app(ServerModel(model_path, args.model, device=args.device, dtype="float32"), tokens)
+        )
+        url = local.url
+    else:
+        token = args.token or os.environ.get("HEDIFF_TOKEN")
+        if not token:
+            raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+        url = args.server
+    load_s = time.perf_counter() - t0
+    try:
+        with BackendClient(url, token, timeout_s=args.timeout) as client:
+            bar = tqdm(total=None, unit="step", disable=args.quiet, file=sys.stderr, desc="denoising")
+
+            def on_step(update):
+                bar.total = update.total
+                bar.set_postfix_str(f"sent {update.bytes_sent / 1e6:.2f} MB, recv {update.bytes_received / 1e6:.2f} MB")
+                bar.update(1)
+
+            try:
+                result = Generator(client_model, client).generate(params, on_step=on_step)
+            finally:
+                bar.close()
+    finally:
+        if local is not None:
+            local.stop()
+
+    info = PngInfo()
+    for k, v in result.metadata(include_prompt=args.embed_prompt).items():
+        info.add_text(k, v)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(args.out, pnginfo=info)
+    if args.latents_out:
+        import numpy as np
+
+        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.latents_out, result.latent[None].astype(np.float32))
+    _print_summary(result, load_s, args.out)
+    return 0
+
+
+def _print_summary(result, load_s: float, out: Path) -> None:
+    totals = result.timing_totals()
+    n = len(result.step_timings)
+    mode = result.params.encryption if result.params.encryption != "none" else "plaintext split"
+    lines = [
+        f"saved {out}  ({result.params.width}x{result.params.height}, {n} steps, {result.params.scheduler}, {mode})",
+        f"model load {load_s:.2f} s, session set-up {result.setup_s:.2f} s, denoising "
+        f"{result.total_s - result.setup_s - result.decode_s:.2f} s, VAE decode {result.decode_s:.2f} s",
+        "per step (mean ms): " + ", ".join(f"{k} {1e3 * v / max(n, 1):.1f}" for k, v in totals.items()),
+        f"bytes per step: sent {sum(result.bytes_sent) / max(n, 1) / 1e6:.3f} MB, "
+        f"received {sum(result.bytes_received) / max(n, 1) / 1e6:.3f} MB",
+    ]
+    if result.encrypted_fractions:
+        lines.append(f"encrypted fraction of the latent: mean {sum(result.encrypted_fractions) / n:.3f}")
+    print("\n".join(lines), file=sys.stderr)
+    print(json.dumps({"out": str(out), "total_s": round(result.total_s, 3)}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""HTTP client for the backend. Every failure becomes a BackendError that names the server and says what to do."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from common import protocol
+
+_UPLOAD_CHUNK = 1 << 20
+
+
+class BackendError(RuntimeError):
+    """A failure talking to the backend; str() is a message for the user, no traceback needed."""
+
+
+class BackendUnreachable(BackendError):
+    pass
+
+
+class BackendTimeout(BackendError):
+    pass
+
+
+class BackendRejected(BackendError):
+    def __init__(self, message: str, status: int, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class BackendProtocolError(BackendError):
+    pass
+
+
+@dataclass
+class Exchange:
+    """One step's round trip as measured on the client."""
+
+    frame: protocol.Frame
+    upload_s: float
+    wait_s: float  # from the last byte sent to the response headers: server time plus latency
+    download_s: float
+    bytes_sent: int
+    bytes_received: int
+
+
+class BackendClient:
+    def __init__(self, url: str, token: str, timeout_s: float = 120.0, connect_timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def health(self) -> dict:
+        return self._json("GET", "/v1/health")
+
+    def capabilities(self) -> dict:
+        return self._json("GET", "/v1/capabilities")
+
+    def open_session(self, frame: protocol.Frame) -> dict:
+        return self._json(
+            "POST", "/v1/sessions", content=frame.encode(), headers={"content-type": protocol.FRAME_CONTENT_TYPE}
+        )
+
+    def close_session(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def step(self, session_id: str, frame: protocol.Frame, on_uploaded=None) -> Exchange:
+        body = frame.encode()
+        marks = {}
+
+        def chunks():
+            for i in range(0, len(body), _UPLOAD_CHUNK):
+                yield body[i : i + _UPLOAD_CHUNK]
+            marks["uploaded"] = time.perf_counter()
+            if on_uploaded is not None:
+                on_uploaded()
+
+        t0 = time.perf_counter()
+        headers = {"content-type": protocol.FRAME_CONTENT_TYPE, "content-length": str(len(body))}
+        with self._guard():
+            with self._http.stream("POST", f"/v1/sessions/{session_id}/steps", content=chunks(), headers=headers) as r:
+                t_headers = time.perf_counter()
+                data = r.read()
+                t_end = time.perf_counter()
+                self._raise_for(r, data)
+        if r.headers.get("content-type", "").split(";")[0] != protocol.FRAME_CONTENT_TYPE:
+            raise BackendProtocolError(
+                f"{self.url} answered a step with {r.headers.get('content-type')!r}, not a frame"
+            )
+        try:
+            answer = protocol.decode_frame(data)
+        except protocol.ProtocolError as e:
+            raise BackendProtocolError(f"{self.url} sent a malformed step answer: {e}") from None
+        uploaded = marks.get("uploaded", t0)
+        return Exchange(
+            frame=answer,
+            upload_s=uploaded - t0,
+            wait_s=t_headers - uploaded,
+            download_s=t_end - t_headers,
+            bytes_sent=len(body),
+            bytes_received=len(data),
+        )
+
+    # --- plumbing ---
+
+    def _json(self, method: str, path: str, **kw) -> dict:
+        r = self._request(method, path, **kw)
+        try:
+            data = r.json()
+        except ValueError:
+            raise BackendProtocolError(
+                f"{self.url}{path} did not answer JSON; is this an HE-Diffusion backend?"
+            ) from None
+        if not isinstance(data, dict):
+            raise BackendProtocolError(f"{self.url}{path} answered unexpected JSON")
+        return data
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        with self._guard():
+            r = self._http.request(method, path, **kw)
+        self._raise_for(r, r.content)
+        return r
+
+    def _guard(self):
+        client = self
+
+        class _Guard:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, typ, exc, tb):
+                if exc is None or isinstance(exc, BackendError):
+                    return False
+                if isinstance(exc, httpx.TimeoutException):
+                    raise BackendTimeout(
+                        f"the backend at {client.url} did not answer in time ({type(exc).__name__}); "
+                        "it may be overloaded, or raise the timeout"
+                    ) from None
+                if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+                    raise BackendUnreachable(
+                        f"cannot reach the backend at {client.url} ({exc}); is it running, and is the URL right?"
+                    ) from None
+                if isinstance(exc, httpx.HTTPError):
+                    raise BackendError(f"talking to {client.url} failed: {exc}") from None
+                return False
+
+        return _Guard()
+
+    def _raise_for(self, r: httpx.Response, data: bytes) -> None:
+        if r.status_code < 400:
+            return
+        code, detail = "error", data[:300].decode("utf-8", "replace")
+        try:
+            body = httpx.Response(r.status_code, content=data).json()
+            code, detail = body.get("error", code), body.get("detail", detail)
+        except (ValueError, AttributeError):
+            pass
+        if r.status_code == 401:
+            msg = f"{self.url} refused the API token ({detail}); check the token for this server"
+        elif r.status_code >= 500:
+            msg = f"the backend at {self.url} failed with HTTP {r.status_code}; see the server's log"
+        else:
+            msg = f"the backend at {self.url} rejected the request (HTTP {r.status_code}): {detail}"
+        raise BackendRejected(msg, r.status_code, str(code))

@@ -1,0 +1,79 @@
+"""What the client runs locally: tokenizer + text encoder, the UNet head, the VAE decoder. Never the whole UNet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors import safe_open
+
+from common import models
+from common.schedulers import make_scheduler
+from common.split import UNetHead
+
+
+def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """An AutoencoderKL with only post_quant_conv and the decoder loaded; the encoder is dropped unread."""
+    vae_dir = Path(model_path) / "vae"
+    config = json.loads((vae_dir / "config.json").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    del vae.encoder
+    vae.quant_conv = None
+    weights = vae_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+        raise models.ModelFolderError(f"{weights} is missing: the VAE decoder weights are needed on the client")
+    wanted = set(vae.state_dict())
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k in wanted}  # noqa: SIM118 (safe_open is not a dict)
+    missing = wanted - state.keys()
+    if missing:
+        raise models.ModelFolderError(f"{weights} lacks decoder tensors, e.g. {sorted(missing)[:3]}")
+    vae.load_state_dict(state, assign=True)
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+class ClientModel:
+    def __init__(self, model_path: Path, split: str, device: str = "cpu"):
+        self.path = Path(model_path)
+        models.validate_model_folder(self.path)
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        self.split = split
+        self.tokenizer = models.load_tokenizer(self.path)
+        self.text_encoder = models.load_text_encoder(self.path, device=self.device, dtype=self.dtype)
+        self.head = UNetHead.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
+        self.vae = load_vae_decoder(self.path, self.device, self.dtype)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scheduler_config = models.load_scheduler_config(self.path)
+        unet_config = models.load_unet_config(self.path)
+        self.latent_channels = int(unet_config["in_channels"])
+        self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor
+
+    def make_scheduler(self, name: str):
+        return make_scheduler(name, self.scheduler_config)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
+        cond, uncond = models.encode_prompt(self.tokenizer, self.text_encoder, prompt, negative_prompt)
+        return cond.float().cpu().numpy(), uncond.float().cpu().numpy()
+
+    @torch.no_grad()
+    def run_head(self, model_input: np.ndarray, timestep: int, dtype: str) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32)[None]).to(self.device, self.dtype)
+        out = self.head(x, timestep)
+        np_dtype = np.float16 if dtype == "float16" else np.float32
+        return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in out.items()}
+
+    @torch.no_grad()
+    def decode(self, latent: np.ndarray) -> Image.Image:
+        """Exactly StableDiffusionPipeline's decode + postprocess for one image."""
+        z = torch.from_numpy(np.asarray(latent, dtype=np.float32)[None]).to(self.device, self.dtype)
+        image = self.vae.decode(z / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        arr = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        return Image.fromarray((arr * 255).round().astype("uint8"))

@@ -1,0 +1,277 @@
+"""The client's session loop: one round trip per denoising step, the latent only ever leaving encrypted.
+
+Qt-free: the CLI, the Python API and the desktop UI all drive ``Generator.generate``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import he, protocol
+from common.latent import EncryptedLatent, decrypt_latent, encrypt_latent, pack_mask
+from common.schedulers import build_plan, client_finish
+from common.selection import DEFAULT_TAU, select_mask
+from desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError
+from desktop.core.client_model import ClientModel
+from desktop.core.preview import latent_preview
+
+TIMING_KEYS = ("head", "select", "encrypt", "upload", "server_body", "server_he", "download", "decrypt")
+
+
+class GenerationCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    scheduler: str = "plms"
+    encryption: str = "full"  # full | min-distortion | none (plaintext split baseline)
+    tau: float = DEFAULT_TAU
+    he_preset: str = he.DEFAULT_PRESET
+    split: str = "conv_in"
+    activation_dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError("the prompt is empty")
+        if self.encryption not in protocol.ENCRYPTION_CHOICES:
+            raise ValueError(f"encryption must be one of {', '.join(protocol.ENCRYPTION_CHOICES)}")
+        if self.encryption != "none":
+            he.get_preset(self.he_preset)
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if self.width <= 0 or self.height <= 0 or self.width % 8 or self.height % 8:
+            raise ValueError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.activation_dtype not in protocol.ACTIVATION_DTYPES:
+            raise ValueError(f"activation dtype must be one of {', '.join(protocol.ACTIVATION_DTYPES)}")
+
+
+@dataclass
+class StepUpdate:
+    index: int
+    total: int
+    timestep: int
+    latent: np.ndarray  # decrypted x_{i+1}
+    preview: Image.Image
+    timings: dict[str, float]
+    bytes_sent: int
+    bytes_received: int
+    encrypted_fraction: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class GenerationResult:
+    params: GenerationParams
+    image: Image.Image
+    latent: np.ndarray
+    step_timings: list[dict[str, float]] = field(default_factory=list)
+    bytes_sent: list[int] = field(default_factory=list)
+    bytes_received: list[int] = field(default_factory=list)
+    encrypted_fractions: list[float] = field(default_factory=list)
+    setup_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    server_url: str = ""
+
+    def timing_totals(self) -> dict[str, float]:
+        return {k: float(sum(t.get(k, 0.0) for t in self.step_timings)) for k in TIMING_KEYS}
+
+    def metadata(self, include_prompt: bool = False) -> dict[str, str]:
+        """Generation parameters for PNG text chunks; the prompts only when the user asks for them."""
+        hidden = () if include_prompt else ("prompt", "negative_prompt")
+        meta = {f"hediff:{k}": str(v) for k, v in asdict(self.params).items() if k not in hidden}
+        meta["hediff:mean_encrypted_fraction"] = (
+            f"{np.mean(self.encrypted_fractions) if self.encrypted_fractions else 0:.4f}"
+        )
+        return meta
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, init_noise_sigma: float) -> np.ndarray:
+    """x_T exactly as diffusers' pipeline draws it: randn on a CPU generator seeded with ``seed``."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    return (noise * init_noise_sigma)[0].numpy().astype(np.float64)
+
+
+class Generator:
+    def __init__(self, model: ClientModel, client: BackendClient):
+        self.model = model
+        self.client = client
+
+    def generate(
+        self,
+        params: GenerationParams,
+        on_step: Callable[[StepUpdate], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        params.validate()
+        if params.split != self.model.split:
+            raise ValueError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
+        t_start = time.perf_counter()
+        plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
+        cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
+        key = he.ClientKey(params.he_preset) if params.encryption != "none" else None  # a fresh key per generation
+        settings = protocol.SessionSettings(
+            scheduler=params.scheduler,
+            steps=params.steps,
+            guidance=params.guidance,
+            height=params.height,
+            width=params.width,
+            split=params.split,
+            encryption=params.encryption,
+            he_preset=params.he_preset if key else None,
+            activation_dtype=params.activation_dtype,
+            plan_digest=plan.digest(),
+        )
+        open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
+        if key is not None:
+            open_frame.blobs["context"] = key.evaluation_context()
+        opened = self.client.open_session(open_frame)
+        session_id = opened.get("session_id")
+        if not isinstance(session_id, str) or opened.get("plan_digest") != plan.digest():
+            raise BackendProtocolError(f"{self.client.url} answered the session request inconsistently")
+        latent_shape = tuple(opened.get("latent_shape", ()))
+        expected_shape = (
+            self.model.latent_channels,
+            params.height // self.model.vae_scale_factor,
+            params.width // self.model.vae_scale_factor,
+        )
+        if latent_shape != expected_shape:
+            raise BackendProtocolError(
+                f"{self.client.url} expects latents of shape {latent_shape}, this client's model makes "
+                f"{expected_shape}; use the same model on both sides"
+            )
+
+        result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
+        x = initial_noise(latent_shape, params.seed, plan.init_noise_sigma)
+        history = {0: x}
+        masks: dict[int, np.ndarray | None] = {}  # step -> index set the server holds for that step's latent
+        n_cts = key.preset.ciphertexts_for(int(np.prod(latent_shape))) if key else 0
+        if key:
+            key.prepare(n_cts)
+        result.setup_s = time.perf_counter() - t_start
+        loop_start = time.perf_counter()
+        try:
+            for step in plan.steps:
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"cancelled before step {step.index + 1} of {len(plan.steps)}")
+                x = history[step.index]
+                timings = dict.fromkeys(TIMING_KEYS, 0.0)
+                t = time.perf_counter()
+                activations = self.model.run_head(step.input_scale * x, step.timestep, params.activation_dtype)
+                timings["head"] = time.perf_counter() - t
+
+                frame = protocol.Frame(meta={"step": step.index}, tensors=dict(activations))
+                package = None
+                if key is None:
+                    frame.tensors["latent"] = x
+                else:
+                    t = time.perf_counter()
+                    mask = select_mask(x, "full" if params.encryption == "full" else "min-distortion", params.tau)
+                    timings["select"] = time.perf_counter() - t
+                    t = time.perf_counter()
+                    package = encrypt_latent(x, mask, key)
+                    for i, ct in enumerate(package.ciphertexts):
+                        frame.blobs[f"ct{i}"] = ct.serialize()
+                    if mask is not None:
+                        frame.tensors["mask"] = pack_mask(mask)
+                        frame.tensors["remainder"] = package.remainder
+                    timings["encrypt"] = time.perf_counter() - t
+                    result.encrypted_fractions.append(package.encrypted_fraction)
+                    masks[step.index] = mask
+
+                # fresh encryptions of zero for the next step are made while the server works
+                refill = threading.Thread(target=key.prepare, args=(n_cts,), daemon=True) if key else None
+                exchange = self.client.step(session_id, frame, on_uploaded=refill.start if refill else None)
+                server = exchange.frame.meta.get("timings", {}) if isinstance(exchange.frame.meta, dict) else {}
+                timings["upload"] = exchange.upload_s
+                timings["download"] = exchange.download_s
+                timings["server_body"] = float(server.get("server_body_s", 0.0))
+                timings["server_he"] = float(server.get("server_he_s", 0.0))
+                if refill is not None and refill.is_alive():
+                    refill.join()
+
+                t = time.perf_counter()
+                y = self._read_answer(exchange.frame, step, latent_shape, key, masks.get(step.pivot))
+                history[step.index + 1] = client_finish(
+                    step, y, history, key.preset.server_multiplies if key else False
+                )
+                timings["decrypt"] = time.perf_counter() - t
+                for k in [k for k in history if k < step.index + 1 - plan.latent_history_needed()]:
+                    del history[k]
+                    masks.pop(k, None)
+
+                result.step_timings.append(timings)
+                result.bytes_sent.append(exchange.bytes_sent)
+                result.bytes_received.append(exchange.bytes_received)
+                if on_step is not None:
+                    done = step.index + 1
+                    elapsed = time.perf_counter() - loop_start
+                    on_step(
+                        StepUpdate(
+                            index=step.index,
+                            total=len(plan.steps),
+                            timestep=step.timestep,
+                            latent=history[done],
+                            preview=latent_preview(history[done], upscale=self.model.vae_scale_factor)
+                            if history[done].shape[0] == 4
+                            else Image.new("RGB", (params.width, params.height)),
+                            timings=timings,
+                            bytes_sent=exchange.bytes_sent,
+                            bytes_received=exchange.bytes_received,
+                            encrypted_fraction=result.encrypted_fractions[-1] if key else 0.0,
+                            elapsed_s=elapsed,
+                            eta_s=elapsed / done * (len(plan.steps) - done),
+                        )
+                    )
+        finally:
+            try:
+                self.client.close_session(session_id)
+            except BackendError:  # the session expires on its own; closing is a courtesy
+                pass
+
+        result.latent = history[len(plan.steps)]
+        t = time.perf_counter()
+        result.image = self.model.decode(result.latent)
+        result.decode_s = time.perf_counter() - t
+        result.total_s = time.perf_counter() - t_start
+        return result
+
+    def _read_answer(
+        self, answer: protocol.Frame, step, latent_shape, key: he.ClientKey | None, pivot_mask
+    ) -> np.ndarray:
+        """The server's y for this step's pivot, decrypted and merged."""
+        try:
+            if answer.meta.get("step") != step.index or answer.meta.get("pivot") != step.pivot:
+                raise protocol.ProtocolError(f"answer is for step {answer.meta.get('step')!r}, expected {step.index}")
+            if key is None:
+                return protocol.require_tensor(answer, "latent", latent_shape, ("float64",)).astype(np.float64)
+            n_enc = int(np.prod(latent_shape)) if pivot_mask is None else int(pivot_mask.sum())
+            blobs = protocol.collect_ciphertexts(answer, key.preset.ciphertexts_for(n_enc))
+            remainder = np.zeros(0)
+            if pivot_mask is not None:
+                remainder = protocol.require_tensor(answer, "remainder", (int((~pivot_mask).sum()),), ("float64",))
+            latent = EncryptedLatent(
+                shape=latent_shape, mask=pivot_mask, ciphertexts=key.deserialize(blobs), remainder=remainder
+            )
+            return decrypt_latent(latent, key)
+        except (protocol.ProtocolError, he.HEError) as e:
+            raise BackendProtocolError(f"{self.client.url} sent an unusable step answer: {e}") from None

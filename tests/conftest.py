@@ -1,0 +1,98 @@
+"""Shared pytest fixtures.
+
+Keep this file to fixtures that several test modules use; module-specific fixtures live in their module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.x diffusers folder (common.models.build_tiny_model, seed 0), built once per session.
+
+    Treat it as read-only: copy it (e.g. ``shutil.copytree``) before modifying anything.
+    """
+    from common.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+
+
+# --- a real backend on loopback ------------------------------------------------------------------
+
+
+class _RecordingASGI:
+    """Keeps the raw bodies the server received, so tests can assert on what actually crossed the wire."""
+
+    def __init__(self, app, recorded: list):
+        self.app, self.recorded = app, recorded
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks = []
+
+        async def recording_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.recorded.append((scope["path"], b"".join(chunks)))
+            return message
+
+        return await self.app(scope, recording_receive, send)
+
+
+@dataclass
+class Backend:
+    url: str
+    token: str
+    app: object
+    recorded: list
+
+
+def start_backend(server_model, **limits_kw):
+    from backend.app import create_app
+    from backend.auth import TokenStore
+    from backend.engine import Limits
+    from backend.serve import start_in_thread
+
+    tokens, token = TokenStore.ephemeral("tests")
+    app = create_app(server_model, tokens, Limits(**limits_kw))
+    recorded: list = []
+    running = start_in_thread(_RecordingASGI(app, recorded))
+    return running, Backend(url=running.url, token=token, app=app, recorded=recorded)
+
+
+@pytest.fixture(scope="session")
+def server_model(tiny_model_dir):
+    from backend.engine import ServerModel
+
+    return ServerModel(tiny_model_dir, "tiny-test", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def backend(server_model):
+    running, info = start_backend(server_model)
+    yield info
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client_model(tiny_model_dir):
+    from desktop.core.client_model import ClientModel
+
+    return ClientModel(tiny_model_dir, "conv_in")
+
+
+@pytest.fixture
+def generator(client_model, backend):
+    from desktop.core.backend_client import BackendClient
+    from desktop.core.engine import Generator
+
+    with BackendClient(backend.url, backend.token) as client:
+        yield Generator(client_model, client)
