@@ -1,20 +1,34 @@
-"""CKKS on TenSEAL: parameter presets, client keys, packing values into ciphertexts, server-side update.
+"""CKKS (Microsoft SEAL, as shipped in TenSEAL): parameter presets, client keys, packing, the server's update.
 
-The server never needs a key: it only adds plaintext vectors to ciphertexts (and, for the ``paper``
-preset, multiplies them by a public scalar). So the evaluation context it gets carries the parameters
-and nothing else, not even the public key.
+Three choices, each measured (bench/he_step.py, docs/performance.md):
+- The server never needs a key: it only adds plaintext vectors to ciphertexts (and, with the ``paper`` preset,
+  multiplies them by a public scalar). Its evaluation context carries the parameters and nothing else, not
+  even the public key, so the client encrypts with the secret key (symmetric CKKS: half the encryption cost
+  and smaller fresh noise than public-key encryption).
+- Every coefficient of the update is real, so real and imaginary parts of a slot evolve independently: each
+  ciphertext carries two latent values per complex slot (N values for ring degree N, not N/2). That halves
+  the ciphertexts, the bytes and every per-ciphertext cost.
+- Encryptions of zero do not depend on the message: ``ClientKey.prepare`` makes them ahead of time (while the
+  server works) and ``encrypt`` only adds the encoded values on the critical path. Each is used once.
+
+TenSEAL's own CKKSVector encodes real values only, so ciphertexts are handled through its bundled SEAL API;
+TenSEAL still makes the keys and the parameter-only context that the server checks.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
+from tenseal import sealapi
 
-_KEYLESS = dict(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+_KEYLESS = {"save_public_key": False, "save_secret_key": False, "save_galois_keys": False, "save_relin_keys": False}
+_SEAL_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError)
 
 
 class HEError(ValueError):
@@ -41,11 +55,15 @@ class HEPreset:
         return self.poly_modulus_degree // 2
 
     @property
+    def values_per_ciphertext(self) -> int:
+        return 2 * self.slots  # real and imaginary part of every slot
+
+    @property
     def scale(self) -> float:
         return float(2**self.scale_bits)
 
     def ciphertexts_for(self, n_values: int) -> int:
-        return max(1, -(-n_values // self.slots)) if n_values else 0
+        return -(-n_values // self.values_per_ciphertext)
 
 
 PRESETS: dict[str, HEPreset] = {
@@ -96,17 +114,86 @@ def preset_parameter_bytes(preset: HEPreset) -> bytes:
         return _reference_params[preset.name]
 
 
-class ClientKey:
-    """A CKKS secret key with its context. Lives only on the client; nothing here writes it anywhere.
+# --- ciphertexts on the wire ---------------------------------------------------------------------------------
 
-    Encryptions of zero do not depend on the message, so ``prepare`` can make them ahead of time (while the
-    server works) and ``encrypt`` only adds the encoded values on the critical path. Each one is used once.
+_scratch = threading.local()
+
+
+def _scratch_path() -> str:
+    """A private per-thread file for SEAL's path-only save/load (in RAM where /dev/shm exists).
+
+    Only ciphertexts pass through it, never key material.
     """
+    path = getattr(_scratch, "path", None)
+    if path is None or not os.path.exists(path):
+        fd, path = tempfile.mkstemp(prefix="hediff-ct-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.close(fd)
+        _scratch.path = path
+    return path
+
+
+class Ciphertext:
+    """One SEAL ciphertext holding up to ``values_per_ciphertext`` latent values."""
+
+    __slots__ = ("seal",)
+
+    def __init__(self, seal_ct: sealapi.Ciphertext):
+        self.seal = seal_ct
+
+    def serialize(self) -> bytes:
+        path = _scratch_path()
+        self.seal.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    @classmethod
+    def load(cls, seal_context, blob: bytes) -> Ciphertext:
+        """SEAL validates the data against the context on load; anything else is refused with HEError."""
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) < 16:
+            raise HEError("not a ciphertext for this session's parameters: too short")
+        path = _scratch_path()
+        with open(path, "wb") as f:
+            f.write(blob)
+        ct = sealapi.Ciphertext()
+        try:
+            ct.load(seal_context, path)
+        except _SEAL_ERRORS as e:
+            raise HEError(f"not a ciphertext for this session's parameters: {e}") from None
+        if ct.size() != 2:
+            raise HEError(f"ciphertext has {ct.size()} polynomials, expected 2")
+        return cls(ct)
+
+
+def serialize_ciphertexts(cts: list[Ciphertext]) -> list[bytes]:
+    return [ct.serialize() for ct in cts]
+
+
+def _rows(values: np.ndarray, n_rows: int, width: int) -> np.ndarray:
+    padded = np.zeros(n_rows * width)
+    padded[: values.size] = values
+    return padded.reshape(n_rows, width)
+
+
+def _as_slots(row: np.ndarray) -> list[complex]:
+    half = row.size // 2
+    return (row[:half] + 1j * row[half:]).tolist()
+
+
+class ClientKey:
+    """A CKKS secret key with its context. Lives only on the client; nothing here writes it anywhere."""
 
     def __init__(self, preset: HEPreset | str = DEFAULT_PRESET):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self._ctx = _new_context(self.preset)
-        self._zeros: collections.deque[ts.CKKSVector] = collections.deque()
+        self._seal = self._ctx.seal_context().data
+        secret = self._ctx.secret_key().data
+        self._encryptor = sealapi.Encryptor(self._seal, secret)
+        self._decryptor = sealapi.Decryptor(self._seal, secret)
+        self._encoder = sealapi.CKKSEncoder(self._seal)
+        self._evaluator = sealapi.Evaluator(self._seal)
+        self._zero = sealapi.Plaintext()
+        self._encoder.encode(0.0, self.preset.scale, self._zero)
+        self._zeros: collections.deque[sealapi.Ciphertext] = collections.deque()
         self._zeros_lock = threading.Lock()
         self.decryptions = 0
 
@@ -120,73 +207,64 @@ class ClientKey:
 
     def prepare(self, n_ciphertexts: int) -> None:
         """Top up the pool of fresh encryptions of zero to ``n_ciphertexts``."""
-        zero = np.zeros(self.slots)
         while True:
             with self._zeros_lock:
                 if len(self._zeros) >= n_ciphertexts:
                     return
-            ct = ts.ckks_vector(self._ctx, zero)
-            with self._zeros_lock:
-                self._zeros.append(ct)
+            self._zeros.append(self._fresh_zero_now())
 
-    def _fresh_zero(self) -> ts.CKKSVector:
+    def _fresh_zero_now(self) -> sealapi.Ciphertext:
+        ct = sealapi.Ciphertext()
+        self._encryptor.encrypt_symmetric(self._zero, ct)
+        return ct
+
+    def _fresh_zero(self) -> sealapi.Ciphertext:
         with self._zeros_lock:
             if self._zeros:
                 return self._zeros.popleft()
-        return ts.ckks_vector(self._ctx, np.zeros(self.slots))
+        return self._fresh_zero_now()
 
-    def encrypt(self, values: np.ndarray) -> list[ts.CKKSVector]:
-        """Pack a 1-D array into as few ciphertexts as the slot count allows (the last one zero-padded)."""
+    def encrypt(self, values: np.ndarray) -> list[Ciphertext]:
+        """Pack a 1-D array into as few ciphertexts as possible (the last one zero-padded)."""
         values = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(values)):
             raise HEError("refusing to encrypt NaN or infinite values")
+        n = self.preset.ciphertexts_for(values.size)
         cts = []
-        for chunk in _chunks(values, self.slots):
+        for row in _rows(values, n, self.preset.values_per_ciphertext):
             ct = self._fresh_zero()
-            ct.add_(chunk)
-            cts.append(ct)
+            plain = sealapi.Plaintext()
+            self._encoder.encode(_as_slots(row), ct.parms_id(), ct.scale, plain)
+            self._evaluator.add_plain_inplace(ct, plain)
+            cts.append(Ciphertext(ct))
         return cts
 
-    def decrypt(self, ciphertexts: list[ts.CKKSVector], n_values: int) -> np.ndarray:
+    def decrypt(self, ciphertexts: list[Ciphertext], n_values: int) -> np.ndarray:
         if len(ciphertexts) != self.preset.ciphertexts_for(n_values):
             raise HEError(f"{len(ciphertexts)} ciphertexts cannot hold exactly {n_values} values")
-        out = np.empty(len(ciphertexts) * self.slots, dtype=np.float64)
+        width = self.preset.values_per_ciphertext
+        out = np.empty(len(ciphertexts) * width)
         for i, ct in enumerate(ciphertexts):
-            ct.link_context(self._ctx)
-            out[i * self.slots : (i + 1) * self.slots] = ct.decrypt()
+            plain = sealapi.Plaintext()
+            self._decryptor.decrypt(ct.seal, plain)
+            z = np.asarray(self._encoder.decode_complex(plain))
+            out[i * width : i * width + width // 2] = z.real
+            out[i * width + width // 2 : (i + 1) * width] = z.imag
             self.decryptions += 1
         return out[:n_values]
 
-    def deserialize(self, blobs: list[bytes]) -> list[ts.CKKSVector]:
-        return [_load_ciphertext(self._ctx, b, self.slots) for b in blobs]
-
-
-def _chunks(values: np.ndarray, slots: int):
-    for start in range(0, len(values), slots):
-        chunk = values[start : start + slots]
-        if len(chunk) < slots:
-            chunk = np.concatenate([chunk, np.zeros(slots - len(chunk))])
-        yield chunk
-
-
-def _load_ciphertext(ctx: ts.Context, blob: bytes, slots: int) -> ts.CKKSVector:
-    try:
-        ct = ts.ckks_vector_from(ctx, blob)
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise HEError(f"not a ciphertext for this session's parameters: {e}") from None
-    if ct.size() != slots:
-        raise HEError(f"ciphertext holds {ct.size()} slots, expected {slots}")
-    return ct
+    def deserialize(self, blobs: list[bytes]) -> list[Ciphertext]:
+        return [Ciphertext.load(self._seal, b) for b in blobs]
 
 
 class EvaluationContext:
-    """The server's view: parameters only. Refuses contexts that carry any key material it does not need."""
+    """The server's view: parameters only. Refuses contexts that carry key material it does not need."""
 
     def __init__(self, data: bytes, preset: HEPreset | str):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         try:
             ctx = ts.context_from(data)
-        except (ValueError, RuntimeError, TypeError) as e:
+        except _SEAL_ERRORS as e:
             raise HEError(f"the HE context could not be read: {e}") from None
         if ctx.is_private():
             raise SecretKeyInContextError(
@@ -195,22 +273,41 @@ class EvaluationContext:
         if ctx.serialize(**_KEYLESS) != preset_parameter_bytes(self.preset):
             raise HEError(f"the HE context's parameters do not match preset {self.preset.name!r}")
         self._ctx = ctx
+        self._seal = ctx.seal_context().data
+        self._encoder = sealapi.CKKSEncoder(self._seal)
+        self._evaluator = sealapi.Evaluator(self._seal)
+        self._fresh_parms = self._seal.first_parms_id()
 
-    def load(self, blobs: list[bytes]) -> list[ts.CKKSVector]:
-        return [_load_ciphertext(self._ctx, b, self.preset.slots) for b in blobs]
+    def load(self, blobs: list[bytes]) -> list[Ciphertext]:
+        cts = [Ciphertext.load(self._seal, b) for b in blobs]
+        for ct in cts:
+            # a client may only send fresh ciphertexts at the preset's scale: anything else could not take the update
+            if list(ct.seal.parms_id()) != list(self._fresh_parms) or ct.seal.scale != self.preset.scale:
+                raise HEError("ciphertext is not at the preset's first level and scale")
+        return cts
 
-    def affine_update(self, cts: list[ts.CKKSVector], scalar: float, offset: np.ndarray) -> list[ts.CKKSVector]:
-        """scalar * Enc(x) + offset, chunk by chunk. With ``server_multiplies`` off, ``scalar`` must be 1."""
+    def affine_update(self, cts: list[Ciphertext], scalar: float, offset: np.ndarray) -> list[Ciphertext]:
+        """scalar * Enc(x) + offset, ciphertext by ciphertext. With ``server_multiplies`` off, scalar must be 1."""
         if not self.preset.server_multiplies and scalar != 1.0:
             raise HEError(f"preset {self.preset.name!r} only supports additions on the server")
         offset = np.asarray(offset, dtype=np.float64).ravel()
-        if self.preset.ciphertexts_for(len(offset)) != len(cts):
-            raise HEError(f"an offset of {len(offset)} values does not fit {len(cts)} ciphertexts")
+        if self.preset.ciphertexts_for(offset.size) != len(cts):
+            raise HEError(f"an offset of {offset.size} values does not fit {len(cts)} ciphertexts")
         out = []
-        for ct, chunk in zip(cts, _chunks(offset, self.preset.slots)):
-            out.append((ct * scalar if self.preset.server_multiplies else ct) + chunk)
+        for ct, row in zip(cts, _rows(offset, len(cts), self.preset.values_per_ciphertext)):
+            src, res = ct.seal, sealapi.Ciphertext()  # the stored ciphertext stays as it was (a pivot may be reused)
+            try:
+                if self.preset.server_multiplies:
+                    factor = sealapi.Plaintext()
+                    self._encoder.encode(float(scalar), src.parms_id(), self.preset.scale, factor)
+                    scaled = sealapi.Ciphertext()
+                    self._evaluator.multiply_plain(src, factor, scaled)
+                    self._evaluator.rescale_to_next_inplace(scaled)
+                    src = scaled
+                plain = sealapi.Plaintext()
+                self._encoder.encode(_as_slots(row), src.parms_id(), src.scale, plain)
+                self._evaluator.add_plain(src, plain, res)
+            except _SEAL_ERRORS as e:
+                raise HEError(f"the update could not be applied to this ciphertext: {e}") from None
+            out.append(Ciphertext(res))
         return out
-
-
-def serialize_ciphertexts(cts: list[ts.CKKSVector]) -> list[bytes]:
-    return [ct.serialize() for ct in cts]

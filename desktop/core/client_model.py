@@ -34,7 +34,10 @@ def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype)
     if missing:
         raise models.ModelFolderError(f"{weights} lacks decoder tensors, e.g. {sorted(missing)[:3]}")
     vae.load_state_dict(state, assign=True)
-    return vae.to(device=device, dtype=dtype).eval()
+    vae = vae.to(device=device)
+    if dtype != torch.float32:
+        vae = vae.to(dtype=dtype)
+    return vae.eval()
 
 
 class ClientModel:
