@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 def _markdown(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}` ({report['machine']['date']}); model {report['model']}, latent "
-        f"{'x'.join(map(str, report['latent_shape']))}, {report['prompts']} prompts x {report['steps_captured']} steps.",
+        f"{'x'.join(map(str, report['latent_shape']))}, {report['prompts']} prompts x "
+        f"{report['steps_captured']} steps.",
         "",
         "| tau | model latents: mean | min .. max | first step | last step | Gaussian | paper (Gaussian) |",
         "|---|---|---|---|---|---|---|",

@@ -79,6 +79,15 @@ def test_encrypted_generation_matches_diffusers(pipe, generator, scheduler, encr
         assert t["encrypt"] > 0 and t["decrypt"] > 0 and t["server_body"] > 0 and t["server_he"] > 0
 
 
+def test_min_distortion_extremes(pipe, generator):
+    ref_latent, _ = reference(pipe, "plms")
+    everything_plain = generator.generate(params(encryption="min-distortion", tau=1.0))
+    assert everything_plain.encrypted_fractions == [0.0] * len(everything_plain.encrypted_fractions)
+    assert np.abs(everything_plain.latent - ref_latent).max() <= 1e-3
+    everything_encrypted = generator.generate(params(encryption="min-distortion", tau=0.0))
+    assert everything_encrypted.encrypted_fractions == [1.0] * len(everything_encrypted.encrypted_fractions)
+
+
 def test_plaintext_split_baseline_matches_diffusers(pipe, generator):
     ref_latent, ref_image = reference(pipe, "plms")
     result = generator.generate(params(encryption="none"))

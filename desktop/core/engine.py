@@ -163,6 +163,7 @@ class Generator:
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         x = initial_noise(latent_shape, params.seed, plan.init_noise_sigma)
         history = {0: x}
+        keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         masks: dict[int, np.ndarray | None] = {}  # step -> index set the server holds for that step's latent
         n_cts = key.preset.ciphertexts_for(int(np.prod(latent_shape))) if key else 0
         if key:
@@ -215,7 +216,7 @@ class Generator:
                     step, y, history, key.preset.server_multiplies if key else False
                 )
                 timings["decrypt"] = time.perf_counter() - t
-                for k in [k for k in history if k < step.index + 1 - plan.latent_history_needed()]:
+                for k in [k for k in history if k < step.index + 1 - keep]:
                     del history[k]
                     masks.pop(k, None)
 
