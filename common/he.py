@@ -11,8 +11,8 @@ Three choices, each measured (bench/he_step.py, docs/performance.md):
 - Encryptions of zero do not depend on the message: ``ClientKey.prepare`` makes them ahead of time (while the
   server works) and ``encrypt`` only adds the encoded values on the critical path. Each is used once.
 
-TenSEAL's own CKKSVector encodes real values only, so ciphertexts are handled through its bundled SEAL API;
-TenSEAL still makes the keys and the parameter-only context that the server checks.
+TenSEAL's own CKKSVector encodes real values only, so keys and ciphertexts are handled through its bundled SEAL
+API; TenSEAL's serialisation is kept for the parameter-only context that the server checks.
 """
 
 from __future__ import annotations
@@ -114,6 +114,22 @@ def preset_parameter_bytes(preset: HEPreset) -> bytes:
         return _reference_params[preset.name]
 
 
+_seal_contexts: dict[str, object] = {}
+
+
+def _seal_context(preset: HEPreset):
+    """SEAL's precomputed tables for a preset (parameters only, immutable, shared): ~15 ms to build, so once."""
+    with _reference_lock:
+        if preset.name not in _seal_contexts:
+            parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+            parms.set_poly_modulus_degree(preset.poly_modulus_degree)
+            parms.set_coeff_modulus(
+                sealapi.CoeffModulus.Create(preset.poly_modulus_degree, list(preset.coeff_mod_bit_sizes))
+            )
+            _seal_contexts[preset.name] = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
+        return _seal_contexts[preset.name]
+
+
 # --- ciphertexts on the wire ---------------------------------------------------------------------------------
 
 _scratch = threading.local()
@@ -184,9 +200,8 @@ class ClientKey:
 
     def __init__(self, preset: HEPreset | str = DEFAULT_PRESET):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
-        self._ctx = _new_context(self.preset)
-        self._seal = self._ctx.seal_context().data
-        secret = self._ctx.secret_key().data
+        self._seal = _seal_context(self.preset)
+        secret = sealapi.KeyGenerator(self._seal).secret_key()  # no public, relinearisation or Galois keys
         self._encryptor = sealapi.Encryptor(self._seal, secret)
         self._decryptor = sealapi.Decryptor(self._seal, secret)
         self._encoder = sealapi.CKKSEncoder(self._seal)
@@ -202,8 +217,8 @@ class ClientKey:
         return self.preset.slots
 
     def evaluation_context(self) -> bytes:
-        """Parameters only: no secret, public, relinearisation or Galois key."""
-        return self._ctx.serialize(**_KEYLESS)
+        """Parameters only: no secret, public, relinearisation or Galois key (the same bytes for every key)."""
+        return preset_parameter_bytes(self.preset)
 
     def prepare(self, n_ciphertexts: int) -> None:
         """Top up the pool of fresh encryptions of zero to ``n_ciphertexts``."""
@@ -257,23 +272,29 @@ class ClientKey:
         return [Ciphertext.load(self._seal, b) for b in blobs]
 
 
+def _explain_rejected_context(data: bytes, preset: HEPreset) -> None:
+    try:
+        ctx = ts.context_from(data)
+    except _SEAL_ERRORS as e:
+        raise HEError(f"the HE context could not be read: {e}") from None
+    if ctx.is_private():
+        raise SecretKeyInContextError(
+            "the HE context contains a secret key; a client must send only the evaluation parameters"
+        )
+    if ctx.serialize(**_KEYLESS) == preset_parameter_bytes(preset):
+        raise HEError("the HE context carries keys the server does not use; send the parameters only")
+    raise HEError(f"the HE context's parameters do not match preset {preset.name!r}")
+
+
 class EvaluationContext:
     """The server's view: parameters only. Refuses contexts that carry key material it does not need."""
 
     def __init__(self, data: bytes, preset: HEPreset | str):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
-        try:
-            ctx = ts.context_from(data)
-        except _SEAL_ERRORS as e:
-            raise HEError(f"the HE context could not be read: {e}") from None
-        if ctx.is_private():
-            raise SecretKeyInContextError(
-                "the HE context contains a secret key; a client must send only the evaluation parameters"
-            )
-        if ctx.serialize(**_KEYLESS) != preset_parameter_bytes(self.preset):
-            raise HEError(f"the HE context's parameters do not match preset {self.preset.name!r}")
-        self._ctx = ctx
-        self._seal = ctx.seal_context().data
+        if bytes(data) != preset_parameter_bytes(self.preset):
+            _explain_rejected_context(data, self.preset)
+        # the bytes are exactly the preset's parameters, so the shared precomputed SEAL context serves
+        self._seal = _seal_context(self.preset)
         self._encoder = sealapi.CKKSEncoder(self._seal)
         self._evaluator = sealapi.Evaluator(self._seal)
         self._fresh_parms = self._seal.first_parms_id()

@@ -17,6 +17,7 @@ from desktop.core.backend_client import (
     BackendTimeout,
     BackendUnreachable,
 )
+from tests.test_he import context_with_secret_key
 
 FRAME = {"content-type": protocol.FRAME_CONTENT_TYPE}
 
@@ -149,7 +150,7 @@ def test_bad_requests_get_specific_errors_and_change_nothing(http, backend, serv
 def test_bad_session_requests(http, server_model):
     key = he.ClientKey("fast")
     leaky = _open_frame(server_model, key)
-    leaky.blobs["context"] = key._ctx.serialize(save_secret_key=True)
+    leaky.blobs["context"] = context_with_secret_key(key.preset)
     bad_digest = _open_frame(server_model, key)
     bad_digest.meta["plan_digest"] = "0" * 64
     cases = [

@@ -15,6 +15,14 @@ from common.latent import (
 from common.selection import min_distortion_mask
 
 
+def context_with_secret_key(preset: he.HEPreset) -> bytes:
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, preset.poly_modulus_degree, coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes)
+    )
+    ctx.global_scale = preset.scale
+    return ctx.serialize(save_secret_key=True)
+
+
 @pytest.fixture(scope="module", params=sorted(he.PRESETS))
 def key(request):
     return he.ClientKey(request.param)
@@ -35,7 +43,7 @@ def test_evaluation_context_carries_no_keys(key):
 
 
 def test_server_refuses_context_with_secret_key(key):
-    with_secret = key._ctx.serialize(save_secret_key=True)
+    with_secret = context_with_secret_key(key.preset)
     with pytest.raises(he.SecretKeyInContextError, match="secret key"):
         he.EvaluationContext(with_secret, key.preset)
 
@@ -116,3 +124,14 @@ def test_mask_packing_and_value_merge_roundtrip():
     assert np.array_equal(merge_values(x.shape, mask, enc, plain), x)
     with pytest.raises(ValueError, match="needs"):
         unpack_mask(bits[:-1], x.shape)
+
+
+def test_server_refuses_context_with_unneeded_public_keys():
+    preset = he.get_preset("fast")
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, preset.poly_modulus_degree, coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes)
+    )
+    ctx.global_scale = preset.scale
+    ctx.make_context_public()
+    with pytest.raises(he.HEError, match="keys the server does not use"):
+        he.EvaluationContext(ctx.serialize(), preset)
