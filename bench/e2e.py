@@ -9,9 +9,7 @@ a core. Runs are interleaved (mode A, B, C, A, B, C, ...) so that machine noise 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.machine import cpu_model
+from bench.report import command_line, machine_info, save_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle at the top left on a blue background"
@@ -152,29 +150,20 @@ def main(argv=None) -> int:
         for m in ("encrypted full", "encrypted min-distortion"):
             size[m]["ratio_vs_plaintext_split"] = size[m]["median_wall_s"] / plain
     report = {
-        "command": "python -m bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "command": command_line("bench.e2e", argv),
+        "machine": machine_info(),
         "model": args.model,
         "steps": args.steps,
         "scheduler": args.scheduler,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e.json").write_text(json.dumps(report, indent=2))
-    (args.out / "e2e.md").write_text(_markdown(report))
-    print(_markdown(report))
+    save_report(args.out, "e2e", report, _markdown(report))
     return 0
 
 
 def _markdown(report: dict) -> str:
     lines = [
-        f"Command: `{report['command']}` ({report['date']}, {report['machine']['cpu']}, "
+        f"Command: `{report['command']}` ({report['machine']['date']}, {report['machine']['cpu']}, "
         f"{report['machine']['cores']} cores)",
         f"Model {report['model']}, {report['scheduler']}, {report['steps']} steps, guidance 7.5, "
         "median of the repeats.",

@@ -9,9 +9,6 @@ the wire for every mode, counted from real encoded frames with real ciphertexts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -20,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.machine import cpu_model
+from bench.report import command_line, machine_info, save_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,23 +101,12 @@ def main(argv=None) -> int:
     results["latent_bytes"] = he_bytes
 
     report = {
-        "command": "python -m bench.sd15_split " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "command": command_line("bench.sd15_split", argv),
+        "machine": machine_info(),
         "size_px": args.size,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sd15_split.json").write_text(json.dumps(report, indent=2))
-    md = _markdown(report)
-    (args.out / "sd15_split.md").write_text(md)
-    print(md)
+    save_report(args.out, "sd15_split", report, _markdown(report))
     return 0
 
 
@@ -128,7 +114,7 @@ def _markdown(report: dict) -> str:
     r = report["results"]
     m = report["machine"]
     lines = [
-        f"Command: `{report['command']}` ({report['date']}, {m['cpu']}, {m['torch_threads']} torch threads)",
+        f"Command: `{report['command']}` ({report['machine']['date']}, {m['cpu']}, {m['torch_threads']} torch threads)",
         f"SD 1.5 UNet configuration, {r['unet_parameters'] / 1e6:.0f} M parameters, random weights, "
         f"{report['size_px']} px (latent {'x'.join(map(str, r['latent_shape']))}), guidance batch 2 on the server.",
         "",

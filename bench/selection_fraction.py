@@ -11,7 +11,6 @@ beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.machine import machine_info
+from bench.report import command_line, machine_info, save_report
 
 REPO = Path(__file__).resolve().parents[1]
 TAUS = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
             "gaussian_mean": float(np.mean([min_distortion_mask(g, tau).mean() for g in gaussian])),
         }
     report = {
-        "command": "python -m bench.selection_fraction " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("bench.selection_fraction", argv),
         "machine": machine_info(),
         "model": args.model,
         "latent_shape": list(shape),
@@ -93,11 +92,7 @@ def main(argv=None) -> int:
         "prompts": args.prompts,
         "encrypted_fraction": per_tau,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection_fraction.json").write_text(json.dumps(report, indent=2))
-    md = _markdown(report)
-    (args.out / "selection_fraction.md").write_text(md)
-    print(md)
+    save_report(args.out, "selection_fraction", report, _markdown(report))
     return 0
 
 

@@ -148,74 +148,52 @@ def cmd_serve(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
-    from common.models import resolve_model
-    from desktop.core.backend_client import BackendClient
-    from desktop.core.client_model import ClientModel
-    from desktop.core.engine import GenerationParams, Generator
+    from desktop.core.api import HEDiffusion
 
     t0 = time.perf_counter()
-    model_path = resolve_model(args.model)
-    client_model = ClientModel(model_path, args.split)
-    native = client_model.native_size
-    params = GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        width=args.width or native,
-        height=args.height or native,
-        scheduler=args.scheduler,
-        encryption="none" if args.plaintext else args.encryption,
-        tau=args.tau,
-        he_preset=args.he_preset,
+    token = args.token if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
+    if not args.local_backend and not token:
+        raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+    with HEDiffusion(
+        args.model,
+        server=None if args.local_backend else args.server,
+        token=token,
+        local_backend=args.local_backend,
         split=args.split,
-        activation_dtype=args.activation_dtype,
-    )
-    params.validate()
-    local = None
-    if args.local_backend:
-        from backend.app import create_app
-        from backend.auth import TokenStore
-        from backend.engine import ServerModel
-        from backend.serve import start_in_thread
-
-        tokens, token = TokenStore.ephemeral()
-        local = start_in_thread(
-            create_app(ServerModel(model_path, args.model, device=args.device, dtype="float32"), tokens)
+        backend_device=args.device,
+        timeout_s=args.timeout,
+    ) as hd:
+        params = hd.params(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            width=args.width or hd.native_size,
+            height=args.height or hd.native_size,
+            scheduler=args.scheduler,
+            encryption="none" if args.plaintext else args.encryption,
+            tau=args.tau,
+            he_preset=args.he_preset,
+            activation_dtype=args.activation_dtype,
         )
-        url = local.url
-    else:
-        token = args.token or os.environ.get("HEDIFF_TOKEN")
-        if not token:
-            raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
-        url = args.server
-    load_s = time.perf_counter() - t0
-    try:
-        with BackendClient(url, token, timeout_s=args.timeout) as client:
-            bar = tqdm(total=None, unit="step", disable=args.quiet, file=sys.stderr, desc="denoising")
+        params.validate()
+        load_s = time.perf_counter() - t0
+        bar = tqdm(total=None, unit="step", disable=args.quiet, file=sys.stderr, desc="denoising")
 
-            def on_step(update):
-                bar.total = update.total
-                bar.set_postfix_str(f"sent {update.bytes_sent / 1e6:.2f} MB, recv {update.bytes_received / 1e6:.2f} MB")
-                bar.update(1)
+        def on_step(update):
+            bar.total = update.total
+            bar.set_postfix_str(f"sent {update.bytes_sent / 1e6:.2f} MB, recv {update.bytes_received / 1e6:.2f} MB")
+            bar.update(1)
 
-            try:
-                result = Generator(client_model, client).generate(params, on_step=on_step)
-            finally:
-                bar.close()
-    finally:
-        if local is not None:
-            local.stop()
+        try:
+            result = hd.generate(params, on_step=on_step)
+        finally:
+            bar.close()
 
-    info = PngInfo()
-    for k, v in result.metadata(include_prompt=args.embed_prompt).items():
-        info.add_text(k, v)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(args.out, pnginfo=info)
+    result.save(args.out, include_prompt=args.embed_prompt)
     if args.latents_out:
         import numpy as np
 

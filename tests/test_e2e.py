@@ -222,3 +222,17 @@ def test_cli_generate_with_local_backend(tmp_path, tiny_model_dir, pipe, capsys)
     assert "hediff:prompt" not in img.text and PROMPT not in str(img.text)  # prompts only with --embed-prompt
     assert "per step (mean ms)" in captured.err and "bytes per step" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["out"] == str(out)
+
+
+def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
+    from desktop.core.api import HEDiffusion
+
+    ref_latent, _ = reference(pipe, "ddim", steps=3)
+    with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
+        assert hd.native_size == 32
+        result = hd.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, scheduler="ddim", seed=0)
+    assert np.abs(result.latent - ref_latent).max() <= 1e-3
+    result.save(tmp_path / "a.png", include_prompt=True)
+    assert Image.open(tmp_path / "a.png").text["hediff:prompt"] == PROMPT
+    with pytest.raises(ValueError, match="either a server URL or local_backend"):
+        HEDiffusion(tiny_model_dir)

@@ -94,6 +94,18 @@ class GenerationResult:
     def timing_totals(self) -> dict[str, float]:
         return {k: float(sum(t.get(k, 0.0) for t in self.step_timings)) for k in TIMING_KEYS}
 
+    def save(self, path, include_prompt: bool = False) -> None:
+        """The image as PNG with the generation parameters in text chunks (the prompts only if asked)."""
+        from pathlib import Path
+
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in self.metadata(include_prompt).items():
+            info.add_text(k, v)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.image.save(path, pnginfo=info)
+
     def metadata(self, include_prompt: bool = False) -> dict[str, str]:
         """Generation parameters for PNG text chunks; the prompts only when the user asks for them."""
         hidden = () if include_prompt else ("prompt", "negative_prompt")

@@ -1,0 +1,89 @@
+"""The headless Python API: the client's local models plus a connection to a backend (or a loopback one).
+
+from desktop.core.api import HEDiffusion
+
+with HEDiffusion("embedded", local_backend=True) as hd:
+    result = hd.generate("a red circle", steps=20, seed=1)
+    result.save("circle.png")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from common.models import resolve_model
+from common.split import DEFAULT_SPLIT
+from desktop.core.backend_client import BackendClient
+from desktop.core.client_model import ClientModel
+from desktop.core.engine import GenerationParams, GenerationResult, Generator, StepUpdate
+
+
+class HEDiffusion:
+    def __init__(
+        self,
+        model: str | Path = "embedded",
+        *,
+        server: str | None = None,
+        token: str | None = None,
+        local_backend: bool = False,
+        split: str = DEFAULT_SPLIT,
+        backend_device: str = "cpu",
+        timeout_s: float = 120.0,
+    ):
+        if local_backend == (server is not None):
+            raise ValueError("give either a server URL or local_backend=True")
+        self.model_path = resolve_model(str(model))
+        self.client_model = ClientModel(self.model_path, split)
+        self._local = None
+        if local_backend:
+            from backend.app import create_app
+            from backend.auth import TokenStore
+            from backend.engine import ServerModel
+            from backend.serve import start_in_thread
+
+            tokens, token = TokenStore.ephemeral()
+            server_model = ServerModel(self.model_path, str(model), device=backend_device, dtype="float32")
+            self._local = start_in_thread(create_app(server_model, tokens))
+            server = self._local.url
+        else:
+            token = token or os.environ.get("HEDIFF_TOKEN")
+            if not token:
+                raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
+        self.client = BackendClient(server, token, timeout_s=timeout_s)
+        self._generator = Generator(self.client_model, self.client)
+
+    @property
+    def native_size(self) -> int:
+        return self.client_model.native_size
+
+    def params(self, prompt: str, **settings) -> GenerationParams:
+        """Generation settings with this model's native size unless width/height are given."""
+        settings.setdefault("width", self.native_size)
+        settings.setdefault("height", self.native_size)
+        settings.setdefault("split", self.client_model.split)
+        return GenerationParams(prompt=prompt, **settings)
+
+    def generate(
+        self,
+        prompt: str | GenerationParams,
+        *,
+        on_step: Callable[[StepUpdate], None] | None = None,
+        cancel=None,
+        **settings,
+    ) -> GenerationResult:
+        params = prompt if isinstance(prompt, GenerationParams) else self.params(prompt, **settings)
+        return self._generator.generate(params, on_step=on_step, cancel=cancel)
+
+    def close(self) -> None:
+        self.client.close()
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+
+    def __enter__(self) -> HEDiffusion:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
