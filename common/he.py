@@ -18,7 +18,9 @@ API; TenSEAL's serialisation is kept for the parameter-only context that the ser
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import secrets
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -195,15 +197,39 @@ def _as_slots(row: np.ndarray) -> list[complex]:
     return (row[:half] + 1j * row[half:]).tolist()
 
 
-class ClientKey:
-    """A CKKS secret key with its context. Lives only on the client; nothing here writes it anywhere."""
+_SECRET_ONLY = {"save_public_key": False, "save_secret_key": True, "save_galois_keys": False, "save_relin_keys": False}
 
-    def __init__(self, preset: HEPreset | str = DEFAULT_PRESET):
+
+class ClientKey:
+    """A CKKS secret key. Lives only on the client; nothing here writes it anywhere.
+
+    ``ClientKey(preset)`` makes a throwaway key (the fastest way, for a key per generation).
+    ``exportable=True`` makes one whose secret can be exported as bytes (in memory, for wrapping and storage
+    by the caller); ``ClientKey(preset, secret=blob)`` loads such bytes back.
+    """
+
+    def __init__(
+        self, preset: HEPreset | str = DEFAULT_PRESET, *, secret: bytes | None = None, exportable: bool = False
+    ):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self._seal = _seal_context(self.preset)
-        secret = sealapi.KeyGenerator(self._seal).secret_key()  # no public, relinearisation or Galois keys
-        self._encryptor = sealapi.Encryptor(self._seal, secret)
-        self._decryptor = sealapi.Decryptor(self._seal, secret)
+        self._secret_blob: bytes | None = None
+        if secret is not None:
+            secret_key = self._load_secret(secret)
+            self._secret_blob = bytes(secret)
+        elif exportable:
+            ctx = _new_context(self.preset)
+            self._secret_blob = ctx.serialize(**_SECRET_ONLY)
+            secret_key = ctx.secret_key().data
+        else:
+            secret_key = sealapi.KeyGenerator(self._seal).secret_key()  # no public, relinearisation or Galois keys
+        self.fingerprint = (
+            hashlib.sha256(b"hediff/key-fingerprint/v1\0" + self._secret_blob).hexdigest()[:20]
+            if self._secret_blob is not None
+            else "ephemeral-" + secrets.token_hex(6)
+        )
+        self._encryptor = sealapi.Encryptor(self._seal, secret_key)
+        self._decryptor = sealapi.Decryptor(self._seal, secret_key)
         self._encoder = sealapi.CKKSEncoder(self._seal)
         self._evaluator = sealapi.Evaluator(self._seal)
         self._zero = sealapi.Plaintext()
@@ -211,6 +237,23 @@ class ClientKey:
         self._zeros: collections.deque[sealapi.Ciphertext] = collections.deque()
         self._zeros_lock = threading.Lock()
         self.decryptions = 0
+
+    def _load_secret(self, blob: bytes):
+        try:
+            ctx = ts.context_from(bytes(blob))
+        except _SEAL_ERRORS as e:
+            raise HEError(f"stored key material could not be read: {e}") from None
+        if not ctx.is_private():
+            raise HEError("stored key material holds no secret key")
+        if ctx.serialize(**_KEYLESS) != preset_parameter_bytes(self.preset):
+            raise HEError(f"stored key material is not for preset {self.preset.name!r}")
+        return ctx.secret_key().data
+
+    def export_secret(self) -> bytes:
+        """The secret key as bytes, for the caller to wrap before it goes anywhere. Never write these as they are."""
+        if self._secret_blob is None:
+            raise HEError("this key was made as a throwaway key; create it with exportable=True to store it")
+        return self._secret_blob
 
     @property
     def slots(self) -> int:

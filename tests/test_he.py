@@ -135,3 +135,24 @@ def test_server_refuses_context_with_unneeded_public_keys():
     ctx.make_context_public()
     with pytest.raises(he.HEError, match="keys the server does not use"):
         he.EvaluationContext(ctx.serialize(), preset)
+
+
+def test_exportable_key_roundtrips_in_memory_and_keeps_its_fingerprint():
+    key = he.ClientKey("fast", exportable=True)
+    blob = key.export_secret()
+    again = he.ClientKey("fast", secret=blob)
+    assert again.fingerprint == key.fingerprint and len(key.fingerprint) == 20
+    x = np.linspace(-3, 3, 100)
+    assert np.abs(again.decrypt(again.deserialize([c.serialize() for c in key.encrypt(x)]), x.size) - x).max() < 1e-6
+    other = he.ClientKey("fast", exportable=True)
+    assert other.fingerprint != key.fingerprint
+    with pytest.raises(he.HEError, match="not for preset 'paper'"):
+        he.ClientKey("paper", secret=blob)
+    with pytest.raises(he.HEError, match="could not be read"):
+        he.ClientKey("fast", secret=b"\x00" * 64)
+    with pytest.raises(he.HEError, match="no secret key"):
+        he.ClientKey("fast", secret=he.preset_parameter_bytes(he.get_preset("fast")))
+    throwaway = he.ClientKey("fast")
+    assert throwaway.fingerprint.startswith("ephemeral-")
+    with pytest.raises(he.HEError, match="throwaway"):
+        throwaway.export_secret()

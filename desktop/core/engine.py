@@ -75,6 +75,8 @@ class StepUpdate:
     encrypted_fraction: float
     elapsed_s: float
     eta_s: float
+    sent: list[dict] = field(default_factory=list)  # what this step's request carried: name, kind, shape, bytes
+    key_fingerprint: str | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ class GenerationResult:
     decode_s: float = 0.0
     total_s: float = 0.0
     server_url: str = ""
+    key_fingerprint: str | None = None
 
     def timing_totals(self) -> dict[str, float]:
         return {k: float(sum(t.get(k, 0.0) for t in self.step_timings)) for k in TIMING_KEYS}
@@ -116,6 +119,16 @@ class GenerationResult:
         return meta
 
 
+def describe_frame(frame: protocol.Frame) -> list[dict]:
+    """What a request carries, for showing the user exactly what left the machine."""
+    items = [
+        {"name": k, "kind": "tensor", "dtype": str(v.dtype), "shape": list(v.shape), "bytes": int(v.nbytes)}
+        for k, v in frame.tensors.items()
+    ]
+    items += [{"name": k, "kind": "ciphertext", "bytes": len(v)} for k, v in frame.blobs.items()]
+    return items
+
+
 def initial_noise(shape: tuple[int, ...], seed: int, init_noise_sigma: float) -> np.ndarray:
     """x_T exactly as diffusers' pipeline draws it: randn on a CPU generator seeded with ``seed``."""
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -133,14 +146,23 @@ class Generator:
         params: GenerationParams,
         on_step: Callable[[StepUpdate], None] | None = None,
         cancel: threading.Event | None = None,
+        key: he.ClientKey | None = None,
     ) -> GenerationResult:
+        """Run one generation. ``key``: a stored device key to use; by default a fresh key per generation."""
         params.validate()
         if params.split != self.model.split:
             raise ValueError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
         t_start = time.perf_counter()
         plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
         cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
-        key = he.ClientKey(params.he_preset) if params.encryption != "none" else None  # a fresh key per generation
+        if params.encryption == "none":
+            key = None
+        elif key is None:
+            key = he.ClientKey(params.he_preset)  # a fresh key per generation
+        elif key.preset.name != params.he_preset:
+            raise ValueError(
+                f"the given key is for preset {key.preset.name!r}, the generation asks for {params.he_preset!r}"
+            )
         settings = protocol.SessionSettings(
             scheduler=params.scheduler,
             steps=params.steps,
@@ -173,6 +195,7 @@ class Generator:
             )
 
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
+        result.key_fingerprint = key.fingerprint if key else None
         x = initial_noise(latent_shape, params.seed, plan.init_noise_sigma)
         history = {0: x}
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
@@ -253,6 +276,8 @@ class Generator:
                             encrypted_fraction=result.encrypted_fractions[-1] if key else 0.0,
                             elapsed_s=elapsed,
                             eta_s=elapsed / done * (len(plan.steps) - done),
+                            sent=describe_frame(frame),
+                            key_fingerprint=result.key_fingerprint,
                         )
                     )
         finally:
