@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Sets up .venv in the repository root: a pinned torch first (CPU build here; set HEDIFF_TORCH to override,
 # e.g. HEDIFF_TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" on a GPU server), then the project.
-#   ./setup.sh          runtime dependencies
+#   ./setup.sh          the client (CLI, Python API, desktop app) and the backend
 #   ./setup.sh --test   plus the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${HEDIFF_TORCH:-torch==2.13.0}"
-EXTRAS=""
-[[ "${1:-}" == "--test" ]] && EXTRAS="[test]"
+EXTRAS="[gui]"
+[[ "${1:-}" == "--test" ]] && EXTRAS="[gui,test]"
 
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv

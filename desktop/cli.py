@@ -73,9 +73,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_gui(sub) -> None:
+    p = sub.add_parser("gui", help="open the desktop app")
+    p.add_argument("--data-dir", type=Path, default=None, help="app data (settings, wrapped keys, gallery)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hediff", description="HE-Diffusion: private Stable Diffusion")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_gui(sub)
     _add_serve(sub)
     _add_token(sub)
     _add_generate(sub)
@@ -98,13 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     from desktop.core.engine import GenerationCancelled
 
     try:
-        return {"serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}[args.cmd](args)
+        commands = {"gui": cmd_gui, "serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}
+        return commands[args.cmd](args)
     except (BackendError, ModelFolderError, ModelNotFoundError, ValueError, OSError) as e:
         print(f"hediff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, GenerationCancelled):
         print("hediff: cancelled", file=sys.stderr)
         return 130
+
+
+def cmd_gui(args) -> int:
+    try:
+        from desktop.core.services import AppServices
+        from desktop.ui.app import run_gui
+    except ImportError as e:
+        missing = e.name or "PySide6"
+        raise ValueError(f"the desktop app needs {missing}: install the gui extra (./setup.sh does)") from None
+    return run_gui([sys.argv[0]], services=AppServices(data_dir=args.data_dir))
 
 
 def cmd_token(args) -> int:

@@ -5,10 +5,14 @@ Keep this file to fixtures that several test modules use; module-specific fixtur
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Qt tests run without a display; this must happen before any QApplication exists
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from common import protocol
+from common.he import ClientKey
 from common.schedulers import SCHEDULER_NAMES, make_scheduler
 from desktop.core.engine import GenerationCancelled, GenerationParams, Generator
 
@@ -231,7 +232,14 @@ def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
     with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
         assert hd.native_size == 32
         result = hd.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, scheduler="ddim", seed=0)
+        device_key = ClientKey("fast", exportable=True)
+        with_key = hd.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, scheduler="ddim", seed=0, key=device_key)
+        with pytest.raises(ValueError, match="for preset 'fast'"):
+            hd.generate(PROMPT, steps=2, he_preset="paper", key=device_key)
     assert np.abs(result.latent - ref_latent).max() <= 1e-3
+    assert np.abs(with_key.latent - ref_latent).max() <= 1e-3
+    assert with_key.key_fingerprint == device_key.fingerprint
+    assert result.key_fingerprint.startswith("ephemeral-")
     result.save(tmp_path / "a.png", include_prompt=True)
     assert Image.open(tmp_path / "a.png").text["hediff:prompt"] == PROMPT
     with pytest.raises(ValueError, match="either a server URL or local_backend"):

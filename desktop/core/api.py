@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from common.he import ClientKey
 from common.models import resolve_model
 from common.split import DEFAULT_SPLIT
 from desktop.core.backend_client import BackendClient
@@ -71,10 +72,12 @@ class HEDiffusion:
         *,
         on_step: Callable[[StepUpdate], None] | None = None,
         cancel=None,
+        key: ClientKey | None = None,
         **settings,
     ) -> GenerationResult:
+        """``key``: a stored device key to use; by default every generation gets a fresh key."""
         params = prompt if isinstance(prompt, GenerationParams) else self.params(prompt, **settings)
-        return self._generator.generate(params, on_step=on_step, cancel=cancel)
+        return self._generator.generate(params, on_step=on_step, cancel=cancel, key=key)
 
     def close(self) -> None:
         self.client.close()

@@ -1,0 +1,261 @@
+"""Finished images in the app's private data folder: ``<id>.png`` plus a ``<id>.json`` sidecar. Qt-free.
+
+The sidecar keeps the full parameters, prompt included, so "load settings back" works; it never leaves the
+private data folder. The PNG carries the prompt only if the user asked for that, and an export decides again.
+Ids are UTC timestamps with microseconds plus a random suffix: unique, and they sort by creation time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from desktop.core.appdata import atomic_write, ensure_private_dir
+from desktop.core.engine import GenerationParams, GenerationResult
+from desktop.core.settings import params_from_dict
+
+SIDECAR_FORMAT = "hediff-gallery/1"
+_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{6}$")
+_MAX_SIDECAR = 1 << 20
+
+
+class GalleryError(ValueError):
+    """A gallery entry that cannot be used; str() names it and says why."""
+
+
+@dataclass
+class GalleryEntry:
+    id: str
+    image_path: Path
+    params: GenerationParams
+    created: float
+    total_s: float
+    steps: int
+    key_fingerprint: str | None
+    server_url: str
+    encrypted_fraction: float | None  # mean over the steps; None for the plaintext baseline
+    timing_totals: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def summary(self) -> str:
+        """One line for a list: size, steps, scheduler, encryption, seed, time."""
+        p = self.params
+        enc = p.encryption if p.encryption != "min-distortion" else f"min-distortion (tau {p.tau:g})"
+        return (
+            f"{p.width}x{p.height}, {self.steps} steps {p.scheduler}, {enc}, seed {p.seed}, "
+            f"guidance {p.guidance:g}, {self.total_s:.1f} s"
+        )
+
+
+def new_entry_id(now: float) -> str:
+    """``YYYYMMDD-HHMMSS-uuuuuu-rrrrrr`` (UTC): sorts by time; the random suffix keeps ids unique."""
+    seconds = int(now)
+    micros = int(round((now - seconds) * 1e6))
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds))
+    return f"{stamp}-{micros:06d}-{secrets.token_hex(3)}"
+
+
+def _check_id(entry_id: str) -> str:
+    if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
+        raise GalleryError(f"{entry_id!r} is not a gallery entry id")
+    return entry_id
+
+
+class Gallery:
+    def __init__(self, root: Path, clock=time.time):
+        self.root = Path(root)
+        self.clock = clock
+        self.problems: list[str] = []
+
+    def _png(self, entry_id: str) -> Path:
+        return self.root / f"{entry_id}.png"
+
+    def _sidecar(self, entry_id: str) -> Path:
+        return self.root / f"{entry_id}.json"
+
+    # --- adding ---
+
+    def add(self, result: GenerationResult, include_prompt_in_png: bool) -> GalleryEntry:
+        """Store a finished result: the PNG (prompt in its metadata only if asked) and the full-params sidecar."""
+        if result.image is None:
+            raise GalleryError("the result has no image to store")
+        ensure_private_dir(self.root, tighten_existing=True)
+        created = float(self.clock())
+        entry_id = new_entry_id(created)
+        while self._sidecar(entry_id).exists() or self._png(entry_id).exists():
+            entry_id = new_entry_id(created)
+        png = self._png(entry_id)
+        tmp = self.root / f".{entry_id}.tmp.png"  # PIL picks the format from the suffix
+        try:
+            result.save(tmp, include_prompt=include_prompt_in_png)
+            if os.name == "posix":
+                os.chmod(tmp, 0o600)
+            os.replace(tmp, png)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fractions = list(result.encrypted_fractions)
+        entry = GalleryEntry(
+            id=entry_id,
+            image_path=png,
+            params=result.params,
+            created=created,
+            total_s=float(result.total_s),
+            steps=int(result.params.steps),
+            key_fingerprint=result.key_fingerprint,
+            server_url=result.server_url,
+            encrypted_fraction=float(np.mean(fractions)) if fractions else None,
+            timing_totals=result.timing_totals(),
+            bytes_sent=int(sum(result.bytes_sent)),
+            bytes_received=int(sum(result.bytes_received)),
+        )
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "id": entry.id,
+            "image": png.name,
+            "params": asdict(entry.params),
+            "created": entry.created,
+            "total_s": entry.total_s,
+            "steps": entry.steps,
+            "key_fingerprint": entry.key_fingerprint,
+            "server_url": entry.server_url,
+            "encrypted_fraction": entry.encrypted_fraction,
+            "timing_totals": entry.timing_totals,
+            "bytes_sent": entry.bytes_sent,
+            "bytes_received": entry.bytes_received,
+            "prompt_in_png": bool(include_prompt_in_png),
+        }
+        # the sidecar is the commit point: an image without one is reported, never half-listed
+        atomic_write(self._sidecar(entry_id), (json.dumps(sidecar, indent=1) + "\n").encode("utf-8"), mode=0o600)
+        return entry
+
+    # --- reading ---
+
+    def entries(self) -> list[GalleryEntry]:
+        """All readable entries, newest first. Unreadable ones are skipped and described in ``.problems``."""
+        problems: list[str] = []
+        found: list[GalleryEntry] = []
+        if self.root.is_dir():
+            ids_with_sidecar = set()
+            for sidecar in sorted(self.root.glob("*.json")):
+                if not _ID_RE.match(sidecar.stem):
+                    continue
+                ids_with_sidecar.add(sidecar.stem)
+                try:
+                    found.append(self._read(sidecar.stem))
+                except GalleryError as e:
+                    problems.append(str(e))
+            for png in sorted(self.root.glob("*.png")):
+                if _ID_RE.match(png.stem) and png.stem not in ids_with_sidecar:
+                    problems.append(f"gallery image {png.name} has no settings file (.json) and was skipped")
+        found.sort(key=lambda e: (e.created, e.id), reverse=True)
+        self.problems = problems
+        return found
+
+    def get(self, entry_id: str) -> GalleryEntry | None:
+        """The entry, or None if there is none with this id; GalleryError if it exists but is unreadable."""
+        if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
+            return None  # not an id this gallery makes, so nothing is stored under it
+        if not self._sidecar(entry_id).exists():
+            return None
+        return self._read(entry_id)
+
+    def _read(self, entry_id: str) -> GalleryEntry:
+        path = self._sidecar(entry_id)
+        name = path.name
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_SIDECAR + 1)
+        except OSError as e:
+            raise GalleryError(f"gallery entry {name} cannot be read ({e.strerror or e}) and was skipped") from None
+        try:
+            if len(raw) > _MAX_SIDECAR:
+                raise ValueError("the file is far too large")
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+                raise ValueError("not a gallery settings file")
+            if data.get("id") != entry_id:
+                raise ValueError(f"it describes entry {data.get('id')!r}")
+            stored = data["params"]
+            if not isinstance(stored, dict) or not isinstance(stored.get("prompt"), str):
+                raise ValueError("the parameters are missing")
+            params = params_from_dict(stored, prompt=stored["prompt"])
+            fraction = data.get("encrypted_fraction")
+            fingerprint = data.get("key_fingerprint")
+            if fingerprint is not None and not isinstance(fingerprint, str):
+                raise ValueError("bad key fingerprint")
+            totals = data.get("timing_totals", {})
+            if not isinstance(totals, dict):
+                raise ValueError("bad timing totals")
+            entry = GalleryEntry(
+                id=entry_id,
+                image_path=self._png(entry_id),
+                params=params,
+                created=_number(data["created"], "created"),
+                total_s=_number(data.get("total_s", 0.0), "total_s"),
+                steps=int(_number(data.get("steps", params.steps), "steps")),
+                key_fingerprint=fingerprint,
+                server_url=str(data.get("server_url", "")),
+                encrypted_fraction=None if fraction is None else _number(fraction, "encrypted_fraction"),
+                timing_totals={str(k): _number(v, "timing") for k, v in totals.items()},
+                bytes_sent=int(_number(data.get("bytes_sent", 0), "bytes_sent")),
+                bytes_received=int(_number(data.get("bytes_received", 0), "bytes_received")),
+            )
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+            why = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise GalleryError(f"gallery entry {name} is corrupt ({why}) and was skipped") from None
+        if not entry.image_path.is_file():
+            raise GalleryError(f"gallery entry {entry_id}: its image {entry.image_path.name} is missing; skipped")
+        return entry
+
+    # --- changing ---
+
+    def delete(self, entry_id: str) -> None:
+        """Remove the image and its sidecar (an entry that is not there is fine)."""
+        _check_id(entry_id)
+        for path in (self._sidecar(entry_id), self._png(entry_id)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def export(self, entry_id: str, dest: Path, include_prompt: bool) -> Path:
+        """Write the image as a PNG to ``dest`` (a file, ".png" added if missing, or a folder to put
+        ``hediff-<id>.png`` in) with the parameters in its metadata, the prompts only if ``include_prompt``.
+        Returns the path written."""
+        entry = self.get(entry_id)
+        if entry is None:
+            raise GalleryError(f"there is no gallery entry {entry_id}")
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / f"hediff-{entry_id}.png"
+        elif dest.suffix.lower() != ".png":
+            dest = dest.with_name(dest.name + ".png")  # always a PNG: that is where the metadata goes
+        try:
+            with Image.open(entry.image_path) as im:
+                image = im.convert("RGB")  # pixels only: none of the stored file's metadata comes along
+        except OSError as e:
+            raise GalleryError(f"gallery image {entry.image_path.name} cannot be read: {e}") from None
+        fractions = [entry.encrypted_fraction] if entry.encrypted_fraction is not None else []
+        latent = np.zeros(0)  # not needed for the PNG
+        GenerationResult(params=entry.params, image=image, latent=latent, encrypted_fractions=fractions).save(
+            dest, include_prompt=include_prompt
+        )
+        return dest
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"bad {what}")
+    return float(value)

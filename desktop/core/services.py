@@ -1,0 +1,104 @@
+"""Everything the desktop UI needs from the core, in one object: settings, secrets, device keys, gallery and
+connections. Qt-free; paths and the keyring are injectable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import he, protocol
+from desktop.core.api import HEDiffusion
+from desktop.core.appdata import default_data_dir, ensure_private_dir
+from desktop.core.backend_client import BackendClient, BackendProtocolError
+from desktop.core.engine import GenerationParams
+from desktop.core.gallery import Gallery
+from desktop.core.keystore import DeviceKeys, SecretStore
+from desktop.core.settings import TOKEN_NAME, ServerEntry, Settings
+
+TEST_TIMEOUT_S = 15.0
+TEST_CONNECT_TIMEOUT_S = 5.0
+
+
+class NoServerToken(ValueError):
+    """A remote server without a stored API token."""
+
+
+class AppServices:
+    def __init__(self, data_dir: Path | None = None, secrets: SecretStore | None = None):
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        ensure_private_dir(self.data_dir)
+        self.secrets = secrets if secrets is not None else SecretStore()
+        self.settings = Settings.load(self.data_dir)
+        self.keys = DeviceKeys(self.data_dir, self.secrets)
+        self.gallery = Gallery(self.data_dir / "gallery")
+
+    def set_passphrase(self, passphrase: str | None) -> None:
+        """The opt-in passphrase protection for device keys (same as ``keys.set_passphrase``)."""
+        self.keys.set_passphrase(passphrase)
+
+    # --- connections ---
+
+    def token(self, server: ServerEntry) -> str:
+        """The remote server's API token from the keyring: KeyringUnavailable or NoServerToken if there is none."""
+        token = self.secrets.get(TOKEN_NAME.format(id=server.id))
+        if not token:
+            raise NoServerToken(
+                f"no API token stored for server {server.name!r} ({server.url}); edit the server on the Servers "
+                "tab and enter its token"
+            )
+        return token
+
+    def connect(self, server: ServerEntry, model: str, split: str) -> HEDiffusion:
+        """A client for ``server`` with ``model`` loaded for ``split`` (a loopback backend for the local entry)."""
+        if server.local:
+            return HEDiffusion(model, local_backend=True, split=split)
+        return HEDiffusion(model, server=server.url, token=self.token(server), split=split)
+
+    def test_connection(self, server: ServerEntry) -> str:
+        """Ask the server's /v1/health and /v1/capabilities (with the stored token); a one-line result.
+
+        Raises BackendError subclasses (unreachable, token refused, not an HE-Diffusion backend, ...), or
+        KeyringUnavailable / NoServerToken when there is no token to send.
+        """
+        if server.local:
+            return (
+                f"OK: the local backend starts on loopback (127.0.0.1) with model {self.settings.model} "
+                "when you generate; nothing to connect to yet"
+            )
+        token = self.token(server)
+        with BackendClient(
+            server.url, token, timeout_s=TEST_TIMEOUT_S, connect_timeout_s=TEST_CONNECT_TIMEOUT_S
+        ) as client:
+            health = client.health()
+            caps = client.capabilities()
+        url = server.url
+        if health.get("status") != "ok":
+            raise BackendProtocolError(f"{url} reports status {health.get('status')!r}, not 'ok'")
+        version = health.get("protocol_version", caps.get("protocol_version"))
+        if version != protocol.PROTOCOL_VERSION:
+            raise BackendProtocolError(
+                f"{url} speaks protocol {version!r}, this app speaks {protocol.PROTOCOL_VERSION}; update the older side"
+            )
+        model = caps.get("model")
+        schedulers = caps.get("schedulers")
+        if not isinstance(model, dict) or not isinstance(schedulers, list):
+            raise BackendProtocolError(f"{url} answered /v1/capabilities without a model or schedulers")
+        device = model.get("device", "?")
+        dtype = model.get("dtype")
+        presets = caps.get("he_presets")
+        text = (
+            f"OK: model {model.get('id', health.get('model', '?'))} on {device}"
+            + (f" ({dtype})" if dtype else "")
+            + f", protocol {version}, schedulers {', '.join(map(str, schedulers))}"
+        )
+        if isinstance(presets, dict) and presets:
+            text += f", HE presets {', '.join(map(str, presets))}"
+        return text
+
+    # --- keys ---
+
+    def key_for_generation(self, params: GenerationParams) -> he.ClientKey | None:
+        """None: a fresh key per generation (key_policy "fresh", the default, or no encryption at all);
+        otherwise the stored device key for the generation's HE preset (created on first use)."""
+        if params.encryption == "none" or self.settings.key_policy == "fresh":
+            return None
+        return self.keys.get_or_create(params.he_preset)

@@ -1,0 +1,331 @@
+"""The desktop app's settings (servers, last-used parameters, privacy choices) as one JSON file. Qt-free.
+
+API tokens are never part of it: they live only in the OS keyring (``SecretStore``) under
+``server-token:<server id>``; the settings only name the server.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as _random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from desktop.core.appdata import atomic_write, ensure_private_dir
+from desktop.core.engine import GenerationParams
+from desktop.core.keystore import KeyringUnavailable, SecretStore
+
+SETTINGS_FILE = "settings.json"
+SETTINGS_VERSION = 1
+TOKEN_NAME = "server-token:{id}"
+LOCAL_SERVER_ID = "local"
+KEY_POLICIES = ("fresh", "device")
+_PROMPT_FIELDS = ("prompt", "negative_prompt")
+_PARAM_FIELDS = {f.name: f for f in fields(GenerationParams)}
+
+
+@dataclass
+class ServerEntry:
+    id: str
+    name: str
+    url: str
+    local: bool = False  # start a backend on loopback with the chosen model (url is ignored)
+
+    @property
+    def display_url(self) -> str:
+        return "local" if self.local else self.url
+
+
+def validate_url(url: str) -> str:
+    """A backend URL: http(s), with a host, no credentials, query or fragment. Returns it normalised."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("the server URL is empty")
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"the server URL {url!r} is malformed: {e}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"the server URL must start with http:// or https://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"the server URL {url!r} has no host name")
+    if parts.username is not None or parts.password is not None:
+        # credentials in the URL would end up in the settings file; the token has its own field
+        raise ValueError("the server URL must not contain a user name or password; put the API token in its field")
+    if parts.query or parts.fragment:
+        raise ValueError("the server URL must not have a query (?...) or fragment (#...); put the token in its field")
+    if port is not None and port == 0:
+        raise ValueError(f"the server URL {url!r} has port 0")
+    return url.rstrip("/")
+
+
+def _default_servers() -> list[ServerEntry]:
+    return [ServerEntry(id=LOCAL_SERVER_ID, name="Local backend", url="", local=True)]
+
+
+def params_to_dict(params: GenerationParams, include_prompt: bool) -> dict:
+    data = asdict(params)
+    if not include_prompt:
+        for k in _PROMPT_FIELDS:
+            data.pop(k, None)
+    return data
+
+
+def params_from_dict(data: dict, prompt: str = "") -> GenerationParams:
+    """GenerationParams from stored fields: unknown or ill-typed fields are dropped (their defaults apply)."""
+    kwargs = {"prompt": prompt}
+    for name, value in data.items():
+        f = _PARAM_FIELDS.get(name)
+        if f is None:
+            continue
+        default = f.default if name != "prompt" else ""
+        if isinstance(default, bool) or isinstance(value, bool):
+            continue
+        if isinstance(default, float) and isinstance(value, (int, float)):
+            kwargs[name] = float(value)
+        elif isinstance(default, int) and isinstance(value, int):
+            kwargs[name] = value
+        elif isinstance(default, str) and isinstance(value, str):
+            kwargs[name] = value
+    return GenerationParams(**kwargs)
+
+
+@dataclass
+class Settings:
+    path: Path
+    servers: list[ServerEntry] = field(default_factory=_default_servers)
+    selected_server: str = LOCAL_SERVER_ID
+    params: dict = field(default_factory=dict)  # last-used GenerationParams fields; prompts only if remember_prompt
+    model: str = "embedded"
+    remember_prompt: bool = False
+    embed_prompt_in_png: bool = False
+    key_policy: str = "fresh"  # "fresh": a new key per generation; "device": the stored device key
+    window_geometry: str | None = None
+    problem: str | None = None  # why the file on disk could not be used (then these are defaults)
+
+    # --- file ---
+
+    @classmethod
+    def load(cls, data_dir: Path) -> Settings:
+        """The settings in ``data_dir``; defaults if there are none; defaults plus ``.problem`` if unreadable
+        (the bad file is kept as settings.json.bad)."""
+        path = Path(data_dir) / SETTINGS_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path=path)
+        except OSError as e:
+            return cls(
+                path=path, problem=f"the settings file {path} cannot be read ({e.strerror or e}); using defaults"
+            )
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            return cls._from_dict(path, data)
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+            bad = path.with_name(SETTINGS_FILE + ".bad")
+            try:
+                path.replace(bad)
+                kept = f"; the file was kept as {bad}"
+            except OSError:
+                kept = ""
+            return cls(path=path, problem=f"the settings file {path} is unreadable ({e}); using defaults{kept}")
+
+    @classmethod
+    def _from_dict(cls, path: Path, data) -> Settings:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        s = cls(path=path)
+        notes = []
+        if "servers" in data:
+            if not isinstance(data["servers"], list):
+                raise ValueError("'servers' is not a list")
+            servers, seen = [], set()
+            for item in data["servers"]:
+                try:
+                    entry = _server_from_dict(item)
+                except (ValueError, TypeError, KeyError) as e:
+                    notes.append(f"a server entry was skipped ({e})")
+                    continue
+                if entry.id in seen:
+                    notes.append(f"a duplicate server id {entry.id!r} was skipped")
+                    continue
+                seen.add(entry.id)
+                servers.append(entry)
+            s.servers = servers
+        for name, kind in (("selected_server", str), ("model", str), ("remember_prompt", bool)):
+            if name in data:
+                if isinstance(data[name], kind):
+                    setattr(s, name, data[name])
+                else:
+                    notes.append(f"{name!r} was ignored")
+        if isinstance(data.get("embed_prompt_in_png"), bool):
+            s.embed_prompt_in_png = data["embed_prompt_in_png"]
+        if data.get("key_policy") in KEY_POLICIES:
+            s.key_policy = data["key_policy"]
+        elif "key_policy" in data:
+            notes.append(f"unknown key policy {data['key_policy']!r} was ignored")
+        if isinstance(data.get("window_geometry"), str):
+            s.window_geometry = data["window_geometry"]
+        if isinstance(data.get("params"), dict):
+            s.params = {k: v for k, v in data["params"].items() if k in _PARAM_FIELDS}
+            if not s.remember_prompt:
+                for k in _PROMPT_FIELDS:
+                    s.params.pop(k, None)
+        if s.servers and s.selected_server not in {e.id for e in s.servers}:
+            s.selected_server = s.servers[0].id
+        if notes:
+            s.problem = f"some settings in {path} were ignored: " + "; ".join(notes)
+        return s
+
+    def to_dict(self) -> dict:
+        params = dict(self.params)
+        if not self.remember_prompt:
+            for k in _PROMPT_FIELDS:
+                params.pop(k, None)
+        return {
+            "version": SETTINGS_VERSION,
+            "servers": [asdict(e) for e in self.servers],
+            "selected_server": self.selected_server,
+            "params": params,
+            "model": self.model,
+            "remember_prompt": self.remember_prompt,
+            "embed_prompt_in_png": self.embed_prompt_in_png,
+            "key_policy": self.key_policy,
+            "window_geometry": self.window_geometry,
+        }
+
+    def save(self) -> None:
+        """Write atomically (0600). Prompts are dropped from ``params`` unless ``remember_prompt``."""
+        if self.key_policy not in KEY_POLICIES:
+            raise ValueError(f"key_policy must be one of {', '.join(KEY_POLICIES)}, got {self.key_policy!r}")
+        ensure_private_dir(self.path.parent)
+        atomic_write(self.path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"), mode=0o600)
+
+    # --- last-used parameters ---
+
+    def remember_params(self, params: GenerationParams) -> None:
+        """Keep ``params`` as the last used ones (without the prompts unless ``remember_prompt``); call save()."""
+        self.params = params_to_dict(params, include_prompt=self.remember_prompt)
+
+    def last_params(self, prompt: str = "") -> GenerationParams:
+        """The last-used parameters (defaults where unknown); the stored prompt if any, else ``prompt``."""
+        data = dict(self.params)
+        stored_prompt = data.pop("prompt", None)
+        use = stored_prompt if self.remember_prompt and isinstance(stored_prompt, str) else prompt
+        if not self.remember_prompt:
+            data.pop("negative_prompt", None)
+        return params_from_dict(data, prompt=use)
+
+    # --- servers ---
+
+    def server(self, server_id: str) -> ServerEntry:
+        for entry in self.servers:
+            if entry.id == server_id:
+                return entry
+        raise KeyError(f"no server with id {server_id!r}")
+
+    @property
+    def selected(self) -> ServerEntry | None:
+        for entry in self.servers:
+            if entry.id == self.selected_server:
+                return entry
+        return self.servers[0] if self.servers else None
+
+    def add_server(self, name: str, url: str, token: str | None, secrets: SecretStore) -> ServerEntry:
+        """Add a remote server; its token goes to the keyring only (KeyringUnavailable if it cannot). Saves."""
+        name = _clean_name(name)
+        url = validate_url(url)
+        entry = ServerEntry(id=_new_server_id({e.id for e in self.servers}), name=name, url=url)
+        if token:
+            secrets.set(TOKEN_NAME.format(id=entry.id), _clean_token(token))  # before anything is added
+        self.servers.append(entry)
+        self.save()
+        return entry
+
+    def update_server(
+        self,
+        id: str,
+        name: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        secrets: SecretStore | None = None,
+    ) -> ServerEntry:
+        """Change a server. ``token``: None keeps the stored one, "" removes it, anything else replaces it. Saves."""
+        entry = self.server(id)
+        new_name = _clean_name(name) if name is not None else entry.name
+        new_url = entry.url
+        if url is not None and not entry.local:
+            new_url = validate_url(url)
+        if token is not None:
+            if entry.local:
+                raise ValueError("the local backend needs no API token")
+            if secrets is None:
+                raise ValueError("changing a token needs the secret store")
+            if token == "":
+                secrets.delete(TOKEN_NAME.format(id=id))
+            else:
+                secrets.set(TOKEN_NAME.format(id=id), _clean_token(token))
+        entry.name, entry.url = new_name, new_url
+        self.save()
+        return entry
+
+    def remove_server(self, id: str, secrets: SecretStore) -> None:
+        """Remove a server and its stored token. Saves.
+
+        With the keyring unavailable the entry is still removed (nothing could have been read from the keyring
+        anyway); a token it may hold stays protected there.
+        """
+        entry = self.server(id)
+        if not entry.local:
+            try:
+                secrets.delete(TOKEN_NAME.format(id=id))
+            except KeyringUnavailable:
+                if secrets.available:
+                    raise
+        self.servers = [e for e in self.servers if e.id != id]
+        if self.selected_server == id:
+            self.selected_server = self.servers[0].id if self.servers else ""
+        self.save()
+
+    def token_for(self, id: str, secrets: SecretStore) -> str | None:
+        """The server's API token from the keyring (None if none stored); KeyringUnavailable if unreadable."""
+        self.server(id)
+        return secrets.get(TOKEN_NAME.format(id=id))
+
+
+def _server_from_dict(item) -> ServerEntry:
+    if not isinstance(item, dict):
+        raise ValueError("not an object")
+    sid, name, url, local = item["id"], item["name"], item.get("url", ""), item.get("local", False)
+    if not isinstance(sid, str) or not sid or not isinstance(name, str) or not isinstance(local, bool):
+        raise ValueError("bad id, name or local flag")
+    if not isinstance(url, str):
+        raise ValueError("bad url")
+    if not local:
+        url = validate_url(url)
+    return ServerEntry(id=sid, name=name, url=url, local=local)
+
+
+def _clean_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("the server name is empty")
+    return name.strip()
+
+
+def _clean_token(token: str) -> str:
+    token = token.strip()
+    if not token:
+        raise ValueError("the API token is empty")
+    if any(c.isspace() for c in token):
+        raise ValueError("the API token must not contain spaces or line breaks")
+    return token
+
+
+def _new_server_id(taken: set[str]) -> str:
+    while True:
+        sid = f"srv-{int(time.time()):x}-{_random.token_hex(3)}"
+        if sid not in taken:
+            return sid
