@@ -1,0 +1,319 @@
+"""The Gallery tab: finished images as thumbnails with their settings; load settings back, open, export, delete.
+
+Storage, export and corrupt-entry handling are desktop.core's (Gallery); this panel only shows and calls it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtCore import QSize, Qt, QUrl, Signal
+from PySide6.QtGui import QColor, QDesktopServices, QIcon, QPainter, QPixmap
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from desktop.ui.dialogs import MessageLabel, StatusLabel, ask_yes_no, dim, error_text
+
+THUMB = 128
+_ID_ROLE = Qt.ItemDataRole.UserRole
+
+
+def _format_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _encryption_text(entry) -> str:
+    p = entry.params
+    if p.encryption == "none":
+        return "none (plaintext split)"
+    text = p.encryption if p.encryption != "min-distortion" else f"min-distortion, tau {p.tau:g}"
+    if entry.encrypted_fraction is not None:
+        text += f", {entry.encrypted_fraction:.0%} encrypted"
+    return f"{text} ({p.he_preset})"
+
+
+def summary(entry) -> str:
+    """The settings of a gallery entry, one per line (tooltip and details); no prompt."""
+    p = entry.params
+    lines = [
+        f"{p.width}×{p.height}, {entry.steps} steps, {p.scheduler}, guidance {p.guidance:g}",
+        f"seed {p.seed}",
+        f"encryption: {_encryption_text(entry)}",
+        f"key: {entry.key_fingerprint or 'none'}",
+        f"took {entry.total_s:.1f} s on {entry.server_url or 'unknown server'}",
+        f"created {_format_time(entry.created)}",
+    ]
+    return "\n".join(lines)
+
+
+def _placeholder() -> QPixmap:
+    pixmap = QPixmap(THUMB, THUMB)
+    pixmap.fill(QColor("#e6e6e6"))
+    painter = QPainter(pixmap)
+    painter.setPen(QColor("#888888"))
+    painter.drawText(pixmap.rect(), Qt.AlignmentFlag.AlignCenter, "no image")
+    painter.end()
+    return pixmap
+
+
+class GalleryPanel(QWidget):
+    loadSettingsRequested = Signal(object)  # GenerationParams
+    statusMessage = Signal(str)
+
+    def __init__(self, services, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.services = services
+        self.confirm: Callable[[str, str], bool] = lambda title, text: ask_yes_no(self, title, text)
+        self.ask_export_path: Callable[[str], str | None] = self._ask_export_path
+        self.opener: Callable[[QUrl], bool] = QDesktopServices.openUrl
+        self._entries: dict[str, object] = {}
+        self._thumbs: dict[tuple[str, float], QIcon] = {}
+
+        self.problems_label = MessageLabel(self)
+        self.list = QListWidget(self)
+        self.list.setViewMode(QListView.ViewMode.IconMode)
+        self.list.setIconSize(QSize(THUMB, THUMB))
+        self.list.setGridSize(QSize(THUMB + 28, THUMB + 40))
+        self.list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.list.setMovement(QListView.Movement.Static)
+        self.list.setUniformItemSizes(True)
+        self.list.setWordWrap(True)
+        self.list.setSelectionMode(QListWidget.SelectionMode.SingleSelection)
+        self.list.itemSelectionChanged.connect(self._on_selection)
+        self.list.itemDoubleClicked.connect(lambda _item: self.open_selected())
+        self.empty_label = QLabel("No images yet. Finished generations appear here.")
+        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        dim(self.empty_label).setContentsMargins(24, 24, 24, 24)
+
+        self.details = QLabel()
+        self.details.setWordWrap(True)
+        self.details.setTextFormat(Qt.TextFormat.PlainText)
+        self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.details.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+
+        self.load_button = QPushButton("Load settings")
+        self.open_button = QPushButton("Open")
+        self.export_button = QPushButton("Export…")
+        self.delete_button = QPushButton("Delete…")
+        self.include_prompt = QCheckBox("Export with the prompt in the PNG metadata")
+        self.include_prompt.setChecked(False)
+        self.include_prompt.setToolTip("Exported PNGs carry the settings; the prompt only when this is ticked.")
+        self.load_button.setToolTip("Put this image's settings (including its prompt) back into the form.")
+        self.load_button.clicked.connect(self.load_selected)
+        self.open_button.clicked.connect(self.open_selected)
+        self.export_button.clicked.connect(self._on_export)
+        self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
+        buttons = QHBoxLayout()
+        for b in (self.load_button, self.open_button, self.export_button, self.delete_button):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        export_row = QHBoxLayout()
+        export_row.addWidget(self.include_prompt)
+        export_row.addStretch(1)
+
+        self.result_label = MessageLabel(self)
+        self.status_label = StatusLabel(self)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.problems_label)
+        layout.addWidget(self.list, 1)
+        layout.addWidget(self.empty_label, 1)
+        layout.addWidget(self.details)
+        layout.addLayout(buttons)
+        layout.addLayout(export_row)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.status_label)
+        self.refresh()
+
+    @property
+    def gallery(self):
+        return self.services.gallery
+
+    # --- listing -----------------------------------------------------------------------------------
+
+    def _thumbnail(self, entry) -> QIcon:
+        path = Path(entry.image_path)
+        try:
+            key = (str(path), path.stat().st_mtime)
+        except OSError:
+            return QIcon(_placeholder())
+        icon = self._thumbs.get(key)
+        if icon is None:
+            pixmap = QPixmap(str(path))
+            if pixmap.isNull():
+                pixmap = _placeholder()
+            else:
+                pixmap = pixmap.scaled(
+                    THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation
+                )
+            icon = self._thumbs[key] = QIcon(pixmap)
+        return icon
+
+    def refresh(self) -> None:
+        """Re-read the gallery, keeping the selection; corrupt entries become a warning line."""
+        keep = self.selected_id()
+        try:
+            entries = list(self.gallery.entries())
+            problems = list(getattr(self.gallery, "problems", []) or [])
+        except Exception as e:  # noqa: BLE001 - the panel shows the error and stays usable
+            entries, problems = [], [error_text(e)]
+        self._entries = {e.id: e for e in entries}
+        self.list.blockSignals(True)
+        self.list.clear()
+        for entry in entries:
+            item = QListWidgetItem(self._thumbnail(entry), f"seed {entry.params.seed}\n{entry.steps} steps")
+            item.setData(_ID_ROLE, entry.id)
+            item.setToolTip(summary(entry))
+            item.setTextAlignment(Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop)
+            self.list.addItem(item)
+        self.list.blockSignals(False)
+        live = {str(Path(e.image_path)) for e in entries}
+        self._thumbs = {k: v for k, v in self._thumbs.items() if k[0] in live}
+        if problems:
+            shown = problems[:5] + ([f"… and {len(problems) - 5} more"] if len(problems) > 5 else [])
+            noun = "entry" if len(problems) == 1 else "entries"
+            self.problems_label.show_message(
+                f"{len(problems)} gallery {noun} could not be read and {'is' if len(problems) == 1 else 'are'} "
+                "not shown:\n" + "\n".join(f"• {p}" for p in shown),
+                "warning",
+            )
+        else:
+            self.problems_label.clear_message()
+        self.list.setVisible(bool(entries))
+        self.empty_label.setVisible(not entries)
+        if keep is not None and keep in self._entries:
+            self.select(keep)
+        self._on_selection()
+
+    def entry_ids(self) -> list[str]:
+        return [self.list.item(i).data(_ID_ROLE) for i in range(self.list.count())]
+
+    def selected_id(self) -> str | None:
+        items = self.list.selectedItems()
+        return items[0].data(_ID_ROLE) if items else None
+
+    def selected_entry(self):
+        return self._entries.get(self.selected_id())
+
+    def select(self, entry_id: str) -> bool:
+        for i in range(self.list.count()):
+            item = self.list.item(i)
+            if item.data(_ID_ROLE) == entry_id:
+                self.list.setCurrentItem(item)
+                item.setSelected(True)
+                return True
+        return False
+
+    def _on_selection(self) -> None:
+        entry = self.selected_entry()
+        for b in (self.load_button, self.open_button, self.export_button, self.delete_button):
+            b.setEnabled(entry is not None)
+        if entry is None:
+            self.details.setText("Select an image to see its settings." if self._entries else "")
+            return
+        prompt = entry.params.prompt
+        if len(prompt) > 200:
+            prompt = prompt[:200] + "…"
+        self.details.setText(f"Prompt: {prompt}\n" + summary(entry).replace("\n", " · "))
+
+    # --- messages ----------------------------------------------------------------------------------
+
+    def _status(self, text: str) -> None:
+        self.status_label.setText(text)
+        self.statusMessage.emit(text)
+
+    def _ok(self, text: str) -> None:
+        self.result_label.clear_message()
+        self._status(text)
+
+    def _fail(self, text: str) -> None:
+        """An error: shown in the panel's message line (and sent to the status bar), never a traceback."""
+        self.result_label.show_message(text, "error")
+        self.status_label.clear()
+        self.statusMessage.emit(text)
+
+    def _need_selection(self):
+        entry = self.selected_entry()
+        if entry is None:
+            self._fail("Select an image first.")
+        return entry
+
+    # --- actions -----------------------------------------------------------------------------------
+
+    def load_selected(self):
+        """Emit ``loadSettingsRequested`` with the selected image's GenerationParams (and return them)."""
+        entry = self._need_selection()
+        if entry is None:
+            return None
+        self.loadSettingsRequested.emit(entry.params)
+        self._ok("Loaded the image's settings into the form.")
+        return entry.params
+
+    def open_selected(self) -> bool:
+        entry = self._need_selection()
+        if entry is None:
+            return False
+        path = Path(entry.image_path)
+        if not path.exists():
+            self._fail(f"The image file {path} is missing.")
+            return False
+        if not self.opener(QUrl.fromLocalFile(str(path))):
+            self._fail(f"No application could open {path}.")
+            return False
+        self._ok(f"Opened {path.name}.")
+        return True
+
+    def export_selected(self, dest, include_prompt: bool = False) -> Path | None:
+        """Write the selected image as a PNG to ``dest``; the prompt goes into its metadata only if asked."""
+        entry = self._need_selection()
+        if entry is None:
+            return None
+        try:
+            dest = Path(self.gallery.export(entry.id, Path(dest), include_prompt=include_prompt))
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"Export failed: {error_text(e)}")
+            return None
+        self._ok(f"Exported to {dest}" + (" (with the prompt)." if include_prompt else " (without the prompt)."))
+        return dest
+
+    def delete_selected(self, confirm: bool = False) -> bool:
+        entry = self._need_selection()
+        if entry is None:
+            return False
+        if confirm and not self.confirm("Delete image", "Delete this image and its settings from the gallery?"):
+            return False
+        try:
+            self.gallery.delete(entry.id)
+        except Exception as e:  # noqa: BLE001
+            self.refresh()
+            self._fail(f"Delete failed: {error_text(e)}")
+            return False
+        self.refresh()
+        self._ok("Deleted the image.")
+        return True
+
+    def _ask_export_path(self, suggested: str) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export image", suggested, "PNG images (*.png)")
+        return path or None
+
+    def _on_export(self) -> None:
+        entry = self._need_selection()
+        if entry is None:
+            return
+        suggested = str(Path.home() / f"hediff-{entry.params.seed}.png")
+        path = self.ask_export_path(suggested)
+        if not path:
+            return
+        self.export_selected(path, self.include_prompt.isChecked())
