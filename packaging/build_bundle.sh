@@ -9,7 +9,7 @@ PY=.venv/bin/python
 [[ -x .venv/Scripts/python.exe ]] && PY=.venv/Scripts/python.exe
 "$PY" -m pip install -q --disable-pip-version-check "pyinstaller>=6.10"
 "$PY" -m PyInstaller --noconfirm --clean --onedir --name hediff \
-  --distpath dist --workpath build/pyinstaller \
+  --distpath dist --workpath build/pyinstaller --specpath build/pyinstaller \
   --collect-all tenseal --collect-all diffusers --collect-data transformers \
   --collect-submodules transformers.models.clip \
   --copy-metadata torch --copy-metadata diffusers --copy-metadata transformers --copy-metadata tokenizers \
@@ -18,5 +18,5 @@ PY=.venv/bin/python
   --hidden-import keyring.backends.SecretService --hidden-import keyring.backends.macOS \
   --hidden-import keyring.backends.Windows --hidden-import uvicorn.logging --hidden-import uvicorn.loops.auto \
   --hidden-import uvicorn.protocols.http.auto --hidden-import uvicorn.lifespan.on \
-  packaging/hediff_entry.py
+  "$PWD/packaging/hediff_entry.py"
 echo "bundle: dist/hediff/ ($(du -sh dist/hediff | cut -f1))"

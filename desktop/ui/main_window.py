@@ -1,0 +1,414 @@
+"""The main window: settings on the left, the image in the centre, timing / privacy / servers / keys / gallery on
+the right. Generation runs on a GenerationWorker in its own thread; this window only reacts to its signals."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from desktop.ui.params_form import ParamsForm
+from desktop.ui.preview import PreviewWidget
+from desktop.ui.privacy_panel import PrivacyPanel
+from desktop.ui.queue_view import QueueView
+from desktop.ui.timing_chart import TimingChart, format_seconds
+from desktop.ui.worker import GenerationWorker
+
+log = logging.getLogger(__name__)
+
+ERROR_STYLE = "color: #c62828;"
+INFO_STYLE = ""
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, services, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.services = services
+        self.setWindowTitle("HE-Diffusion")
+        self._submitted: dict[int, tuple[object, str]] = {}  # job id -> (params, server name)
+        self._current_job: int | None = None
+        self._shut_down = False
+
+        self.worker = GenerationWorker(services)
+        self._build_ui()
+        self._build_menus()
+        self._connect_worker()
+        self._restore_settings()
+        self.worker.start()
+        self._queue_changed()
+
+    # --- construction ---
+
+    def _build_ui(self) -> None:
+        # left: the form, Generate / Cancel, the queue
+        self.form = ParamsForm()
+        self.form.generateRequested.connect(self.generate)
+        scroll = QScrollArea()
+        scroll.setWidget(self.form)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setDefault(True)
+        self.generate_button.setMinimumHeight(34)
+        self.generate_button.setToolTip("Queue a generation with these settings (Ctrl+Enter)")
+        self.generate_button.setStyleSheet("font-weight: 600;")
+        self.generate_button.clicked.connect(self.generate)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setMinimumHeight(34)
+        self.cancel_button.setToolTip("Stop the running job (it ends within one step)")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_button, 2)
+        buttons.addWidget(self.cancel_button, 1)
+        self.queue_view = QueueView()
+        self.queue_view.removeRequested.connect(self._remove_pending)
+        self.queue_view.setMinimumHeight(100)
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(8, 8, 4, 8)
+        ll.addWidget(scroll, 1)
+        ll.addLayout(buttons)
+        ll.addWidget(self.queue_view)
+        self.queue_view.setMaximumHeight(130)
+        left.setMinimumWidth(260)
+
+        # centre: the image, progress, the last message
+        self.preview = PreviewWidget()
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("Idle")
+        self.progress.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.message_label = QLabel("")
+        self.message_label.setWordWrap(True)
+        self.message_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.message_label.setMinimumHeight(self.message_label.fontMetrics().height() * 2 + 4)
+        self.message_label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        centre = QWidget()
+        cl = QVBoxLayout(centre)
+        cl.setContentsMargins(4, 8, 4, 8)
+        cl.addWidget(self.preview, 1)
+        cl.addWidget(self.progress)
+        cl.addWidget(self.message_label)
+
+        # right: tabs
+        self.tabs = QTabWidget()
+        self.timing_chart = TimingChart()
+        self.privacy_panel = PrivacyPanel()
+        self.tabs.addTab(self.timing_chart, "Timing")
+        self.tabs.addTab(self.privacy_panel, "Privacy")
+        self.servers_panel = self._make_panel("servers_panel", "ServersPanel", "Servers")
+        self.keys_panel = self._make_panel("keys_panel", "KeysPanel", "Keys")
+        self.gallery_panel = self._make_panel("gallery_panel", "GalleryPanel", "Gallery")
+        if hasattr(self.servers_panel, "serversChanged"):
+            self.servers_panel.serversChanged.connect(self._servers_changed)
+        if hasattr(self.gallery_panel, "loadSettingsRequested"):
+            self.gallery_panel.loadSettingsRequested.connect(self.load_params)
+        for panel in (self.servers_panel, self.keys_panel, self.gallery_panel):
+            if hasattr(panel, "statusMessage"):
+                panel.statusMessage.connect(self._panel_message)
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(4, 8, 8, 8)
+        rl.addWidget(self.tabs)
+        right.setMinimumWidth(300)
+
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(centre)
+        self.splitter.addWidget(right)
+        self.splitter.setStretchFactor(0, 0)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setStretchFactor(2, 0)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.setSizes([330, 500, 450])
+        self.setCentralWidget(self.splitter)
+
+        self.server_status = QLabel("")
+        self.statusBar().addPermanentWidget(self.server_status)
+        self.form.serverChanged.connect(self._update_server_status)
+
+    def _make_panel(self, module: str, class_name: str, title: str) -> QWidget:
+        """U2's panels when present; a placeholder tab otherwise (or if the panel fails to build)."""
+        try:
+            cls = getattr(importlib.import_module(f"desktop.ui.{module}"), class_name)
+        except (ImportError, AttributeError) as e:
+            log.info("%s panel not available: %s", title, e)
+            panel = self._placeholder(f"The {title} panel is not available in this build.")
+        else:
+            try:
+                panel = cls(self.services)
+            except Exception as e:  # one broken panel must not take the whole window down
+                log.exception("the %s panel failed to start", title)
+                panel = self._placeholder(f"The {title} panel could not start: {type(e).__name__}: {e}")
+        self.tabs.addTab(panel, title)
+        return panel
+
+    @staticmethod
+    def _placeholder(text: str) -> QLabel:
+        label = QLabel(text)
+        label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        label.setWordWrap(True)
+        return label
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        generate = QAction("&Generate", self)
+        generate.setShortcut(QKeySequence("Ctrl+Return"))
+        generate.triggered.connect(self.generate)
+        cancel = QAction("&Cancel current job", self)
+        cancel.setShortcut(QKeySequence("Ctrl+."))
+        cancel.triggered.connect(self.cancel)
+        quit_action = QAction("&Quit", self)
+        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
+        quit_action.triggered.connect(self.close)
+        file_menu.addAction(generate)
+        file_menu.addAction(cancel)
+        file_menu.addSeparator()
+        file_menu.addAction(quit_action)
+        view_menu = self.menuBar().addMenu("&View")
+        for i in range(self.tabs.count()):
+            action = QAction(self.tabs.tabText(i), self)
+            action.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
+            action.triggered.connect(lambda _checked=False, i=i: self.tabs.setCurrentIndex(i))
+            view_menu.addAction(action)
+        help_menu = self.menuBar().addMenu("&Help")
+        about = QAction("&About HE-Diffusion", self)
+        about.triggered.connect(self._about)
+        help_menu.addAction(about)
+
+    def _connect_worker(self) -> None:
+        w = self.worker
+        w.jobStarted.connect(self._job_started)
+        w.stepUpdate.connect(self._step_update)
+        w.jobFinished.connect(self._job_finished)
+        w.jobFailed.connect(self._job_failed)
+        w.jobCancelled.connect(self._job_cancelled)
+        w.queueChanged.connect(self._queue_changed)
+        w.notice.connect(self.show_info)
+
+    # --- actions ---
+
+    def generate(self) -> int | None:
+        """Queue a job with the form's settings; returns its id, or None (with a message) when they are unusable."""
+        if self._shut_down:
+            return None
+        try:
+            params = self.form.params()
+            params.validate()
+        except ValueError as e:
+            self.show_error(f"Cannot generate: {e}.")
+            return None
+        server_id = self.form.server_id()
+        if server_id is None:
+            self.show_error("Cannot generate: no server is configured; add one in the Servers tab.")
+            return None
+        server_name = self.form.server_combo.currentText()
+        job_id = self.worker.submit(params, server_id, self.form.model())
+        self._submitted[job_id] = (params, server_name)
+        self.form.after_submit()
+        self._save_settings(params_only=True)
+        if self._current_job is not None:
+            self.show_info(f"Job #{job_id} queued; it starts when job #{self._current_job} is done.")
+        return job_id
+
+    def cancel(self) -> None:
+        job_id = self.worker.cancel_current()
+        if job_id is not None:
+            self.show_info(f"Cancelling job #{job_id}…")
+            self.cancel_button.setEnabled(False)
+
+    def load_params(self, params) -> None:
+        self.form.set_params(params)
+        self.show_info("Settings loaded from the gallery (seed kept).")
+
+    def _remove_pending(self, job_id: int) -> None:
+        if self.worker.remove_pending(job_id):
+            self._submitted.pop(job_id, None)
+            self.show_info(f"Job #{job_id} removed from the queue.")
+
+    def _servers_changed(self) -> None:
+        self.form.set_servers(self.services.settings.servers)
+        self.worker.invalidate_connections()
+
+    def _about(self) -> None:
+        QMessageBox.about(
+            self,
+            "About HE-Diffusion",
+            "HE-Diffusion: private Stable Diffusion.\n\nYour machine encodes the prompt, runs the first UNet "
+            "layers and encrypts the latent with CKKS; the backend denoises the ciphertexts; your machine "
+            "decrypts, previews and decodes.",
+        )
+
+    # --- messages ---
+
+    def show_error(self, message: str) -> None:
+        self.message_label.setStyleSheet(ERROR_STYLE)
+        self.message_label.setText(message)
+        self.statusBar().showMessage(message)
+
+    def show_info(self, message: str) -> None:
+        self.message_label.setStyleSheet(INFO_STYLE)
+        self.message_label.setText(message)
+        self.statusBar().showMessage(message, 15000)
+
+    def _panel_message(self, message: str) -> None:
+        self.statusBar().showMessage(message, 15000)
+
+    def _update_server_status(self, server_id: str) -> None:
+        for server in self.services.settings.servers:
+            if server.id == server_id:
+                where = "on this machine" if server.local else server.url
+                self.server_status.setText(f"Server: {server.name} ({where})")
+                return
+        self.server_status.setText("no server")
+
+    # --- worker signals (GUI thread) ---
+
+    def _job_started(self, job_id: int) -> None:
+        self._current_job = job_id
+        params, server_name = self._submitted.get(job_id, (None, ""))
+        self.timing_chart.clear(params.steps if params is not None else 0)
+        if params is not None:
+            self.privacy_panel.begin_job(params, server_name, getattr(self.services.settings, "key_policy", "fresh"))
+        self.progress.setRange(0, params.steps if params is not None else 1)
+        self.progress.setValue(0)
+        self.progress.setFormat(f"Job #{job_id}: connecting to {server_name or 'the server'}…")
+        self.preview.set_caption(f"Job #{job_id}: preparing…")
+        self.cancel_button.setEnabled(True)
+        self.statusBar().showMessage(f"Job #{job_id} started on {server_name}.")
+
+    def _step_update(self, update) -> None:
+        done = update.index + 1
+        self.preview.set_image(update.preview, caption=f"Preview, step {done} / {update.total} (not decoded yet)")
+        self.progress.setRange(0, update.total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"step {done} / {update.total}, ETA {format_eta(update.eta_s)}")
+        self.timing_chart.add_update(update)
+        self.privacy_panel.update_step(update)
+
+    def _job_finished(self, job_id: int, result) -> None:
+        params, _server = self._submitted.pop(job_id, (result.params, ""))
+        self.preview.set_image(
+            result.image,
+            final=True,
+            caption=f"Job #{job_id} · seed {params.seed} · {params.width}×{params.height} · "
+            f"{format_seconds(result.total_s)}",
+        )
+        self.progress.setRange(0, max(1, len(result.step_timings)))
+        self.progress.setValue(self.progress.maximum())
+        self.progress.setFormat(f"Done: {len(result.step_timings)} steps in {format_seconds(result.total_s)}")
+        self.timing_chart.set_result(result)
+        self.privacy_panel.finish(result)
+        refresh = getattr(self.gallery_panel, "refresh", None)
+        if callable(refresh):
+            refresh()
+        self.show_info(f"Job #{job_id} finished in {format_seconds(result.total_s)}; saved to the gallery.")
+        self._job_over(job_id)
+
+    def _job_failed(self, job_id: int, message: str) -> None:
+        self._submitted.pop(job_id, None)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat(f"Job #{job_id} failed")
+        self.preview.set_caption("")
+        self.show_error(f"Job #{job_id} failed: {message}")
+        self._job_over(job_id)
+
+    def _job_cancelled(self, job_id: int) -> None:
+        self._submitted.pop(job_id, None)
+        self.progress.setFormat(f"Job #{job_id} cancelled")
+        self.preview.set_caption(f"Job #{job_id} was cancelled")
+        self.show_info(f"Job #{job_id} cancelled.")
+        self._job_over(job_id)
+
+    def _job_over(self, job_id: int) -> None:
+        if self._current_job == job_id:
+            self._current_job = None
+
+    def _queue_changed(self) -> None:
+        current = self.worker.current_job()
+        self.queue_view.set_jobs(current, self.worker.pending_jobs())
+        self.cancel_button.setEnabled(current is not None and not current.cancel.is_set())
+
+    # --- settings ---
+
+    def _restore_settings(self) -> None:
+        s = self.services.settings
+        self.form.set_servers(s.servers, s.selected_server)
+        self.form.set_model(getattr(s, "model", "embedded") or "embedded")
+        self.form.load_dict(getattr(s, "params", {}) or {})
+        geometry = getattr(s, "window_geometry", None)
+        restored = False
+        if geometry:
+            try:
+                restored = self.restoreGeometry(QByteArray.fromBase64(geometry.encode("ascii")))
+            except (UnicodeEncodeError, TypeError, ValueError):
+                restored = False
+        if not restored:
+            self.resize(1280, 800)
+        problem = getattr(s, "problem", None)
+        if problem:
+            self.show_error(str(problem))
+
+    def _save_settings(self, params_only: bool = False) -> None:
+        s = self.services.settings
+        s.params = self.form.to_dict(include_prompt=bool(getattr(s, "remember_prompt", False)))
+        s.model = self.form.model()
+        server_id = self.form.server_id()
+        if server_id is not None:
+            s.selected_server = server_id
+        if not params_only:
+            s.window_geometry = bytes(self.saveGeometry().toBase64()).decode("ascii")
+        try:
+            s.save()
+        except OSError as e:
+            self.show_error(f"Could not save the settings: {e}")
+
+    # --- shutdown ---
+
+    def shutdown(self) -> None:
+        """Save settings, cancel the running job, wait for the worker; idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        if self.worker.is_busy():
+            self.statusBar().showMessage("Stopping the current job…")
+            QApplication.processEvents()
+        self._save_settings()
+        self.worker.shutdown()
+
+    def closeEvent(self, event) -> None:
+        self.shutdown()
+        event.accept()

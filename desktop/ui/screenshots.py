@@ -1,0 +1,143 @@
+"""Screenshots of the main window for the docs: one mid-generation, one after it finished.
+
+    python -m desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
+
+Runs offscreen (QT_QPA_PLATFORM=offscreen unless set) with a local backend, a throw-away data directory and an
+in-memory keyring, so it touches none of the user's settings, keys or gallery.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PySide6.QtCore import QObject, Slot  # noqa: E402
+from PySide6.QtWidgets import QApplication  # noqa: E402
+
+PROMPT = "a lighthouse on a rocky cliff at sunset, oil painting"
+NEGATIVE = "blurry, low quality"
+
+
+def _wait(app, predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        app.processEvents()
+        time.sleep(0.01)
+    app.processEvents()
+    return True
+
+
+class _Shooter(QObject):
+    """Receives the worker's signals on the GUI thread (a QObject slot, not a plain function)."""
+
+    def __init__(self, window, path: Path, at_step: int):
+        super().__init__()
+        self.window, self.path, self.at_step = window, path, at_step
+        self.steps = 0
+        self.shot = False
+        self.finished: list[int] = []
+        self.failed: list[str] = []
+
+    @Slot(object)
+    def on_step(self, _update) -> None:
+        self.steps += 1
+        if self.steps == self.at_step and not self.shot:
+            self.window.tabs.setCurrentWidget(self.window.timing_chart)
+            QApplication.processEvents()
+            self.shot = self.window.grab().save(str(self.path))
+
+    @Slot(int, object)
+    def on_finished(self, job_id: int, _result) -> None:
+        self.finished.append(job_id)
+
+    @Slot(int, str)
+    def on_failed(self, _job_id: int, message: str) -> None:
+        self.failed.append(message)
+
+
+def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 12, size: int = 128) -> list[Path]:
+    from desktop.core.keystore import MemoryKeyring, SecretStore
+    from desktop.core.services import AppServices
+    from desktop.ui.main_window import MainWindow
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication(["hediff-screenshots"])
+    app.setApplicationDisplayName("HE-Diffusion")
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="hediff-screens-") as tmp:
+        services = AppServices(data_dir=Path(tmp), secrets=SecretStore(MemoryKeyring()))
+        window = MainWindow(services)
+        window.resize(1280, 800)
+        window.show()
+        form = window.form
+        form.prompt_edit.setPlainText(PROMPT)
+        form.negative_edit.setPlainText(NEGATIVE)
+        form.steps_spin.setValue(steps)
+        form.width_spin.setValue(size)
+        form.height_spin.setValue(size)
+        form.seed_spin.setValue(1234)
+        form.seed_lock_check.setChecked(True)
+        form.scheduler_combo.setCurrentText("ddim")
+        form.set_model(model)
+        local = next((s for s in services.settings.servers if s.local), None)
+        if local is not None:
+            form.select_server(local.id)
+
+        generating = out_dir / "main-window-generating.png"
+        shooter = _Shooter(window, generating, max(1, steps // 2))
+        window.worker.stepUpdate.connect(shooter.on_step)  # after the window's own slot: the window is up to date
+        window.worker.jobFinished.connect(shooter.on_finished)
+        window.worker.jobFailed.connect(shooter.on_failed)
+        first = window.generate()
+        form.prompt_edit.setPlainText("the same lighthouse at night, stars")
+        second = window.generate()  # shows a queued job in the first screenshot
+        if first is None or second is None:
+            raise RuntimeError(f"could not queue the jobs: {window.message_label.text()}")
+        ok = _wait(app, lambda: len(shooter.finished) + len(shooter.failed) >= 2, 600)
+        if not ok or shooter.failed or not shooter.shot:
+            window.close()
+            raise RuntimeError(f"generation did not finish: {shooter.failed or 'timeout'}")
+        written.append(generating)
+        window.tabs.setCurrentWidget(window.timing_chart)
+        app.processEvents()
+        done = out_dir / "main-window-done.png"
+        window.grab().save(str(done))
+        written.append(done)
+        window.tabs.setCurrentWidget(window.privacy_panel)
+        app.processEvents()
+        privacy = out_dir / "main-window-privacy.png"
+        window.grab().save(str(privacy))
+        written.append(privacy)
+        window.close()
+        app.processEvents()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m desktop.ui.screenshots", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--model", default="embedded", help="model folder or 'embedded' (default)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--size", type=int, default=128, help="image width and height in pixels (default 128)")
+    args = parser.parse_args(argv)
+    try:
+        paths = take_screenshots(args.out_dir, args.model, args.steps, args.size)
+    except RuntimeError as e:
+        print(f"screenshots failed: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
