@@ -3,7 +3,6 @@ the right. Generation runs on a GenerationWorker in its own thread; this window 
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from PySide6.QtCore import QByteArray, Qt
@@ -24,10 +23,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop.ui.gallery_panel import GalleryPanel
+from desktop.ui.keys_panel import KeysPanel
 from desktop.ui.params_form import ParamsForm
 from desktop.ui.preview import PreviewWidget
 from desktop.ui.privacy_panel import PrivacyPanel
 from desktop.ui.queue_view import QueueView
+from desktop.ui.servers_panel import ServersPanel
 from desktop.ui.timing_chart import TimingChart, format_seconds
 from desktop.ui.worker import GenerationWorker
 
@@ -128,16 +130,16 @@ class MainWindow(QMainWindow):
         self.privacy_panel = PrivacyPanel()
         self.tabs.addTab(self.timing_chart, "Timing")
         self.tabs.addTab(self.privacy_panel, "Privacy")
-        self.servers_panel = self._make_panel("servers_panel", "ServersPanel", "Servers")
-        self.keys_panel = self._make_panel("keys_panel", "KeysPanel", "Keys")
-        self.gallery_panel = self._make_panel("gallery_panel", "GalleryPanel", "Gallery")
-        if hasattr(self.servers_panel, "serversChanged"):
-            self.servers_panel.serversChanged.connect(self._servers_changed)
-        if hasattr(self.gallery_panel, "loadSettingsRequested"):
-            self.gallery_panel.loadSettingsRequested.connect(self.load_params)
+        self.servers_panel = ServersPanel(self.services)
+        self.keys_panel = KeysPanel(self.services)
+        self.gallery_panel = GalleryPanel(self.services)
+        self.tabs.addTab(self.servers_panel, "Servers")
+        self.tabs.addTab(self.keys_panel, "Keys")
+        self.tabs.addTab(self.gallery_panel, "Gallery")
+        self.servers_panel.serversChanged.connect(self._servers_changed)
+        self.gallery_panel.loadSettingsRequested.connect(self.load_params)
         for panel in (self.servers_panel, self.keys_panel, self.gallery_panel):
-            if hasattr(panel, "statusMessage"):
-                panel.statusMessage.connect(self._panel_message)
+            panel.statusMessage.connect(self._panel_message)
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 8, 8, 8)
@@ -158,29 +160,6 @@ class MainWindow(QMainWindow):
         self.server_status = QLabel("")
         self.statusBar().addPermanentWidget(self.server_status)
         self.form.serverChanged.connect(self._update_server_status)
-
-    def _make_panel(self, module: str, class_name: str, title: str) -> QWidget:
-        """U2's panels when present; a placeholder tab otherwise (or if the panel fails to build)."""
-        try:
-            cls = getattr(importlib.import_module(f"desktop.ui.{module}"), class_name)
-        except (ImportError, AttributeError) as e:
-            log.info("%s panel not available: %s", title, e)
-            panel = self._placeholder(f"The {title} panel is not available in this build.")
-        else:
-            try:
-                panel = cls(self.services)
-            except Exception as e:  # one broken panel must not take the whole window down
-                log.exception("the %s panel failed to start", title)
-                panel = self._placeholder(f"The {title} panel could not start: {type(e).__name__}: {e}")
-        self.tabs.addTab(panel, title)
-        return panel
-
-    @staticmethod
-    def _placeholder(text: str) -> QLabel:
-        label = QLabel(text)
-        label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        label.setWordWrap(True)
-        return label
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -331,9 +310,7 @@ class MainWindow(QMainWindow):
         self.progress.setFormat(f"Done: {len(result.step_timings)} steps in {format_seconds(result.total_s)}")
         self.timing_chart.set_result(result)
         self.privacy_panel.finish(result)
-        refresh = getattr(self.gallery_panel, "refresh", None)
-        if callable(refresh):
-            refresh()
+        self.gallery_panel.refresh()
         self.show_info(f"Job #{job_id} finished in {format_seconds(result.total_s)}; saved to the gallery.")
         self._job_over(job_id)
 
