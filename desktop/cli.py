@@ -76,6 +76,7 @@ def _add_generate(sub) -> None:
 def _add_gui(sub) -> None:
     p = sub.add_parser("gui", help="open the desktop app")
     p.add_argument("--data-dir", type=Path, default=None, help="app data (settings, wrapped keys, gallery)")
+    p.add_argument("--screenshot", type=Path, default=None, help="save the window as PNG once it is up, then quit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_gui(args) -> int:
     try:
-        from desktop.core.services import AppServices
         from desktop.ui.app import run_gui
     except ImportError as e:
         missing = e.name or "PySide6"
         raise ValueError(f"the desktop app needs {missing}: install the gui extra (./setup.sh does)") from None
-    return run_gui([sys.argv[0]], services=AppServices(data_dir=args.data_dir))
+    argv = [sys.argv[0]]
+    if args.data_dir is not None:
+        argv += ["--data-dir", str(args.data_dir)]
+    if args.screenshot is not None:
+        argv += ["--screenshot", str(args.screenshot)]
+    return run_gui(argv)
 
 
 def cmd_token(args) -> int:

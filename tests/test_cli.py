@@ -60,3 +60,12 @@ def test_generate_needs_a_token_for_a_remote_server(tiny_model_dir, capsys, monk
     monkeypatch.delenv("HEDIFF_TOKEN", raising=False)
     rc = main(["generate", "--server", "http://127.0.0.1:9", "--model", str(tiny_model_dir), "--prompt", "x"])
     assert rc == 2 and "HEDIFF_TOKEN" in capsys.readouterr().err
+
+
+def test_gui_without_a_display_says_so_instead_of_aborting():
+    from desktop.ui.app import display_problem
+
+    assert "QT_QPA_PLATFORM=offscreen" in display_problem(env={}, platform="linux")
+    assert display_problem(env={"DISPLAY": ":0"}, platform="linux") is None
+    assert display_problem(env={"QT_QPA_PLATFORM": "offscreen"}, platform="linux") is None
+    assert display_problem(env={}, platform="darwin") is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,21 @@ APP_NAME = "HE-Diffusion"
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="hediff gui", description="the HE-Diffusion desktop app")
     parser.add_argument("--data-dir", type=Path, default=None, help="settings, keys and gallery (default: per user)")
+    parser.add_argument("--screenshot", type=Path, default=None, help="save the window as PNG once it is up, then quit")
     return parser.parse_known_args(argv)
+
+
+def display_problem(env=None, platform: str = sys.platform) -> str | None:
+    """Why Qt could not open a window here, before Qt aborts the process over it."""
+    env = os.environ if env is None else env
+    if not platform.startswith("linux") or env.get("QT_QPA_PLATFORM"):
+        return None
+    if env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"):
+        return None
+    return (
+        "no display found (neither DISPLAY nor WAYLAND_DISPLAY is set); run it in a desktop session, "
+        "or set QT_QPA_PLATFORM=offscreen to run without one"
+    )
 
 
 def run_gui(argv: list[str] | None = None, services=None) -> int:
@@ -26,6 +41,10 @@ def run_gui(argv: list[str] | None = None, services=None) -> int:
     """
     argv = list(sys.argv if argv is None else argv) or ["hediff"]
     args, qt_args = _parse(argv[1:])
+    problem = display_problem()
+    if problem:
+        print(f"hediff gui: {problem}", file=sys.stderr)
+        return 2
 
     from PySide6.QtWidgets import QApplication, QMessageBox
 
@@ -49,6 +68,14 @@ def run_gui(argv: list[str] | None = None, services=None) -> int:
     window = MainWindow(services)
     app.aboutToQuit.connect(window.shutdown)
     window.show()
+    if args.screenshot is not None:  # a check that the app comes up (e.g. from a bundle), with evidence
+        from PySide6.QtCore import QTimer
+
+        def shoot() -> None:
+            window.grab().save(str(args.screenshot))
+            window.close()
+
+        QTimer.singleShot(1500, shoot)
     try:
         return int(app.exec())
     finally:
