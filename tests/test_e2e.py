@@ -239,6 +239,7 @@ def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
     assert np.abs(result.latent - ref_latent).max() <= 1e-3
     assert np.abs(with_key.latent - ref_latent).max() <= 1e-3
     assert with_key.key_fingerprint == device_key.fingerprint
+    assert (result.params.width, result.params.height) == (32, 32)  # 0 = the model's native size
     assert result.key_fingerprint.startswith("ephemeral-")
     result.save(tmp_path / "a.png", include_prompt=True)
     assert Image.open(tmp_path / "a.png").text["hediff:prompt"] == PROMPT

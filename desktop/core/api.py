@@ -60,9 +60,7 @@ class HEDiffusion:
         return self.client_model.native_size
 
     def params(self, prompt: str, **settings) -> GenerationParams:
-        """Generation settings with this model's native size unless width/height are given."""
-        settings.setdefault("width", self.native_size)
-        settings.setdefault("height", self.native_size)
+        """Generation settings (width/height default to 0: the model's native size)."""
         settings.setdefault("split", self.client_model.split)
         return GenerationParams(prompt=prompt, **settings)
 

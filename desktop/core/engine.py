@@ -5,6 +5,7 @@ Qt-free: the CLI, the Python API and the desktop UI all drive ``Generator.genera
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +37,8 @@ class GenerationParams:
     steps: int = 20
     guidance: float = 7.5
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    width: int = 0  # 0: the model's native size
+    height: int = 0
     scheduler: str = "plms"
     encryption: str = "full"  # full | min-distortion | none (plaintext split baseline)
     tau: float = DEFAULT_TAU
@@ -54,8 +55,11 @@ class GenerationParams:
             he.get_preset(self.he_preset)
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
-        if self.width <= 0 or self.height <= 0 or self.width % 8 or self.height % 8:
-            raise ValueError(f"width and height must be positive multiples of 8, got {self.width}x{self.height}")
+        if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
+            raise ValueError(
+                "width and height must be multiples of 8 (0 for the model's native size), "
+                f"got {self.width}x{self.height}"
+            )
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.activation_dtype not in protocol.ACTIVATION_DTYPES:
@@ -150,6 +154,8 @@ class Generator:
     ) -> GenerationResult:
         """Run one generation. ``key``: a stored device key to use; by default a fresh key per generation."""
         params.validate()
+        native = self.model.native_size
+        params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
         if params.split != self.model.split:
             raise ValueError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
         t_start = time.perf_counter()

@@ -206,8 +206,9 @@ class ParamsForm(QWidget):
     @staticmethod
     def _size_spin(value: int) -> QSpinBox:
         spin = QSpinBox()
-        spin.setRange(8, 4096)
+        spin.setRange(0, 4096)
         spin.setSingleStep(8)
+        spin.setSpecialValueText("native")  # 0: the model's own size
         spin.setValue(value)
         spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         return spin

@@ -259,7 +259,11 @@ class TimingChart(QWidget):
                 str(i + 1),
             )
         if not self._steps:
-            p.drawText(plot, Qt.AlignmentFlag.AlignCenter, "Timings appear here while a generation runs")
+            flags = int(Qt.AlignmentFlag.AlignCenter) | int(Qt.TextFlag.TextWordWrap)
+            text = "Timings appear here while a generation runs"
+            box = fm.boundingRect(plot.adjusted(8, 0, -8, 0), flags, text)
+            p.fillRect(box.adjusted(-6, -3, 6, 3), self.palette().color(QPalette.ColorRole.Window))
+            p.drawText(box, flags, text)
 
     def _paint_legend(self, p: QPainter, area: QRect, totals: dict[str, float], fm: QFontMetrics) -> None:
         pal = self.palette()
