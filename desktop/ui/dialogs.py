@@ -310,3 +310,25 @@ class PassphraseDialog(QDialog):
             dialog.first.clear()
             dialog.second.clear()
             dialog.deleteLater()
+
+
+class PanelMessages:
+    """The panels' two message places: a status line (also sent on ``statusMessage``) and an error line.
+
+    Mixed into a QWidget that has ``status_label``, ``result_label`` (a MessageLabel) and a ``statusMessage``
+    signal.
+    """
+
+    def _status(self, text: str) -> None:
+        self.status_label.setText(text)
+        self.statusMessage.emit(text)
+
+    def _ok(self, text: str) -> None:
+        self.result_label.clear_message()
+        self._status(text)
+
+    def _fail(self, text: str) -> None:
+        """An error: shown in the panel's message line (and sent to the status bar), never a traceback."""
+        self.result_label.show_message(text, "error")
+        self.status_label.clear()
+        self.statusMessage.emit(text)

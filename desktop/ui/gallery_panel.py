@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.ui.dialogs import MessageLabel, StatusLabel, ask_yes_no, dim, error_text
+from desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
 
 THUMB = 128
 _ID_ROLE = Qt.ItemDataRole.UserRole
@@ -68,7 +68,7 @@ def _placeholder() -> QPixmap:
     return pixmap
 
 
-class GalleryPanel(QWidget):
+class GalleryPanel(PanelMessages, QWidget):
     loadSettingsRequested = Signal(object)  # GenerationParams
     statusMessage = Signal(str)
 
@@ -229,20 +229,6 @@ class GalleryPanel(QWidget):
         self.details.setText(f"Prompt: {prompt}\n" + summary(entry).replace("\n", " · "))
 
     # --- messages ----------------------------------------------------------------------------------
-
-    def _status(self, text: str) -> None:
-        self.status_label.setText(text)
-        self.statusMessage.emit(text)
-
-    def _ok(self, text: str) -> None:
-        self.result_label.clear_message()
-        self._status(text)
-
-    def _fail(self, text: str) -> None:
-        """An error: shown in the panel's message line (and sent to the status bar), never a traceback."""
-        self.result_label.show_message(text, "error")
-        self.status_label.clear()
-        self.statusMessage.emit(text)
 
     def _need_selection(self):
         entry = self.selected_entry()

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 from common.he import PRESETS
 from desktop.ui.dialogs import (
     MessageLabel,
+    PanelMessages,
     PassphraseDialog,
     StatusLabel,
     ask_yes_no,
@@ -119,7 +120,7 @@ class _PresetBox(QGroupBox):
         self.delete_button.setEnabled(exists)
 
 
-class KeysPanel(QWidget):
+class KeysPanel(PanelMessages, QWidget):
     keysChanged = Signal()
     statusMessage = Signal(str)
 
@@ -268,20 +269,6 @@ class KeysPanel(QWidget):
             self.policy_note.clear_message()
 
     # --- messages ----------------------------------------------------------------------------------
-
-    def _status(self, text: str) -> None:
-        self.status_label.setText(text)
-        self.statusMessage.emit(text)
-
-    def _ok(self, text: str) -> None:
-        self.result_label.clear_message()
-        self._status(text)
-
-    def _fail(self, text: str) -> None:
-        """An error: shown in the panel's message line (and sent to the status bar), never a traceback."""
-        self.result_label.show_message(text, "error")
-        self.status_label.clear()
-        self.statusMessage.emit(text)
 
     def _run(self, action, done: str, changed: bool = True) -> bool:
         try:

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 
 from desktop.ui.dialogs import (
     MessageLabel,
+    PanelMessages,
     ServerDialog,
     ServerValues,
     StatusLabel,
@@ -57,7 +58,7 @@ class _Job(QRunnable):
             pass
 
 
-class ServersPanel(QWidget):
+class ServersPanel(PanelMessages, QWidget):
     serversChanged = Signal()
     testFinished = Signal(bool, str)  # ok, the one-line result or the error text
     statusMessage = Signal(str)  # for the main window's status bar
@@ -184,16 +185,6 @@ class ServersPanel(QWidget):
         self.test_button.setEnabled(server is not None and self._testing is None)
 
     # --- messages ----------------------------------------------------------------------------------
-
-    def _status(self, text: str) -> None:
-        self.status_label.setText(text)
-        self.statusMessage.emit(text)
-
-    def _fail(self, text: str) -> None:
-        """An error: shown in the panel's message line (and sent to the status bar), never a traceback."""
-        self.result_label.show_message(text, "error")
-        self.status_label.clear()
-        self.statusMessage.emit(text)
 
     def _changed(self, status: str, select: str | None = None) -> None:
         # Settings.add_server / update_server / remove_server save the file themselves
