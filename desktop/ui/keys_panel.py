@@ -40,7 +40,7 @@ from desktop.ui.dialogs import (
 )
 
 POLICY_LABELS = {
-    "fresh": "A fresh key for every generation (default, recommended)",
+    "fresh": "A fresh key for every generation (default)",
     "device": "Use the stored device key",
 }
 PROTECTION_LABELS = {
