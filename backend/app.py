@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.auth import TokenStore
 from backend.engine import Engine, Limits, ServerModel
-from backend.sessions import SessionError, SessionStore
+from backend.sessions import SessionError, SessionStore, TooManySessions
 from common import protocol
 from common.he import HEError
 
@@ -19,8 +19,8 @@ log = logging.getLogger("hediff.backend")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str):
-        self.status, self.code, self.detail = status, code, detail
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 class Health(BaseModel):
@@ -52,6 +52,37 @@ FRAME_BODY = {
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 410, 413, 415, 429)}
 
 
+class ContainFailures:
+    """The last line of defence: an unexpected exception becomes a 500 JSON answer, logged by its type only.
+
+    Not an exception handler: Starlette re-raises after running a handler for Exception, so uvicorn would log the
+    traceback (whose text can carry request data) and drop the keep-alive connection under the client.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - any failure must become an answer, never a dead connection
+            log.error("internal error while handling a request: %s", type(exc).__name__)
+            if not started:
+                body = JSONResponse(
+                    {"error": "internal_error", "detail": "the backend failed; see its log"}, status_code=500
+                )
+                await body(scope, receive, send)
+
+
 def create_app(
     model: ServerModel, tokens: TokenStore, limits: Limits | None = None, store: SessionStore | None = None
 ) -> FastAPI:
@@ -63,14 +94,10 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=headers)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_request: Request, exc: Exception):
-        # the type only: exception text can carry request data, and prompts or tokens never go to logs
-        log.error("internal error while handling a request: %s", type(exc).__name__)
-        return JSONResponse({"error": "internal_error", "detail": "the backend failed; see its log"}, status_code=500)
+    app.add_middleware(ContainFailures)
 
     def token_id(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -109,6 +136,8 @@ def create_app(
     async def run(fn, *args):
         try:
             return await run_in_threadpool(fn, *args)
+        except TooManySessions as e:
+            raise ApiError(e.status, type(e).__name__, str(e), {"Retry-After": str(e.retry_after_s)}) from None
         except SessionError as e:
             raise ApiError(e.status, type(e).__name__, str(e)) from None
         except (protocol.ProtocolError, HEError) as e:

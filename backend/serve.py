@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -22,6 +25,55 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+
+
+def check_tls_files(cert: str | Path | None, key: str | Path | None) -> TLSFiles | None:
+    """Both files or neither; each readable; together a certificate chain with its key. ValueError names the file."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if cert is not None else ("--tls-key", "--tls-cert")
+        raise ValueError(f"{given} was given without {missing}: TLS needs both the certificate and its private key")
+    files = TLSFiles(Path(cert), Path(key))
+    for flag, path in (("--tls-cert", files.cert), ("--tls-key", files.key)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ValueError(f"{flag} {path} cannot be read ({e.strerror or e})") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"--tls-cert {files.cert} and --tls-key {files.key} do not form a usable certificate and key ({e.reason}); "
+            "check that both are PEM and that the key belongs to the certificate"
+        ) from None
+    return files
+
+
+def plaintext_warning(host: str) -> str:
+    bar = "!" * 78
+    return "\n".join(
+        [
+            bar,
+            f"!! WARNING: serving on {host}, which is not a loopback address, WITHOUT TLS.",
+            "!! Bearer tokens, prompt embeddings, head activations and ciphertexts will cross the network",
+            "!! in the clear: anyone on the path can read them and reuse the token.",
+            "!! Serve with --tls-cert CERT.pem --tls-key KEY.pem, put a TLS proxy in front,",
+            "!! or bind to 127.0.0.1.",
+            bar,
+        ]
+    )
+
+
+def _uvicorn_tls(tls: TLSFiles | None) -> dict:
+    return {} if tls is None else {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+
+
 @dataclass
 class RunningServer:
     server: uvicorn.Server
@@ -33,9 +85,19 @@ class RunningServer:
         self.thread.join(timeout)
 
 
-def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
+def start_in_thread(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 30.0,
+    tls: TLSFiles | None = None,
+    log_level: str = "warning",
+    access_log: bool = False,
+) -> RunningServer:
     """Serve ``app`` from a daemon thread; returns once it accepts connections (port 0 picks a free port)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="off", **_uvicorn_tls(tls)
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="hediff-backend", daemon=True)
     thread.start()
@@ -48,14 +110,19 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
             raise RuntimeError(f"the backend did not start on {host}:{port} within {timeout:.0f} s")
         time.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(server=server, thread=thread, url=f"http://{host}:{bound}")
+    scheme = "http" if tls is None else "https"
+    return RunningServer(server=server, thread=thread, url=f"{scheme}://{host}:{bound}")
 
 
-def serve_forever(app, host: str, port: int) -> None:
-    if not is_loopback(host):
-        log.warning(
-            "serving on %s, which is not a loopback address, WITHOUT TLS: bearer tokens and ciphertexts cross the "
-            "network in the clear; put a TLS proxy in front or bind to 127.0.0.1",
-            host,
-        )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+def warn_if_exposed(host: str, tls: TLSFiles | None) -> bool:
+    """Print (and log) a loud warning when a non-loopback address is served without TLS; True if it did."""
+    if tls is not None or is_loopback(host):
+        return False
+    print(plaintext_warning(host), file=sys.stderr, flush=True)
+    log.warning("serving on %s, which is not a loopback address, WITHOUT TLS", host)
+    return True
+
+
+def serve_forever(app, host: str, port: int, tls: TLSFiles | None = None) -> None:
+    warn_if_exposed(host, tls)
+    uvicorn.run(app, host=host, port=port, log_level="info", **_uvicorn_tls(tls))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -28,6 +29,10 @@ class SessionExpired(SessionError):
 
 class TooManySessions(SessionError):
     status = 429
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -78,10 +83,15 @@ class SessionStore:
         with self._lock:
             self._purge_locked()
             if len(self._sessions) >= self.max_sessions:
-                raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
-            if sum(s.token_id == token_id for s in self._sessions.values()) >= self.max_per_token:
                 raise TooManySessions(
-                    f"this token already has {self.max_per_token} open sessions; close one (DELETE) or wait for expiry"
+                    f"the server holds its maximum of {self.max_sessions} sessions; try again later",
+                    self._retry_after_locked(self._sessions.values()),
+                )
+            own = [s for s in self._sessions.values() if s.token_id == token_id]
+            if len(own) >= self.max_per_token:
+                raise TooManySessions(
+                    f"this token already has {self.max_per_token} open sessions; close one (DELETE) or wait for expiry",
+                    self._retry_after_locked(own),
                 )
             now = self.clock()
             session = Session(id=secrets.token_urlsafe(16), token_id=token_id, created=now, last_used=now, **fields)
@@ -110,6 +120,12 @@ class SessionStore:
         with self._lock:
             self._purge_locked()
             return len(self._sessions)
+
+    def _retry_after_locked(self, holding) -> int:
+        """Whole seconds until the first of these sessions would expire if left idle (the earliest a slot frees)."""
+        now = self.clock()
+        first = min((s.last_used + self.ttl_s - now for s in holding), default=self.ttl_s)
+        return max(1, math.ceil(first))
 
     def _purge_locked(self) -> None:
         now = self.clock()

@@ -81,6 +81,10 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
         header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"frame header is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("frame header nests JSON too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise ProtocolError(f"frame header holds an unreadable value: {e}") from None
     if (
         not isinstance(header, dict)
         or not isinstance(header.get("meta"), dict)

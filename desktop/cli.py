@@ -24,7 +24,11 @@ def _add_serve(sub) -> None:
         "--tokens-file", type=Path, default=None, help="hashed API tokens (default ~/.config/hediff/tokens.json)"
     )
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session is kept")
-    p.add_argument("--max-request-mb", type=float, default=64.0)
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted")
+    p.add_argument("--max-sessions", type=int, default=64, help="open sessions the server holds at most")
+    p.add_argument("--max-sessions-per-token", type=int, default=8, help="open sessions one API token may hold")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (chain) to serve HTTPS with")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
 
 
 def _add_token(sub) -> None:
@@ -48,6 +52,12 @@ def _add_generate(sub) -> None:
     where.add_argument("--server", help="backend URL, e.g. http://127.0.0.1:8470 (token from --token or $HEDIFF_TOKEN)")
     where.add_argument("--local-backend", action="store_true", help="start a backend on loopback for this run")
     p.add_argument("--token", default=None, help="API token (prefer $HEDIFF_TOKEN: arguments show up in process lists)")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="CA bundle or self-signed certificate to verify an https:// --server with (default: system CAs)",
+    )
     p.add_argument("--model", default="embedded")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -151,21 +161,36 @@ def cmd_serve(args) -> int:
     from backend.app import create_app
     from backend.auth import TokenStore, default_tokens_path
     from backend.engine import Limits, ServerModel
-    from backend.serve import serve_forever
+    from backend.serve import check_tls_files, serve_forever
     from common.models import resolve_model
 
+    tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
+    for flag, value in (
+        ("--max-sessions", args.max_sessions),
+        ("--max-sessions-per-token", args.max_sessions_per_token),
+        ("--session-ttl", args.session_ttl),
+        ("--max-request-mb", args.max_request_mb),
+    ):
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
     tokens_path = args.tokens_file or default_tokens_path()
     tokens = TokenStore.load(tokens_path)
     if not tokens.records():
         raise ValueError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
     model_path = resolve_model(args.model)
     model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
-    limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), session_ttl_s=args.session_ttl)
+    limits = Limits(
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        session_ttl_s=args.session_ttl,
+        max_sessions=args.max_sessions,
+        max_sessions_per_token=args.max_sessions_per_token,
+    )
+    scheme = "https" if tls else "http"
     print(
-        f"hediff backend: model {args.model} on {model.device} ({model.dtype}), http://{args.host}:{args.port}",
+        f"hediff backend: model {args.model} on {model.device} ({model.dtype}), {scheme}://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    serve_forever(create_app(model, tokens, limits), args.host, args.port)
+    serve_forever(create_app(model, tokens, limits), args.host, args.port, tls=tls)
     return 0
 
 
@@ -186,6 +211,7 @@ def cmd_generate(args) -> int:
         split=args.split,
         backend_device=args.device,
         timeout_s=args.timeout,
+        tls_ca=args.tls_ca,
     ) as hd:
         params = hd.params(
             args.prompt,

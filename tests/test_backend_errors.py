@@ -204,7 +204,11 @@ def test_expired_session_is_410_and_limits_per_token(server_model):
             _open(c, server_model, key)
             r = c.post("/v1/sessions", content=_open_frame(server_model, key).encode(), headers=FRAME)
             assert r.status_code == 429 and "open sessions" in r.json()["detail"]
-            now[0] += 61
+            assert r.headers["retry-after"] == "60"  # the first of the two sessions expires 60 s from now
+            now[0] += 30
+            r = c.post("/v1/sessions", content=_open_frame(server_model, key).encode(), headers=FRAME)
+            assert r.status_code == 429 and r.headers["retry-after"] == "30"
+            now[0] += 31
             r = _post_step(c, first["session_id"], _step_frame(first, key))
             assert r.status_code == 410 and "expired" in r.json()["detail"]
             _open(c, server_model, key)  # expiry freed the slots

@@ -32,6 +32,7 @@ class HEDiffusion:
         split: str = DEFAULT_SPLIT,
         backend_device: str = "cpu",
         timeout_s: float = 120.0,
+        tls_ca: str | Path | None = None,
     ):
         if local_backend == (server is not None):
             raise ValueError("give either a server URL or local_backend=True")
@@ -52,7 +53,7 @@ class HEDiffusion:
             token = token or os.environ.get("HEDIFF_TOKEN")
             if not token:
                 raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
-        self.client = BackendClient(server, token, timeout_s=timeout_s)
+        self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
         self._generator = Generator(self.client_model, self.client)
 
     @property

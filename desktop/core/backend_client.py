@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -22,6 +24,10 @@ class BackendUnreachable(BackendError):
 
 class BackendTimeout(BackendError):
     pass
+
+
+class BackendTLSError(BackendUnreachable):
+    """The server's TLS certificate did not verify against the trusted CAs."""
 
 
 class BackendRejected(BackendError):
@@ -46,13 +52,35 @@ class Exchange:
     bytes_received: int
 
 
+def tls_verification(url: str, tls_ca: str | Path | None) -> ssl.SSLContext | bool:
+    """What httpx verifies the server with: the system CAs, or the given CA bundle / self-signed certificate."""
+    if tls_ca is None:
+        return True
+    if not url.lower().startswith("https://"):
+        raise ValueError(f"a TLS CA ({tls_ca}) was given for {url}, which is not an https:// URL")
+    try:
+        return ssl.create_default_context(cafile=str(tls_ca))
+    except FileNotFoundError:
+        raise ValueError(f"the TLS CA file {tls_ca} does not exist") from None
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"the TLS CA file {tls_ca} cannot be used as PEM certificates ({e})") from None
+
+
 class BackendClient:
-    def __init__(self, url: str, token: str, timeout_s: float = 120.0, connect_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
+        tls_ca: str | Path | None = None,
+    ):
         self.url = url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            verify=tls_verification(self.url, tls_ca),
         )
 
     def close(self) -> None:
@@ -150,6 +178,11 @@ class BackendClient:
                         f"the backend at {client.url} did not answer in time ({type(exc).__name__}); "
                         "it may be overloaded, or raise the timeout"
                     ) from None
+                if isinstance(exc, httpx.ConnectError) and _is_certificate_failure(exc):
+                    raise BackendTLSError(
+                        f"the TLS certificate of {client.url} does not verify ({_ssl_reason(exc)}); if the server uses "
+                        "a self-signed certificate or a private CA, pass that certificate with --tls-ca"
+                    ) from None
                 if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
                     raise BackendUnreachable(
                         f"cannot reach the backend at {client.url} ({exc}); is it running, and is the URL right?"
@@ -176,3 +209,21 @@ class BackendClient:
         else:
             msg = f"the backend at {self.url} rejected the request (HTTP {r.status_code}): {detail}"
         raise BackendRejected(msg, r.status_code, str(code))
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _is_certificate_failure(exc: BaseException) -> bool:
+    return isinstance(_ssl_cause(exc), ssl.SSLCertVerificationError)
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    cause = _ssl_cause(exc)
+    return getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or str(exc)
