@@ -10,6 +10,10 @@ Three choices, each measured (bench/he_step.py, docs/performance.md):
   the ciphertexts, the bytes and every per-ciphertext cost.
 - Encryptions of zero do not depend on the message: ``ClientKey.prepare`` makes them ahead of time (while the
   server works) and ``encrypt`` only adds the encoded values on the critical path. Each is used once.
+- Decryptions reach the server (through the activations of the next step), and exact CKKS decryptions give
+  away the secret key (Li-Micciancio). So every decryption is noise-flooded (common/flooding.py), every key
+  decrypts at most ``max_decryptions`` ciphertexts, and ``RotatingKey`` switches to a fresh key before that,
+  which the server never notices: it holds no key material. docs/key-recovery.md has the argument and numbers.
 
 TenSEAL's own CKKSVector encodes real values only, so keys and ciphertexts are handled through its bundled SEAL
 API; TenSEAL's serialisation is kept for the parameter-only context that the server checks.
@@ -19,15 +23,19 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
 from tenseal import sealapi
+
+from common import flooding
 
 _KEYLESS = {"save_public_key": False, "save_secret_key": False, "save_galois_keys": False, "save_relin_keys": False}
 _SEAL_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError)
@@ -41,6 +49,19 @@ class SecretKeyInContextError(HEError):
     pass
 
 
+class DecryptionLimitError(RuntimeError):
+    """A key was asked to decrypt more ciphertexts than its bound allows; the message names the bound.
+
+    Not an HEError: nothing is wrong with the ciphertext or with what the server sent, the key is used up."""
+
+
+# Each ciphertext a client makes is decrypted at most twice: once as the pivot of its own step and, for PLMS's
+# second call, once more (checked for every sampler in tests/test_key_recovery.py). Keys reserve that much.
+DECRYPTIONS_PER_CIPHERTEXT = 2
+# Safety factor on the measured decryption error before it becomes the bound B the flood is sized from.
+ERROR_MARGIN = 2.0
+
+
 @dataclass(frozen=True)
 class HEPreset:
     name: str
@@ -51,6 +72,12 @@ class HEPreset:
     # b / a_p and the client multiplies by a_p after decrypting (depth 0, so the smallest parameters do).
     server_multiplies: bool
     description: str
+    # RMS error of one decrypted value after the server's update, measured by ``python -m bench.flooding
+    # --measure-error``; the most ciphertexts one key may decrypt (Q); the flood's kappa (common/flooding.py).
+    # docs/key-recovery.md has the measurements and the reasons for each choice.
+    decryption_error_rms: float
+    max_decryptions: int
+    flood_kappa: float
 
     @property
     def slots(self) -> int:
@@ -67,6 +94,19 @@ class HEPreset:
     def ciphertexts_for(self, n_values: int) -> int:
         return -(-n_values // self.values_per_ciphertext)
 
+    @property
+    def decryption_error_norm(self) -> float:
+        """B: a bound on the L2 norm of one ciphertext's decryption error over all its values, margin included."""
+        return ERROR_MARGIN * self.decryption_error_rms * math.sqrt(self.values_per_ciphertext)
+
+    def flood_sigma(self, max_decryptions: int | None = None, kappa: float | None = None) -> float:
+        """The flood for a key that decrypts at most ``max_decryptions`` ciphertexts (see common/flooding.py)."""
+        return flooding.flood_sigma(
+            self.decryption_error_norm,
+            self.max_decryptions if max_decryptions is None else max_decryptions,
+            self.flood_kappa if kappa is None else kappa,
+        )
+
 
 PRESETS: dict[str, HEPreset] = {
     "fast": HEPreset(
@@ -76,6 +116,9 @@ PRESETS: dict[str, HEPreset] = {
         scale_bits=40,
         server_multiplies=False,
         description="N=4096, q=[60,49] (109 bits, 128-bit security), scale 2^40; server adds only",
+        decryption_error_rms=1.4e-10,
+        max_decryptions=64,
+        flood_kappa=6,
     ),
     "paper": HEPreset(
         name="paper",
@@ -84,6 +127,9 @@ PRESETS: dict[str, HEPreset] = {
         scale_bits=26,
         server_multiplies=True,
         description="the paper's N=8192, q=[31,26x6,31] (218 bits), scale 2^26; server multiplies and adds",
+        decryption_error_rms=2.1e-5,
+        max_decryptions=2,
+        flood_kappa=-4,
     ),
 }
 DEFAULT_PRESET = "fast"
@@ -203,15 +249,35 @@ _SECRET_ONLY = {"save_public_key": False, "save_secret_key": True, "save_galois_
 class ClientKey:
     """A CKKS secret key. Lives only on the client; nothing here writes it anywhere.
 
-    ``ClientKey(preset)`` makes a throwaway key (the fastest way, for a key per generation).
+    ``ClientKey(preset)`` makes a throwaway key (the fastest way; ``RotatingKey`` makes them as it needs them).
     ``exportable=True`` makes one whose secret can be exported as bytes (in memory, for wrapping and storage
     by the caller); ``ClientKey(preset, secret=blob)`` loads such bytes back.
+
+    Every decryption is flooded with Gaussian noise of ``flood_sigma`` (``flooding=False`` turns that off, for
+    tests and for demonstrating the attack) and the key refuses to decrypt more than ``max_decryptions``
+    ciphertexts in all (``spent``: how many a stored key has already used or promised). ``on_use`` is called with
+    the key after every encryption (which reserves the later decryptions of its ciphertexts) before the
+    ciphertexts are returned, and after every decryption: a stored key persists ``spent`` there.
     """
 
     def __init__(
-        self, preset: HEPreset | str = DEFAULT_PRESET, *, secret: bytes | None = None, exportable: bool = False
+        self,
+        preset: HEPreset | str = DEFAULT_PRESET,
+        *,
+        secret: bytes | None = None,
+        exportable: bool = False,
+        flooding: bool = True,
+        kappa: float | None = None,
+        max_decryptions: int | None = None,
+        spent: int = 0,
+        on_use: Callable[[ClientKey], None] | None = None,
     ):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        max_decryptions = self.preset.max_decryptions if max_decryptions is None else max_decryptions
+        if not isinstance(max_decryptions, int) or max_decryptions < 1:
+            raise ValueError(f"max_decryptions must be a positive integer, got {max_decryptions!r}")
+        if not isinstance(spent, int) or spent < 0:
+            raise ValueError(f"spent must be a non-negative integer, got {spent!r}")
         self._seal = _seal_context(self.preset)
         self._secret_blob: bytes | None = None
         if secret is not None:
@@ -236,7 +302,11 @@ class ClientKey:
         self._encoder.encode(0.0, self.preset.scale, self._zero)
         self._zeros: collections.deque[sealapi.Ciphertext] = collections.deque()
         self._zeros_lock = threading.Lock()
-        self.decryptions = 0
+        self.max_decryptions = max_decryptions
+        self.flood_sigma = self.preset.flood_sigma(max_decryptions, kappa) if flooding else 0.0
+        self.decryptions = spent
+        self.reserved = spent  # decryptions made or promised to ciphertexts already handed out
+        self._on_use = on_use
 
     def _load_secret(self, blob: bytes):
         try:
@@ -263,6 +333,10 @@ class ClientKey:
         """Parameters only: no secret, public, relinearisation or Galois key (the same bytes for every key)."""
         return preset_parameter_bytes(self.preset)
 
+    def can_reserve(self, n_ciphertexts: int) -> bool:
+        """Whether ``n_ciphertexts`` more ciphertexts can be made and each later decrypted as often as allowed."""
+        return self.reserved + DECRYPTIONS_PER_CIPHERTEXT * n_ciphertexts <= self.max_decryptions
+
     def prepare(self, n_ciphertexts: int) -> None:
         """Top up the pool of fresh encryptions of zero to ``n_ciphertexts``."""
         while True:
@@ -284,9 +358,7 @@ class ClientKey:
 
     def encrypt(self, values: np.ndarray) -> list[Ciphertext]:
         """Pack a 1-D array into as few ciphertexts as possible (the last one zero-padded)."""
-        values = np.asarray(values, dtype=np.float64).ravel()
-        if not np.all(np.isfinite(values)):
-            raise HEError("refusing to encrypt NaN or infinite values")
+        values = _finite_values(values)
         n = self.preset.ciphertexts_for(values.size)
         cts = []
         for row in _rows(values, n, self.preset.values_per_ciphertext):
@@ -295,24 +367,224 @@ class ClientKey:
             self._encoder.encode(_as_slots(row), ct.parms_id(), ct.scale, plain)
             self._evaluator.add_plain_inplace(ct, plain)
             cts.append(Ciphertext(ct))
+        # a plain ClientKey may be over-reserved (it only refuses at decryption); RotatingKey checks first
+        self.reserved += DECRYPTIONS_PER_CIPHERTEXT * n
+        self.notify_use()
         return cts
+
+    def notify_use(self) -> None:
+        if self._on_use is not None:
+            self._on_use(self)
+
+    @property
+    def spent(self) -> int:
+        """Decryptions made or promised: what a stored key must remember across sessions."""
+        return max(self.reserved, self.decryptions)
 
     def decrypt(self, ciphertexts: list[Ciphertext], n_values: int) -> np.ndarray:
         if len(ciphertexts) != self.preset.ciphertexts_for(n_values):
             raise HEError(f"{len(ciphertexts)} ciphertexts cannot hold exactly {n_values} values")
-        width = self.preset.values_per_ciphertext
-        out = np.empty(len(ciphertexts) * width)
-        for i, ct in enumerate(ciphertexts):
-            plain = sealapi.Plaintext()
-            self._decryptor.decrypt(ct.seal, plain)
-            z = np.asarray(self._encoder.decode_complex(plain))
-            out[i * width : i * width + width // 2] = z.real
-            out[i * width + width // 2 : (i + 1) * width] = z.imag
-            self.decryptions += 1
-        return out[:n_values]
+        if not ciphertexts:
+            return np.zeros(0)
+        self.check_budget(len(ciphertexts))
+        out = np.concatenate([self.reveal(self.decode(ct)) for ct in ciphertexts])[:n_values]
+        self.notify_use()
+        return out
+
+    def check_budget(self, n_ciphertexts: int) -> None:
+        if self.decryptions + n_ciphertexts > self.max_decryptions:
+            raise DecryptionLimitError(
+                f"this key may decrypt at most {self.max_decryptions} ciphertexts (a bound that keeps its noise "
+                f"flooding sound against key recovery); it has decrypted {self.decryptions} and {n_ciphertexts} "
+                "more were asked for: rotate the key (RotatingKey does so by itself)"
+            )
+
+    def decode(self, ct: Ciphertext) -> np.ndarray:
+        """The exact decryption of one ciphertext (all its values, unflooded, uncounted): never let it leave."""
+        plain = sealapi.Plaintext()
+        self._decryptor.decrypt(ct.seal, plain)
+        z = np.asarray(self._encoder.decode_complex(plain))
+        return np.concatenate([z.real, z.imag])
+
+    def reveal(self, decoded: np.ndarray) -> np.ndarray:
+        """A decoded ciphertext, flooded and counted: what a caller may pass on (``check_budget`` first)."""
+        self.decryptions += 1
+        return flooding.flood(decoded, self.flood_sigma)
 
     def deserialize(self, blobs: list[bytes]) -> list[Ciphertext]:
         return [Ciphertext.load(self._seal, b) for b in blobs]
+
+
+def _finite_values(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(values)):
+        raise HEError("refusing to encrypt NaN or infinite values")
+    return values
+
+
+# A ciphertext decrypted under a key it was not made under decodes to values uniform modulo q; under the right
+# key to the latent (|x| well below 1e4). The gap is at least 2^10 for both presets.
+_WRONG_KEY_GAP_BITS = 10
+
+
+class RotatingKey:
+    """Secret keys that change before any of them exceeds its decryption bound, behind ClientKey's interface.
+
+    The server holds no key material (only the parameters), so the client can switch keys at any step without
+    telling it. Each ciphertext reserves ``DECRYPTIONS_PER_CIPHERTEXT`` decryptions on the key that makes it; a
+    key whose reservations would pass ``max_decryptions`` is retired and ``new_key()`` makes the next one.
+    Retired keys are kept for the ciphertexts still in flight (the last ``retain_calls`` encryptions): a
+    returned ciphertext is matched to the key that made it by decoding it (the right key gives latent-sized
+    values, any other gives values uniform modulo q), trying the key that made the same position last first.
+    """
+
+    def __init__(
+        self,
+        preset: HEPreset | str = DEFAULT_PRESET,
+        *,
+        max_decryptions: int | None = None,
+        flooding: bool = True,
+        kappa: float | None = None,
+        new_key: Callable[[], ClientKey] | None = None,
+        retain_calls: int = 4,
+    ):
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        if new_key is None:
+            if max_decryptions is not None and max_decryptions < DECRYPTIONS_PER_CIPHERTEXT:
+                raise ValueError(
+                    f"max_decryptions must be at least {DECRYPTIONS_PER_CIPHERTEXT}: every ciphertext may be "
+                    "decrypted that often"
+                )
+
+            def new_key() -> ClientKey:
+                return ClientKey(self.preset, flooding=flooding, kappa=kappa, max_decryptions=max_decryptions)
+
+        self._new_key = new_key
+        self._lock = threading.RLock()
+        self._current = self._checked(new_key())
+        self._pending: collections.deque[ClientKey] = collections.deque()  # made ahead by prepare()
+        self._made: collections.deque[list[ClientKey]] = collections.deque(maxlen=retain_calls)
+        self.fingerprints = [self._current.fingerprint]
+        self.decryptions = 0
+        self.rotations = 0
+
+    def _checked(self, key: ClientKey) -> ClientKey:
+        if key.preset != self.preset:
+            raise HEError(f"new_key made a key for preset {key.preset.name!r}, not {self.preset.name!r}")
+        if key.max_decryptions < DECRYPTIONS_PER_CIPHERTEXT:
+            raise DecryptionLimitError(
+                f"a key bounded to {key.max_decryptions} decryptions cannot hold even one ciphertext, which may be "
+                f"decrypted {DECRYPTIONS_PER_CIPHERTEXT} times"
+            )
+        return key
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the key the next ciphertext will be made under (``fingerprints``: all so far)."""
+        return self._current.fingerprint
+
+    @property
+    def slots(self) -> int:
+        return self.preset.slots
+
+    @property
+    def flood_sigma(self) -> float:
+        return self._current.flood_sigma
+
+    def evaluation_context(self) -> bytes:
+        return preset_parameter_bytes(self.preset)
+
+    def export_secret(self) -> bytes:
+        raise HEError("a rotating key has no single secret to export")
+
+    def deserialize(self, blobs: list[bytes]) -> list[Ciphertext]:
+        return self._current.deserialize(blobs)
+
+    def _rotate(self) -> None:
+        self._current = self._pending.popleft() if self._pending else self._checked(self._new_key())
+        self.fingerprints.append(self._current.fingerprint)
+        self.rotations += 1
+
+    def _key_for_next_ciphertext(self) -> ClientKey:
+        if not self._current.can_reserve(1):
+            self._rotate()
+            if not self._current.can_reserve(1):
+                raise DecryptionLimitError(
+                    f"the new key {self._current.fingerprint} has no decryptions left of its "
+                    f"{self._current.max_decryptions}"
+                )
+        return self._current
+
+    def prepare(self, n_ciphertexts: int) -> None:
+        """Fresh encryptions of zero for the next ``n_ciphertexts``, under the keys that will make them."""
+        with self._lock:
+            left = n_ciphertexts
+            for key in [self._current, *self._pending]:
+                room = (key.max_decryptions - key.reserved) // DECRYPTIONS_PER_CIPHERTEXT
+                key.prepare(min(room, left))
+                left -= min(room, left)
+            while left > 0:
+                key = self._checked(self._new_key())
+                self._pending.append(key)
+                room = (key.max_decryptions - key.reserved) // DECRYPTIONS_PER_CIPHERTEXT
+                if room < 1:
+                    raise DecryptionLimitError(f"the new key {key.fingerprint} has no decryptions left")
+                key.prepare(min(room, left))
+                left -= min(room, left)
+
+    def encrypt(self, values: np.ndarray) -> list[Ciphertext]:
+        values = _finite_values(values)
+        width = self.preset.values_per_ciphertext
+        with self._lock:
+            cts, keys = [], []
+            for row in _rows(values, self.preset.ciphertexts_for(values.size), width):
+                key = self._key_for_next_ciphertext()
+                cts += key.encrypt(row)
+                keys.append(key)
+            self._made.append(keys)
+            return cts
+
+    def _candidates(self, position: int) -> list[ClientKey]:
+        ordered = [keys[position] for keys in reversed(self._made) if position < len(keys)]
+        ordered += [k for keys in reversed(self._made) for k in keys]
+        seen: set[int] = set()
+        return [k for k in ordered if not (id(k) in seen or seen.add(id(k)))]
+
+    def _plausible(self, decoded: np.ndarray, ct: Ciphertext) -> bool:
+        q_bits = self._current._seal.get_context_data(ct.seal.parms_id()).total_coeff_modulus_bit_count()
+        wrong_key_rms = 2.0 ** (q_bits - _WRONG_KEY_GAP_BITS) / math.sqrt(12) / ct.seal.scale
+        return bool(np.sqrt(np.mean(decoded**2)) * math.sqrt(2 / decoded.size) < wrong_key_rms)
+
+    def decrypt(self, ciphertexts: list[Ciphertext], n_values: int) -> np.ndarray:
+        if len(ciphertexts) != self.preset.ciphertexts_for(n_values):
+            raise HEError(f"{len(ciphertexts)} ciphertexts cannot hold exactly {n_values} values")
+        if not ciphertexts:
+            return np.zeros(0)
+        with self._lock:
+            found: list[tuple[ClientKey, np.ndarray]] = []
+            for position, ct in enumerate(ciphertexts):
+                for key in self._candidates(position):
+                    decoded = key.decode(ct)
+                    if self._plausible(decoded, ct):
+                        found.append((key, decoded))
+                        break
+                else:
+                    raise HEError(
+                        f"ciphertext {position} was not made under any key this client still holds (the keys of "
+                        f"its last {self._made.maxlen} encryptions)"
+                    )
+            for key in {id(k): k for k, _ in found}.values():  # all or nothing: check every budget first
+                try:
+                    key.check_budget(sum(1 for k, _ in found if k is key))
+                except DecryptionLimitError as e:
+                    raise DecryptionLimitError(
+                        f"{e}; key {key.fingerprint} made them, so they came back more often than the protocol needs"
+                    ) from None
+            out = np.concatenate([key.reveal(decoded) for key, decoded in found])
+            self.decryptions += len(found)
+            for key in {id(k): k for k, _ in found}.values():
+                key.notify_use()
+            return out[:n_values]
 
 
 def _explain_rejected_context(data: bytes, preset: HEPreset) -> None:

@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.he import ClientKey, EvaluationContext
+from common.he import ClientKey, EvaluationContext, RotatingKey
 
 
 @dataclass
 class EncryptedLatent:
     shape: tuple[int, ...]
     mask: np.ndarray | None  # bool, latent-shaped, True = encrypted; None = everything encrypted
-    ciphertexts: list = field(default_factory=list)  # tenseal.CKKSVector, values in flat order of the mask
+    ciphertexts: list = field(default_factory=list)  # common.he.Ciphertext, values in flat order of the mask
     remainder: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 plaintext values, flat order
 
     @property
@@ -49,7 +49,7 @@ def merge_values(
     return out.reshape(shape)
 
 
-def encrypt_latent(x: np.ndarray, mask: np.ndarray | None, key: ClientKey) -> EncryptedLatent:
+def encrypt_latent(x: np.ndarray, mask: np.ndarray | None, key: ClientKey | RotatingKey) -> EncryptedLatent:
     x = np.asarray(x, dtype=np.float64)
     if mask is not None and mask.shape != x.shape:
         raise ValueError(f"mask shape {mask.shape} does not match latent shape {x.shape}")
@@ -57,7 +57,8 @@ def encrypt_latent(x: np.ndarray, mask: np.ndarray | None, key: ClientKey) -> En
     return EncryptedLatent(shape=x.shape, mask=mask, ciphertexts=key.encrypt(enc), remainder=plain)
 
 
-def decrypt_latent(latent: EncryptedLatent, key: ClientKey) -> np.ndarray:
+def decrypt_latent(latent: EncryptedLatent, key: ClientKey | RotatingKey) -> np.ndarray:
+    """The latent as the client may use it: the encrypted part noise-flooded by ``key`` (unless made without)."""
     enc = key.decrypt(latent.ciphertexts, latent.n_encrypted)
     return merge_values(latent.shape, latent.mask, enc, latent.remainder)
 

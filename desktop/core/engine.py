@@ -164,7 +164,7 @@ class Generator:
         if params.encryption == "none":
             key = None
         elif key is None:
-            key = he.ClientKey(params.he_preset)  # a fresh key per generation
+            key = he.RotatingKey(params.he_preset)  # fresh keys per generation, each retired before its bound
         elif key.preset.name != params.he_preset:
             raise ValueError(
                 f"the given key is for preset {key.preset.name!r}, the generation asks for {params.he_preset!r}"

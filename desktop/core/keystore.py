@@ -9,6 +9,10 @@
   derived with scrypt (N=2**17, r=8, p=1; salt in the file). The AES-GCM associated data is the file's whole
   header (format, preset, fingerprint, created, protection, KDF parameters), so a swapped or edited header
   does not decrypt.
+- A CKKS key may decrypt only a bounded number of ciphertexts (common/he.py, docs/key-recovery.md). A device key
+  outlives sessions, so its count (decryptions made or promised) is kept beside it in ``<preset>.uses``,
+  written before its ciphertexts leave the machine. ``get_or_create``/``load`` give the key itself, which refuses
+  past the bound; ``rotating`` gives it behind a RotatingKey that replaces it with a new stored key instead.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ DEFAULT_SERVICE = "hediff"
 WRAP_NAME = "device-key-wrap:{preset}"
 KEY_FORMAT = "hediff-device-key/1"
 KEY_SUFFIX = ".hdkey"
+USES_SUFFIX = ".uses"
 # scrypt N=2**17, r=8, p=1: OWASP's minimum for scrypt; 128 MiB and ~0.25 s per derivation on a laptop core,
 # paid once per unlock (loaded keys are cached in memory). Stored per file, so it can be raised later.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
@@ -373,6 +378,9 @@ class DeviceKeys:
         he.get_preset(preset)  # only known preset names become file names
         return self.dir / f"{preset}{KEY_SUFFIX}"
 
+    def uses_path(self, preset: str) -> Path:
+        return self.path(preset).with_suffix(USES_SUFFIX)
+
     def info(self, preset: str) -> KeyInfo | None:
         """What is stored for ``preset`` (read from the header, nothing is decrypted), or None.
 
@@ -411,21 +419,39 @@ class DeviceKeys:
         with self._lock:
             return self._create(preset)
 
+    def rotating(self, preset: str) -> he.RotatingKey:
+        """The device key behind a RotatingKey: when it has no decryptions left, a new device key is made, wrapped
+        and stored like ``rotate`` does, and used from then on, so a generation never stops at the bound."""
+        first = True
+
+        def next_key() -> he.ClientKey:
+            nonlocal first
+            with self._lock:
+                if first:
+                    first = False
+                    key = self.get_or_create(preset)
+                    if key.can_reserve(1):
+                        return key
+                return self._create(preset)
+
+        return he.RotatingKey(preset, new_key=next_key)
+
     def delete(self, preset: str) -> None:
         path = self.path(preset)
         with self._lock:
             self._cache.pop(preset, None)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            for p in (path, self.uses_path(preset)):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
             self._forget_wrapping_key(preset)
 
     # --- internals ---
 
     def _create(self, preset: str) -> he.ClientKey:
         path = self.path(preset)
-        key = he.ClientKey(preset, exportable=True)
+        key = he.ClientKey(preset, exportable=True, on_use=self._record_use)
         header: dict = {
             "format": KEY_FORMAT,
             "preset": preset,
@@ -454,11 +480,43 @@ class DeviceKeys:
         header["nonce"], header["ciphertext"] = _b64(nonce), _b64(ciphertext)
         ensure_private_dir(self.dir, tighten_existing=True)
         atomic_write(path, json.dumps(header, indent=1).encode("utf-8"), mode=0o600)
+        try:
+            self.uses_path(preset).unlink()  # the old key's count; a stale one is ignored (other fingerprint)
+        except FileNotFoundError:
+            pass
         if self._passphrase is not None:
             self._forget_wrapping_key(preset)  # a keyring wrapping key left from an earlier key is no longer used
         st = path.stat()
         self._cache[preset] = ((st.st_mtime_ns, st.st_size, st.st_ino), key)
         return key
+
+    def _record_use(self, key: he.ClientKey) -> None:
+        """Persist how many decryptions the stored key has made or promised (before its ciphertexts leave)."""
+        preset = key.preset.name
+        with self._lock:
+            info = self.info(preset)
+            if info is None or info.fingerprint != key.fingerprint:
+                return  # a key rotated away (still finishing its ciphertexts): never loaded again
+            record = {"fingerprint": key.fingerprint, "spent": key.spent, "max_decryptions": key.max_decryptions}
+            atomic_write(self.uses_path(preset), json.dumps(record).encode("utf-8"), mode=0o600)
+
+    def _spent(self, preset: str, fingerprint: str) -> int:
+        path = self.uses_path(preset)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(4096)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise KeyStoreError(f"the usage record {path} cannot be read: {e.strerror or e}") from None
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            spent, owner = record["spent"], record["fingerprint"]
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+            raise CorruptKeyFile(path, "the record of its decryptions is unreadable") from None
+        if isinstance(spent, bool) or not isinstance(spent, int) or spent < 0:
+            raise CorruptKeyFile(path, "the record of its decryptions is not a count")
+        return spent if owner == fingerprint else 0  # another key's record: left over from a rotation
 
     def _wrapping_key(self, preset: str, create: bool) -> bytes:
         name = WRAP_NAME.format(preset=preset)
@@ -558,8 +616,9 @@ class DeviceKeys:
                 "" if header["protection"] == "passphrase" else " (or the keyring's wrapping key does not match it)"
             )
             raise CorruptKeyFile(path, why) from None
+        spent = self._spent(preset, header["fingerprint"])
         try:
-            key = he.ClientKey(preset, secret=secret)
+            key = he.ClientKey(preset, secret=secret, spent=spent, on_use=self._record_use)
         except he.HEError as e:
             raise CorruptKeyFile(path, f"the decrypted key is unusable: {e}") from None
         if key.fingerprint != header["fingerprint"]:
