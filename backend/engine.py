@@ -1,4 +1,8 @@
-"""The backend's work: open sessions, run the UNet body on both guidance branches, apply the HE update."""
+"""The backend's work: open sessions, run the UNet body on both guidance branches, apply the HE update.
+
+In a U-shaped split the server runs only the middle of the UNet and returns its hidden state; the client
+finishes the UNet, the guidance and the scheduler step, so those sessions hold no latent and no HE context.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +63,17 @@ class ServerModel:
         self.dtype = resolve_dtype(dtype, self.device)
         self.unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
         self.unet.eval()
-        self.bodies = {name: split.UNetBody.from_unet(self.unet, name) for name in split.SPLIT_POINTS}
-        self.heads = {name: split.UNetHead.from_unet(self.unet, name) for name in split.SPLIT_POINTS}
+        # every split this UNet supports; the others are refused per session with the reason (a 400, not a 500)
+        self.bodies: dict[str, split.UNetBody] = {}
+        self.unsupported: dict[str, str] = {}
+        config_file = Path(model_path) / "unet" / "config.json"
+        for name in split.SPLIT_POINTS:
+            try:
+                self.bodies[name] = split.UNetBody.from_unet(self.unet, name)
+            except split.UnsupportedUNetError as e:
+                self.unsupported[name] = f"{config_file}: {e}"
+        if not self.bodies:
+            raise split.UnsupportedUNetError("; ".join(self.unsupported.values()))
         self.scheduler_config = models.load_scheduler_config(model_path)
         vae_config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as StableDiffusionPipeline
@@ -80,8 +93,15 @@ class ServerModel:
             )
         return (self.latent_channels, height // f, width // f)
 
-    def activation_shapes(self, split_name: str, latent_shape) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v) for k, v in self.heads[split_name].activation_shapes((1, *latent_shape)).items()}
+    @property
+    def splits(self) -> list[str]:
+        return list(self.bodies)
+
+    def activation_shapes(self, split_name: str, latent_shape, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it)."""
+        b = batch if split.is_u_shaped(split_name) else 1
+        shapes = split.activation_shapes(self.unet.config, split_name, (b, *latent_shape))
+        return {k: tuple(v) for k, v in shapes.items()}
 
     def capabilities(self, limits: Limits) -> dict:
         return {
@@ -95,7 +115,8 @@ class ServerModel:
                 "dtype": str(self.dtype).replace("torch.", ""),
             },
             "schedulers": list(SCHEDULER_NAMES),
-            "splits": list(split.SPLIT_POINTS),
+            "splits": self.splits,
+            "unsupported_splits": dict(self.unsupported),
             "encryption": list(protocol.ENCRYPTION_CHOICES),
             "he_presets": {name: p.description for name, p in he.PRESETS.items()},
             "activation_dtypes": list(protocol.ACTIVATION_DTYPES),
@@ -115,6 +136,16 @@ class ServerModel:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance * (cond - uncond)
             return noise[0].float().cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def middle(
+        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, latent_hw, dtype: str
+    ) -> np.ndarray:
+        """U-shaped split: the hidden state entering the client's first up block, both guidance branches."""
+        with self.lock:
+            acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
+            hidden = self.bodies[split_name](acts, timestep, embeddings, latent_size=tuple(latent_hw))
+            return hidden.float().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -144,7 +175,13 @@ class Engine:
             presets=tuple(he.PRESETS),
             max_steps=self.limits.max_steps,
             max_side=self.limits.max_side,
+            u_splits=tuple(split.U_SPLITS),
         )
+        if settings.split in self.model.unsupported:
+            raise ProtocolError(
+                f"this server's model cannot run split {settings.split!r}: {self.model.unsupported[settings.split]}"
+            )
+        u_shaped = split.is_u_shaped(settings.split)
         latent_shape = self.model.latent_shape(settings.height, settings.width)
         plan = self.model.plan(settings.scheduler, settings.steps)
         if plan.digest() != settings.plan_digest:
@@ -158,6 +195,8 @@ class Engine:
         if settings.guidance > 1.0:  # diffusers' pipeline runs the unconditional branch only when guidance > 1
             embeds = [protocol.require_tensor(frame, "uncond", (1, *tokens_dim), ("float32", "float16")), cond]
         context = None
+        if u_shaped and "context" in frame.blobs:
+            raise ProtocolError(f"split {settings.split!r} keeps the latent on the client: send no HE 'context'")
         if settings.encryption != "none":
             if "context" not in frame.blobs:
                 raise ProtocolError("an encrypted session needs the 'context' blob (the HE evaluation parameters)")
@@ -170,7 +209,7 @@ class Engine:
             context=context,
             embeddings=embeddings,
             latent_shape=latent_shape,
-            activation_shapes=self.model.activation_shapes(settings.split, latent_shape),
+            activation_shapes=self.model.activation_shapes(settings.split, latent_shape, len(embeds)),
         )
         return {
             "session_id": session.id,
@@ -194,10 +233,12 @@ class Engine:
                 name: protocol.require_tensor(frame, name, shape, (settings.activation_dtype,))
                 for name, shape in session.activation_shapes.items()
             }
+            plan_step = session.plan.steps[step_index]
+            if split.is_u_shaped(settings.split):
+                return self._u_step(session, step_index, plan_step, acts, t0)
             latent = self._read_latent(session, frame)
             t_parsed = time.perf_counter()
 
-            plan_step = session.plan.steps[step_index]
             eps = self.model.guided_noise(
                 settings.split, acts, plan_step.timestep, session.embeddings, settings.guidance
             )
@@ -231,6 +272,31 @@ class Engine:
             session.last_response = (step_index, data)
             return data
 
+    def _u_step(self, session: Session, step_index: int, plan_step, acts: dict, t0: float) -> bytes:
+        """U-shaped split: the middle of the UNet only; no latent, no noise prediction, no HE."""
+        settings = session.settings
+        t_parsed = time.perf_counter()
+        hidden = self.model.middle(
+            settings.split,
+            acts,
+            plan_step.timestep,
+            session.embeddings,
+            session.latent_shape[1:],
+            settings.activation_dtype,
+        )
+        t_body = time.perf_counter()
+        session.next_step += 1
+        out = Frame(meta={"step": step_index}, tensors={split.RETURN_NAME: hidden})
+        out.meta["timings"] = {
+            "server_parse_s": t_parsed - t0,
+            "server_body_s": t_body - t_parsed,
+            "server_he_s": 0.0,
+            "server_total_s": time.perf_counter() - t0,
+        }
+        data = out.encode()
+        session.last_response = (step_index, data)
+        return data
+
     def _read_latent(self, session: Session, frame: Frame):
         shape = session.latent_shape
         settings = session.settings
@@ -239,7 +305,7 @@ class Engine:
         ctx = session.context
         mask = None
         remainder = np.zeros(0)
-        if settings.encryption == "min-distortion":
+        if settings.encryption in protocol.PARTIAL_ENCRYPTION:
             n_bytes = (int(np.prod(shape)) + 7) // 8
             bits = protocol.require_tensor(frame, "mask", (n_bytes,), ("uint8",))
             mask = unpack_mask(bits, shape)

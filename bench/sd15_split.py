@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from common.latent import encrypt_latent, pack_mask
     from common.models import SD15_UNET_CONFIG
     from common.selection import min_distortion_mask
-    from common.split import SPLIT_POINTS, UNetBody, UNetHead
+    from common.split import PAPER_SPLITS, UNetBody, UNetHead
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     t = 801
     results: dict = {"unet_parameters": n_params, "latent_shape": [4, side, side], "splits": {}}
     with torch.no_grad():
-        for split_name in SPLIT_POINTS:
+        for split_name in PAPER_SPLITS:  # U-shaped splits: bench/split_cost.py
             head, body = UNetHead.from_unet(unet, split_name), UNetBody.from_unet(unet, split_name)
             head_s, body_s = [], []
             for _ in range(args.repeats):

@@ -200,7 +200,10 @@ def meta_choice(meta: dict, key: str, choices) -> str:
 
 # --- session settings ------------------------------------------------------------------------------
 
-ENCRYPTION_CHOICES = ("full", "min-distortion", "none")  # "none": the same split protocol in plaintext
+# "none": the same split protocol in plaintext. The index set is an encryption choice, not a split choice: it is
+# orthogonal to where the UNet is split, and only matters for the paper's splits, which send the latent.
+ENCRYPTION_CHOICES = ("full", "min-distortion", "random-mask", "none")
+PARTIAL_ENCRYPTION = ("min-distortion", "random-mask")  # a mask bitmap and a plaintext remainder travel
 
 
 @dataclass(frozen=True)
@@ -220,8 +223,17 @@ class SessionSettings:
         return dict(self.__dict__)
 
     @classmethod
-    def from_meta(cls, meta: dict, *, schedulers, splits, presets, max_steps: int, max_side: int) -> SessionSettings:
+    def from_meta(
+        cls, meta: dict, *, schedulers, splits, presets, max_steps: int, max_side: int, u_splits=()
+    ) -> SessionSettings:
+        """``u_splits``: the U-shaped splits among ``splits``; their latent never travels, so no HE is allowed."""
         encryption = meta_choice(meta, "encryption", ENCRYPTION_CHOICES)
+        split = meta_choice(meta, "split", splits)
+        if split in tuple(u_splits) and encryption != "none":
+            raise ProtocolError(
+                f"split {split!r} keeps the latent on the client, so nothing is encrypted: 'encryption' must be "
+                f"'none', got {encryption!r}"
+            )
         he_preset = None if encryption == "none" else meta_choice(meta, "he_preset", presets)
         digest = meta.get("plan_digest")
         if not isinstance(digest, str) or len(digest) != 64:
@@ -232,7 +244,7 @@ class SessionSettings:
             guidance=meta_float(meta, "guidance", 0.0, 100.0),
             height=meta_int(meta, "height", 8, max_side),
             width=meta_int(meta, "width", 8, max_side),
-            split=meta_choice(meta, "split", splits),
+            split=split,
             encryption=encryption,
             he_preset=he_preset,
             activation_dtype=meta_choice(meta, "activation_dtype", ACTIVATION_DTYPES),

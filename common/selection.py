@@ -1,15 +1,26 @@
-"""Which latent elements to encrypt: everything, or the paper's min-distortion (HILL cost) selection.
+"""Which latent elements to encrypt: everything, the paper's min-distortion (HILL cost) selection, or a
+data-independent random mask.
 
-A mask is a boolean array shaped like the latent; True means "encrypted".
+A mask is a boolean array shaped like the latent; True means "encrypted". The min-distortion mask is computed
+from the secret latent at every step, so the index set the server sees is a saliency map of the image. The
+random mask is drawn once per generation from a fresh secret seed and does not depend on the latent at all;
+the server learns only the fraction. Either only matters for the paper's splits, which send the latent: the
+U-shaped splits keep it on the client.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+
 import numpy as np
 from scipy import ndimage
 
-ENCRYPTION_MODES = ("full", "min-distortion")
+ENCRYPTION_MODES = ("full", "min-distortion", "random-mask")
 DEFAULT_TAU = 0.01
+# the paper's encrypted share at tau 0.01 on Gaussian latents (tests/test_selection.py reproduces it)
+DEFAULT_MASK_FRACTION = 0.886
+MASK_SEED_BYTES = 32
 
 HILL_HIGHPASS = np.array([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]])
 
@@ -55,10 +66,39 @@ def min_distortion_mask(latent: np.ndarray, tau: float = DEFAULT_TAU) -> np.ndar
     return mask.reshape(np.shape(latent))
 
 
+def new_mask_seed() -> bytes:
+    """A fresh secret seed for :func:`random_mask` (one per generation)."""
+    return secrets.token_bytes(MASK_SEED_BYTES)
+
+
+def random_mask(shape: tuple[int, ...], fraction: float, seed: bytes) -> np.ndarray:
+    """Exactly ``round(fraction * size)`` encrypted elements, a uniformly random subset chosen by ``seed``.
+
+    The subset is the positions of the smallest of ``size`` 64-bit keys read from SHAKE-256(seed): a
+    cryptographic expansion of the seed, so without the seed the mask is unpredictable, and with it the mask
+    is reproducible (tests). It never looks at the latent.
+    """
+    if not np.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"mask fraction must be in [0, 1], got {fraction}")
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        raise ValueError("the random mask needs a secret seed of at least 16 bytes (use new_mask_seed())")
+    size = int(np.prod(shape))
+    keys = np.frombuffer(hashlib.shake_256(seed).digest(8 * size), dtype="<u8")
+    chosen = np.argsort(keys, kind="stable")[: int(round(fraction * size))]
+    mask = np.zeros(size, dtype=bool)
+    mask[chosen] = True
+    return mask.reshape(shape)
+
+
 def select_mask(latent: np.ndarray, mode: str, tau: float = DEFAULT_TAU) -> np.ndarray | None:
-    """None for full encryption (no index set goes on the wire), else the min-distortion mask."""
+    """None for full encryption (no index set goes on the wire), else the min-distortion mask.
+
+    ``random-mask`` is not chosen per step: draw it once per generation with :func:`random_mask`.
+    """
     if mode == "full":
         return None
     if mode == "min-distortion":
         return min_distortion_mask(latent, tau)
+    if mode == "random-mask":
+        raise ValueError("the random mask does not depend on the latent: draw it once with random_mask()")
     raise ValueError(f"unknown encryption mode {mode!r}; choose one of: {', '.join(ENCRYPTION_MODES)}")

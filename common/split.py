@@ -1,27 +1,48 @@
-"""Split a diffusers ``UNet2DConditionModel`` into a client-side *head* and a server-side *body*.
+"""Split a diffusers ``UNet2DConditionModel`` between the client and the server.
 
-The head runs the first UNet layers on the client; the body runs everything else on the server::
+Paper splits (:data:`PAPER_SPLITS`): the client runs a *head* (the first UNet layers), the server runs the *body*
+(everything else) and gets the noise prediction::
 
     acts = UNetHead(...)(latent, t)                         # latent (1, 4, h, w); no prompt needed
     eps = UNetBody(...)(acts, t, torch.cat([uncond, cond]))  # (2, 4, h, w) noise predictions
-
-Split points (:data:`SPLIT_POINTS`):
 
 * ``"conv_in"`` -- head = ``conv_in``. Activations ``{"h": conv_in(x)}``.
 * ``"down0.resnet0"`` -- head = ``conv_in`` + ``down_blocks[0].resnets[0]`` (so it also holds ``time_proj`` /
   ``time_embedding``). Activations ``{"skip0": conv_in(x), "h": resnets[0](skip0, temb)}``; ``skip0`` is the
   skip connection that the last up block consumes.
 
-``UNetBody.forward`` reproduces ``UNet2DConditionModel.forward`` (diffusers 0.42) from the split point on:
-time embedding, the rest of ``down_blocks[0]`` (its ``attentions[0]``, further resnets/attentions,
-downsampler) and the other down blocks with the same ``res_samples`` bookkeeping, the mid block, the up
-blocks with the ``forward_upsample_size`` logic, and ``conv_norm_out``/``conv_act``/``conv_out``. Given the
-same inputs, head + body is bit-identical to the full UNet.
+Both send a linear, invertible function of the latent (``conv_in(x)``) to the server. A deeper split of the same
+kind cannot avoid that, because the last up block consumes the first down block's skip connections, so they
+would have to travel. U-shaped splits (:data:`U_SPLITS`) keep them: the client runs ``conv_in`` and the first
+``k`` down blocks (whole blocks: resnets, cross-attentions with both guidance branches' prompt embeddings,
+downsampler) *and* the last ``k`` up blocks with ``conv_norm_out``/``conv_act``/``conv_out``::
 
-Batch-size caveat: the head normally runs on a batch of 1 and the body expands the activations to the
-guidance batch (2). On CPU, oneDNN convolutions and MKL GEMMs can round differently for batch 1 and
+    sent, kept = UNetHeadTail(...).head(latent, t, ehs)      # sent = {"h": output of down_blocks[k-1]}
+    hidden = UNetBody(..., "u1")(sent, t, ehs, latent_size=(h, w))  # the input of up_blocks[n-k]
+    eps = UNetHeadTail(...).tail(hidden, kept, ehs)          # (B, 4, h, w), never leaves the client
+
+* ``"u1"`` (``k = 1``), ``"u2"`` (``k = 2``, needs at least 3 down blocks).
+
+What travels in a U-shaped split, checked against the ``res_samples`` bookkeeping of
+``UNet2DConditionModel.forward``: the skips are ``conv_in(x)``, then per down block its resnet (or attention)
+outputs and, except for the last block, its downsampler output. ``up_blocks[n-1-j]`` consumes
+``layers_per_block[j] + 1`` of them, so the client's ``k`` up blocks consume exactly ``conv_in(x)`` and the resnet
+outputs plus the first ``k - 1`` downsampler outputs of its own ``k`` down blocks. The one client-made skip that a
+server up block needs is ``down_blocks[k-1]``'s downsampler output, which *is* the hidden state entering
+``down_blocks[k]``. So client -> server: ``h`` (B x C_{k-1} x ceil(H/2^k) x ceil(W/2^k)) only, plus the timestep
+and prompt embeddings the session already holds; server -> client: ``hidden`` (B x C_k x H/2^{k-1} x W/2^{k-1}),
+the input of ``up_blocks[n-k]``. The latent, the skips and the noise prediction stay on the client.
+
+``UNetBody.forward`` reproduces ``UNet2DConditionModel.forward`` (diffusers 0.42) from the split point on:
+time embedding, the rest of the down blocks with the same ``res_samples`` bookkeeping, the mid block, the up
+blocks with the ``forward_upsample_size`` logic, and (paper splits) ``conv_norm_out``/``conv_act``/``conv_out``.
+Given the same inputs, head + body (+ tail) is bit-identical to the full UNet.
+
+Batch-size caveat (paper splits): the head normally runs on a batch of 1 and the body expands the activations
+to the guidance batch (2). On CPU, oneDNN convolutions and MKL GEMMs can round differently for batch 1 and
 batch 2 (different kernels/blocking), so ``body(head(x))`` and ``unet(cat([x, x]))`` agree to ~1e-6, not
-bit-for-bit; with the head run on the same batch as the full UNet they are bit-identical.
+bit-for-bit; with the head run on the same batch as the full UNet they are bit-identical. U-shaped heads run on
+the guidance batch (their cross-attention needs both prompts).
 
 Unsupported UNet features (class/addition embeddings, ``encoder_hid_proj``, ``time_cond_proj_dim``,
 ControlNet / T2I-Adapter residuals, cross-attention masks, ``cross_attention_kwargs``) raise
@@ -34,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +64,49 @@ from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_SPLIT",
+    "PAPER_SPLITS",
+    "RETURN_NAME",
     "SPLIT_POINTS",
+    "U_SPLITS",
     "UNetBody",
     "UNetHead",
+    "UNetHeadTail",
+    "UShapedKept",
     "UnsupportedUNetError",
     "activation_names",
     "activation_shapes",
     "check_unet_config",
+    "client_parameter_names",
     "head_parameter_names",
+    "is_u_shaped",
+    "return_shape",
     "split_unet",
+    "u_depth",
 ]
 
-SPLIT_POINTS: tuple[str, ...] = ("conv_in", "down0.resnet0")
+PAPER_SPLITS: tuple[str, ...] = ("conv_in", "down0.resnet0")
+# U-shaped split -> how many down blocks (and, mirrored, up blocks) run on the client
+U_SPLITS: dict[str, int] = {"u1": 1, "u2": 2}
+SPLIT_POINTS: tuple[str, ...] = (*PAPER_SPLITS, *U_SPLITS)
 DEFAULT_SPLIT = "conv_in"
+RETURN_NAME = "hidden"  # the server's answer in a U-shaped split: the input of the client's first up block
 
 _ACTIVATION_NAMES: dict[str, tuple[str, ...]] = {
     "conv_in": ("h",),
     "down0.resnet0": ("skip0", "h"),
+    "u1": ("h",),
+    "u2": ("h",),
 }
 
 # First-down-block types whose forward UNetBody knows how to resume after resnets[0].
 _RESUMABLE_DOWN0 = ("CrossAttnDownBlock2D", "DownBlock2D")
+# Block types a U-shaped client runs (their forward signatures and res_samples are the ones mirrored here).
+_U_DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+_U_UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 class UnsupportedUNetError(ValueError):
-    """The UNet (config) uses a feature that the head/body split does not reproduce."""
+    """The UNet (config) uses a feature that the split does not reproduce, or is too shallow for it."""
 
 
 def _check_split(split: str) -> str:
@@ -75,8 +115,20 @@ def _check_split(split: str) -> str:
     return split
 
 
+def is_u_shaped(split: str) -> bool:
+    """True for the U-shaped splits, in which the latent and the noise prediction stay on the client."""
+    return _check_split(split) in U_SPLITS
+
+
+def u_depth(split: str) -> int:
+    """Down (and up) blocks the client runs in U-shaped ``split``."""
+    if not is_u_shaped(split):
+        raise ValueError(f"split {split!r} is not U-shaped; U-shaped splits are {', '.join(U_SPLITS)}")
+    return U_SPLITS[split]
+
+
 def activation_names(split: str) -> tuple[str, ...]:
-    """Names of the tensors the head sends to the body for ``split`` (in a fixed order)."""
+    """Names of the tensors the client sends to the server for ``split`` (in a fixed order)."""
     return _ACTIVATION_NAMES[_check_split(split)]
 
 
@@ -104,6 +156,31 @@ def _full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return full
 
 
+def _strip_res(block_type: str | None) -> str | None:
+    if block_type is not None and block_type.startswith("UNetRes"):
+        return block_type[len("UNetRes") :]
+    return block_type
+
+
+def _u_problems(cfg: Mapping[str, Any], split: str) -> list[str]:
+    k = U_SPLITS[split]
+    downs = list(cfg.get("down_block_types") or [])
+    ups = list(cfg.get("up_block_types") or [])
+    if len(downs) < k + 1:
+        return [
+            f"split {split!r} runs {k} down block(s) on the client and needs at least {k + 1} down blocks; "
+            f"down_block_types has {len(downs)} ({', '.join(downs)})"
+        ]
+    problems = []
+    for i in range(k):
+        if _strip_res(downs[i]) not in _U_DOWN_TYPES:
+            problems.append(f"down_block_types[{i}]={downs[i]!r} (the client runs one of {', '.join(_U_DOWN_TYPES)})")
+    for i in range(len(ups) - k, len(ups)):
+        if _strip_res(ups[i]) not in _U_UP_TYPES:
+            problems.append(f"up_block_types[{i}]={ups[i]!r} (the client runs one of {', '.join(_U_UP_TYPES)})")
+    return problems
+
+
 def check_unet_config(config: Mapping[str, Any], split: str) -> None:
     """Raise :class:`UnsupportedUNetError` (naming the setting) if ``config`` cannot be split at ``split``."""
     _check_split(split)
@@ -128,14 +205,14 @@ def check_unet_config(config: Mapping[str, Any], split: str) -> None:
         problems.append(f"conv_in_kernel={kernel} (an even kernel changes the latent size)")
     if split == "down0.resnet0":
         types = list(cfg.get("down_block_types") or [])
-        first = types[0] if types else None
-        if first is not None and first.startswith("UNetRes"):
-            first = first[len("UNetRes") :]
+        first = _strip_res(types[0] if types else None)
         if first not in _RESUMABLE_DOWN0:
             problems.append(
                 f"down_block_types[0]={types[0] if types else None!r} (split 'down0.resnet0' needs one of "
                 f"{', '.join(_RESUMABLE_DOWN0)})"
             )
+    if split in U_SPLITS:
+        problems += _u_problems(cfg, split)
     if problems:
         raise UnsupportedUNetError(
             f"UNet cannot be split at {split!r}: unsupported setting(s): " + "; ".join(problems) + "."
@@ -159,6 +236,28 @@ def _check_unet_module(unet: nn.Module, split: str) -> None:
                 f"down_blocks[0] is {type(block).__name__}; split 'down0.resnet0' needs one of "
                 f"{', '.join(_RESUMABLE_DOWN0)}."
             )
+    if split in U_SPLITS:
+        _check_u_modules(unet, U_SPLITS[split], split)
+
+
+def _check_u_modules(unet: nn.Module, k: int, split: str) -> None:
+    """The client's blocks are the mirrored types, and its up blocks consume exactly the skips it keeps."""
+    downs, ups = list(unet.down_blocks), list(unet.up_blocks)
+    client = [(f"down_blocks[{i}]", b, _U_DOWN_TYPES) for i, b in enumerate(downs[:k])]
+    client += [(f"up_blocks[{len(ups) - k + j}]", b, _U_UP_TYPES) for j, b in enumerate(ups[-k:])]
+    for where, block, allowed in client:
+        if type(block).__name__ not in allowed or type(block).__module__ != _blocks_module():
+            raise UnsupportedUNetError(f"{where} is {type(block).__name__}; split {split!r} needs one of {allowed}.")
+    if any(b.downsamplers is None for b in downs[:k]):
+        raise UnsupportedUNetError(f"split {split!r}: one of the client's down blocks has no downsampler.")
+    # skips the client makes: conv_in + each block's resnet outputs + downsampler outputs (the last one is sent)
+    made = 1 + sum(len(b.resnets) + 1 for b in downs[:k]) - 1
+    consumed = sum(len(b.resnets) for b in ups[-k:])
+    if made != consumed:
+        raise UnsupportedUNetError(
+            f"split {split!r}: the client's up blocks consume {consumed} skip connections but its down blocks "
+            f"keep {made}; this UNet's skips do not pair up as in Stable Diffusion."
+        )
 
 
 def _blocks_module() -> str:
@@ -180,27 +279,69 @@ def _conv_out_size(size: int, kernel: int) -> int:
     return size + 2 * ((kernel - 1) // 2) - kernel + 1
 
 
-def activation_shapes(
-    unet_config: Mapping[str, Any], split: str, latent_shape: tuple[int, ...]
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of the head's activations for a latent of shape ``(B, C, H, W)`` (server-side validation)."""
-    names = activation_names(split)
-    cfg = _full_config(unet_config)
+def _downsampled(size: int, padding: int) -> int:
+    # Downsample2D: 3x3 conv, stride 2; padding 0 means an explicit (0, 1) pad first
+    if padding == 0:
+        return (size + 1 - 3) // 2 + 1
+    return (size + 2 * padding - 3) // 2 + 1
+
+
+def _spatial_sizes(cfg: Mapping[str, Any], latent_hw: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """Spatial size at the input of down block 0..``levels`` for a latent of spatial size ``latent_hw``."""
+    k = cfg.get("conv_in_kernel", 3)
+    padding = int(cfg.get("downsample_padding", 1))
+    h, w = _conv_out_size(int(latent_hw[0]), k), _conv_out_size(int(latent_hw[1]), k)
+    sizes = [(h, w)]
+    for _ in range(levels):
+        h, w = _downsampled(h, padding), _downsampled(w, padding)
+        sizes.append((h, w))
+    return sizes
+
+
+def _check_latent_shape(cfg: Mapping[str, Any], latent_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (B, C, H, W), got {tuple(latent_shape)}")
     b, c, h, w = (int(v) for v in latent_shape)
     if c != cfg["in_channels"]:
         raise ValueError(f"latent has {c} channels, the UNet expects in_channels={cfg['in_channels']}")
+    return b, c, h, w
+
+
+def activation_shapes(
+    unet_config: Mapping[str, Any], split: str, latent_shape: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of what the client sends for a latent of shape ``(B, C, H, W)`` (server-side validation)."""
+    names = activation_names(split)
+    cfg = _full_config(unet_config)
+    b, _c, h, w = _check_latent_shape(cfg, latent_shape)
+    if split in U_SPLITS:
+        k = U_SPLITS[split]
+        size = _spatial_sizes(cfg, (h, w), k)[k]
+        return {"h": (b, int(cfg["block_out_channels"][k - 1]), *size)}
     k = cfg.get("conv_in_kernel", 3)
     shape = (b, int(cfg["block_out_channels"][0]), _conv_out_size(h, k), _conv_out_size(w, k))
     return {name: shape for name in names}
 
 
-def head_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str]:
-    """UNet state-dict keys the head needs for ``split`` (the only tensors ``from_pretrained`` reads)."""
+def return_shape(unet_config: Mapping[str, Any], split: str, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the server's answer :data:`RETURN_NAME` in U-shaped ``split`` (B = the guidance batch)."""
+    k = u_depth(split)
+    cfg = _full_config(unet_config)
+    b, _c, h, w = _check_latent_shape(cfg, latent_shape)
+    return (b, int(cfg["block_out_channels"][k]), *_spatial_sizes(cfg, (h, w), k)[k - 1])
+
+
+def client_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str]:
+    """UNet state-dict keys the client needs for ``split`` (the only tensors it reads from the weights)."""
     check_unet_config(unet_config, split)
-    head = UNetHead.from_unet(_meta_unet(unet_config), split)
-    return list(head.state_dict().keys())
+    meta = _meta_unet(unet_config)
+    part = UNetHeadTail.from_unet(meta, split) if split in U_SPLITS else UNetHead.from_unet(meta, split)
+    return list(part.state_dict().keys())
+
+
+def head_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str]:
+    """UNet state-dict keys the head needs for ``split`` (head and tail for U-shaped splits)."""
+    return client_parameter_names(unet_config, split)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -242,6 +383,64 @@ def _time_embed(
     return emb
 
 
+def _run_down(block: nn.Module, sample: Tensor, emb: Tensor, ehs: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    if getattr(block, "has_cross_attention", False):
+        return block(
+            hidden_states=sample,
+            temb=emb,
+            encoder_hidden_states=ehs,
+            attention_mask=None,
+            cross_attention_kwargs=None,
+            encoder_attention_mask=None,
+        )
+    return block(hidden_states=sample, temb=emb)
+
+
+def _run_mid(block: nn.Module | None, sample: Tensor, emb: Tensor, ehs: Tensor) -> Tensor:
+    if block is None:
+        return sample
+    if getattr(block, "has_cross_attention", False):
+        return block(
+            sample,
+            emb,
+            encoder_hidden_states=ehs,
+            attention_mask=None,
+            cross_attention_kwargs=None,
+            encoder_attention_mask=None,
+        )
+    return block(sample, emb)
+
+
+def _run_up(
+    block: nn.Module, sample: Tensor, emb: Tensor, res: tuple[Tensor, ...], ehs: Tensor, upsample_size
+) -> Tensor:
+    if getattr(block, "has_cross_attention", False):
+        return block(
+            hidden_states=sample,
+            temb=emb,
+            res_hidden_states_tuple=res,
+            encoder_hidden_states=ehs,
+            cross_attention_kwargs=None,
+            upsample_size=upsample_size,
+            attention_mask=None,
+            encoder_attention_mask=None,
+        )
+    return block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+
+
+def _post(conv_norm_out: nn.Module | None, conv_act: nn.Module | None, conv_out: nn.Module, sample: Tensor) -> Tensor:
+    if conv_norm_out is not None:
+        sample = conv_norm_out(sample)
+        sample = conv_act(sample)
+    return conv_out(sample)
+
+
+def _needs_upsample_size(num_upsamplers: int, latent_hw) -> bool:
+    # upsample size must be forwarded when the latent size is not a multiple of 2**num_upsamplers
+    factor = 2**num_upsamplers
+    return any(int(dim) % factor != 0 for dim in latent_hw)
+
+
 def _params_like(module: nn.Module) -> Tensor:
     for p in module.parameters():
         return p
@@ -249,7 +448,79 @@ def _params_like(module: nn.Module) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Head
+# Partial loading
+# --------------------------------------------------------------------------------------------------------
+
+
+def _load_partial(module: nn.Module, model_path: Path, device, dtype: torch.dtype, what: str) -> tuple[str, ...]:
+    """Fill a meta-device ``module`` (UNet state-dict keys) with exactly its tensors from the UNet weights."""
+    from common.models import ModelFolderError, unet_weight_files
+
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    tensors = _read_tensors(model_path, list(expected), unet_weight_files(model_path), ModelFolderError, what)
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelFolderError(
+                f"Model folder {model_path}: UNet tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"unet/config.json implies {shape}. The weights do not match the config; re-download "
+                "the model."
+            )
+    tensors = {
+        k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device))
+        for k, t in tensors.items()
+    }
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return tuple(expected)
+
+
+def _config_for(model_path: Path, split: str) -> dict:
+    """``unet/config.json``, checked for ``split``; errors name the file."""
+    from common.models import load_unet_config
+
+    config = load_unet_config(model_path)
+    try:
+        check_unet_config(config, split)
+    except UnsupportedUNetError as e:
+        raise UnsupportedUNetError(f"{Path(model_path) / 'unet' / 'config.json'}: {e}") from None
+    return config
+
+
+def _read_tensors(
+    model_path: Path, names: list[str], files: list[Path], error_cls, what: str = "the head"
+) -> dict[str, Tensor]:
+    """Read exactly ``names`` from the (possibly sharded) safetensors ``files``."""
+    from safetensors import safe_open
+
+    wanted = set(names)
+    out: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                for name in sorted(wanted & keys):
+                    out[name] = f.get_tensor(name)
+        except error_cls:
+            raise
+        except Exception as exc:
+            raise error_cls(
+                f"Model folder {model_path}: cannot read {file.name} ({exc}); re-download the model."
+            ) from exc
+        wanted -= keys
+        if not wanted:
+            break
+    if wanted:
+        missing = sorted(wanted)
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise error_cls(
+            f"Model folder {model_path}: the UNet weights ({', '.join(f.name for f in files)}) lack tensor(s) "
+            f"needed by {what}: {shown}. The weights do not match unet/config.json (or use a non-diffusers key "
+            "layout); re-download or convert the model to diffusers format."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Head (paper splits)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -262,7 +533,7 @@ class _Down0Head(nn.Module):
 
 
 class UNetHead(nn.Module):
-    """The client-side UNet layers up to the split point. Its state-dict keys are the UNet's keys."""
+    """The client-side UNet layers up to a paper split point. Its state-dict keys are the UNet's keys."""
 
     split: str
 
@@ -277,7 +548,7 @@ class UNetHead(nn.Module):
         resnet0: nn.Module | None = None,
     ):
         super().__init__()
-        self.split = _check_split(split)
+        self.split = _check_paper_split(split)
         self.unet_config = _full_config(unet_config)
         self.center_input_sample = bool(self.unet_config.get("center_input_sample", False))
         self.conv_in = conv_in
@@ -293,6 +564,7 @@ class UNetHead(nn.Module):
     @classmethod
     def from_unet(cls, unet, split: str = DEFAULT_SPLIT) -> UNetHead:
         """A head sharing ``unet``'s modules (no copies)."""
+        _check_paper_split(split)
         _check_unet_module(unet, split)
         if split == "conv_in":
             return cls(split, unet.config, unet.conv_in)
@@ -320,27 +592,10 @@ class UNetHead(nn.Module):
         from it, and exactly :func:`head_parameter_names` tensors are read with ``safetensors.safe_open``.
         Raises ``ModelFolderError`` if a tensor is missing or has the wrong shape.
         """
-        from common.models import ModelFolderError, load_unet_config, unet_weight_files
-
+        _check_paper_split(split)
         model_path = Path(model_path)
-        config = load_unet_config(model_path)
-        check_unet_config(config, split)
-        head = cls.from_unet(_meta_unet(config), split)
-        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-        tensors = _read_tensors(model_path, list(expected), unet_weight_files(model_path), ModelFolderError)
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ModelFolderError(
-                    f"Model folder {model_path}: UNet tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                    f"unet/config.json implies {shape}. The weights do not match the config; re-download "
-                    "the model."
-                )
-        tensors = {
-            k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device))
-            for k, t in tensors.items()
-        }
-        head.load_state_dict(tensors, strict=True, assign=True)
-        head.loaded_keys = tuple(expected)
+        head = cls.from_unet(_meta_unet(_config_for(model_path, split)), split)
+        head.loaded_keys = _load_partial(head, model_path, device, dtype, f"the head (split {split!r})")
         return head.eval()
 
     def forward(self, sample: Tensor, timestep: Tensor | float | None = None) -> dict[str, Tensor]:
@@ -362,36 +617,118 @@ class UNetHead(nn.Module):
         return activation_shapes(self.unet_config, self.split, latent_shape)
 
 
-def _read_tensors(model_path: Path, names: list[str], files: list[Path], error_cls) -> dict[str, Tensor]:
-    """Read exactly ``names`` from the (possibly sharded) safetensors ``files``."""
-    from safetensors import safe_open
+def _check_paper_split(split: str) -> str:
+    if _check_split(split) in U_SPLITS:
+        raise ValueError(f"split {split!r} is U-shaped: its client side is a UNetHeadTail, not a UNetHead")
+    return split
 
-    wanted = set(names)
-    out: dict[str, Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                for name in sorted(wanted & keys):
-                    out[name] = f.get_tensor(name)
-        except error_cls:
-            raise
-        except Exception as exc:
-            raise error_cls(
-                f"Model folder {model_path}: cannot read {file.name} ({exc}); re-download the model."
-            ) from exc
-        wanted -= keys
-        if not wanted:
-            break
-    if wanted:
-        missing = sorted(wanted)
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise error_cls(
-            f"Model folder {model_path}: the UNet weights lack tensor(s) needed by the head: {shown}. "
-            "The weights do not match unet/config.json (or use a non-diffusers key layout); re-download or "
-            "convert the model to diffusers format."
-        )
-    return out
+
+# --------------------------------------------------------------------------------------------------------
+# Head + tail (U-shaped splits)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UShapedKept:
+    """What the U-shaped head keeps on the client for the tail: time embedding and skip connections."""
+
+    emb: Tensor
+    skips: tuple[Tensor, ...]
+    latent_hw: tuple[int, int]
+
+
+class UNetHeadTail(nn.Module):
+    """The client side of a U-shaped split: ``conv_in`` + the first ``k`` down blocks (head) and the last ``k``
+    up blocks + ``conv_norm_out``/``conv_act``/``conv_out`` (tail). State-dict keys are the UNet's keys."""
+
+    split: str
+
+    def __init__(self, unet, split: str):
+        super().__init__()
+        self.split = split
+        self.depth = u_depth(split)
+        self.unet_config = _full_config(unet.config)
+        self.center_input_sample = bool(self.unet_config.get("center_input_sample", False))
+        self.num_upsamplers = int(unet.num_upsamplers)
+        n_up = len(unet.up_blocks)
+        self.conv_in = unet.conv_in
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.time_embed_act = unet.time_embed_act
+        self.down_blocks = nn.ModuleList(list(unet.down_blocks)[: self.depth])
+        # keyed by the UNet's own indices so that state-dict keys read "up_blocks.<i>. ..."
+        self.up_blocks = nn.ModuleDict({str(i): unet.up_blocks[i] for i in range(n_up - self.depth, n_up)})
+        self.conv_norm_out = unet.conv_norm_out
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+        self.loaded_keys: tuple[str, ...] | None = None  # set by from_pretrained
+
+    @classmethod
+    def from_unet(cls, unet, split: str) -> UNetHeadTail:
+        """Head and tail sharing ``unet``'s modules (no copies)."""
+        u_depth(split)
+        _check_unet_module(unet, split)
+        return cls(unet, split)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: Path | str,
+        split: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> UNetHeadTail:
+        """Load only the client's layers: exactly :func:`client_parameter_names` tensors are read."""
+        u_depth(split)
+        model_path = Path(model_path)
+        part = cls.from_unet(_meta_unet(_config_for(model_path, split)), split)
+        part.loaded_keys = _load_partial(part, model_path, device, dtype, f"the client's head and tail ({split!r})")
+        return part.eval()
+
+    def head(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor):
+        """``({"h": ...}, kept)``: what goes to the server and what stays for :meth:`tail`.
+
+        A latent of batch 1 is expanded to the guidance batch ``encoder_hidden_states.shape[0]``.
+        """
+        ref = self.conv_in.weight
+        ehs = encoder_hidden_states.to(device=ref.device)
+        batch = ehs.shape[0]
+        sample = sample.to(device=ref.device, dtype=ref.dtype)
+        if sample.shape[0] not in (1, batch):
+            raise ValueError(f"latent batch {sample.shape[0]} must be 1 or the prompt batch {batch}")
+        if sample.shape[0] != batch:
+            sample = sample.expand(batch, -1, -1, -1)
+        latent_hw = (int(sample.shape[2]), int(sample.shape[3]))
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = _time_embed(self.time_proj, self.time_embedding, self.time_embed_act, sample, timestep)
+        sample = self.conv_in(sample)
+        res: tuple[Tensor, ...] = (sample,)
+        for block in self.down_blocks:
+            sample, out = _run_down(block, sample, emb, ehs)
+            res += out
+        # the last skip is the last downsampler's output, i.e. ``sample`` itself: it is sent, not kept
+        return {"h": sample}, UShapedKept(emb=emb, skips=res[:-1], latent_hw=latent_hw)
+
+    def tail(self, hidden: Tensor, kept: UShapedKept, encoder_hidden_states: Tensor) -> Tensor:
+        """Noise prediction ``(B, C_out, H, W)`` from the server's ``hidden`` and the kept skips."""
+        ref = self.conv_out.weight
+        ehs = encoder_hidden_states.to(device=ref.device)
+        sample = hidden.to(device=ref.device, dtype=ref.dtype)
+        forward_upsample_size = _needs_upsample_size(self.num_upsamplers, kept.latent_hw)
+        skips = kept.skips
+        upsample_size = None
+        blocks = list(self.up_blocks.values())
+        for j, block in enumerate(blocks):
+            n = len(block.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            if j < len(blocks) - 1 and forward_upsample_size:
+                upsample_size = skips[-1].shape[2:]
+            sample = _run_up(block, sample, kept.emb, res, ehs, upsample_size)
+        return _post(self.conv_norm_out, self.conv_act, self.conv_out, sample)
+
+    def activation_shapes(self, latent_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return activation_shapes(self.unet_config, self.split, latent_shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -400,7 +737,11 @@ def _read_tensors(model_path: Path, names: list[str], files: list[Path], error_c
 
 
 class UNetBody(nn.Module):
-    """The server-side rest of the UNet after the split point (shares the UNet's modules)."""
+    """The server's part of the UNet for ``split`` (shares the UNet's modules).
+
+    Paper splits: everything after the split point, returning the noise prediction. U-shaped splits: from
+    ``down_blocks[k]`` to the end of ``up_blocks[n-k-1]``, returning the input of the client's first up block.
+    """
 
     split: str
 
@@ -408,12 +749,13 @@ class UNetBody(nn.Module):
         super().__init__()
         _check_unet_module(unet, split)
         self.split = split
+        self.depth = U_SPLITS.get(split, 0)
         self.unet_config = _full_config(unet.config)
         self.num_upsamplers = int(unet.num_upsamplers)
         self.time_proj = unet.time_proj
         self.time_embedding = unet.time_embedding
         self.time_embed_act = unet.time_embed_act
-        # The whole list is kept (shared); for 'down0.resnet0' down_blocks[0].resnets[0] is not run here.
+        # The whole lists are kept (shared); the blocks that run on the client are skipped in forward.
         self.down_blocks = unet.down_blocks
         self.mid_block = unet.mid_block
         self.up_blocks = unet.up_blocks
@@ -434,7 +776,7 @@ class UNetBody(nn.Module):
             got = sorted(activations) if isinstance(activations, Mapping) else type(activations).__name__
             raise ValueError(f"split {self.split!r} expects activations {list(names)}, got {got}")
         ref = self.conv_out.weight
-        channels = int(self.unet_config["block_out_channels"][0])
+        channels = int(self.unet_config["block_out_channels"][max(self.depth - 1, 0)])
         out: dict[str, Tensor] = {}
         spatial = None
         for name in names:
@@ -458,9 +800,14 @@ class UNetBody(nn.Module):
         return out
 
     def forward(
-        self, activations: Mapping[str, Tensor], timestep: Tensor | float, encoder_hidden_states: Tensor
+        self,
+        activations: Mapping[str, Tensor],
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Noise prediction ``(B, C_out, H, W)`` with ``B = encoder_hidden_states.shape[0]``.
+        """Noise prediction ``(B, C_out, H, W)`` with ``B = encoder_hidden_states.shape[0]`` (paper splits), or the
+        input of ``up_blocks[n-k]`` (U-shaped splits, which need the latent's spatial ``latent_size``).
 
         Activations of batch 1 are expanded to ``B`` (one latent, both guidance branches); activations of
         batch ``B`` are used as they are.
@@ -469,11 +816,19 @@ class UNetBody(nn.Module):
         acts = self._prepare(activations, batch)
         encoder_hidden_states = encoder_hidden_states.to(device=self.conv_out.weight.device)
         sample = acts["h"]
-
-        # upsample size must be forwarded when the latent size is not a multiple of 2**num_upsamplers
-        # (conv_in keeps the spatial size, so the activations' size is the latent size).
-        default_overall_up_factor = 2**self.num_upsamplers
-        forward_upsample_size = any(dim % default_overall_up_factor != 0 for dim in sample.shape[-2:])
+        if self.depth:
+            if latent_size is None or len(latent_size) != 2:
+                raise ValueError(f"split {self.split!r} needs latent_size=(H, W) of the client's latent")
+            expected = _spatial_sizes(self.unet_config, latent_size, self.depth)[self.depth]
+            if tuple(sample.shape[2:]) != tuple(expected):
+                raise ValueError(
+                    f"activation 'h' has spatial size {tuple(sample.shape[2:])}; a {tuple(latent_size)} latent "
+                    f"gives {tuple(expected)} after {self.depth} down block(s)"
+                )
+            latent_hw = tuple(latent_size)
+        else:
+            latent_hw = tuple(sample.shape[-2:])  # conv_in keeps the spatial size
+        forward_upsample_size = _needs_upsample_size(self.num_upsamplers, latent_hw)
         upsample_size = None
 
         # 1. time (the body's sample has the full batch, so timesteps broadcast to it)
@@ -483,70 +838,38 @@ class UNetBody(nn.Module):
         if self.split == "conv_in":
             down_block_res_samples: tuple[Tensor, ...] = (sample,)
             first = 0
-        else:
+        elif self.split == "down0.resnet0":
             down_block_res_samples = (acts["skip0"],)
             sample, res_samples = self._resume_down0(sample, emb, encoder_hidden_states)
             down_block_res_samples += res_samples
             first = 1
+        else:  # U-shaped: 'h' is the last client down block's downsampler output, a skip for the server's ups
+            down_block_res_samples = (sample,)
+            first = self.depth
         for downsample_block in list(self.down_blocks)[first:]:
-            if getattr(downsample_block, "has_cross_attention", False):
-                sample, res_samples = downsample_block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=None,
-                    cross_attention_kwargs=None,
-                    encoder_attention_mask=None,
-                )
-            else:
-                sample, res_samples = downsample_block(hidden_states=sample, temb=emb)
+            sample, res_samples = _run_down(downsample_block, sample, emb, encoder_hidden_states)
             down_block_res_samples += res_samples
 
         # 4. mid
-        if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                sample = self.mid_block(
-                    sample,
-                    emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=None,
-                    cross_attention_kwargs=None,
-                    encoder_attention_mask=None,
-                )
-            else:
-                sample = self.mid_block(sample, emb)
+        sample = _run_mid(self.mid_block, sample, emb, encoder_hidden_states)
 
         # 5. up
-        for i, upsample_block in enumerate(self.up_blocks):
-            is_final_block = i == len(self.up_blocks) - 1
+        up_blocks = list(self.up_blocks)
+        server_ups = up_blocks[: len(up_blocks) - self.depth]
+        client_size = _spatial_sizes(self.unet_config, latent_hw, self.depth)[self.depth - 1] if self.depth else None
+        for i, upsample_block in enumerate(server_ups):
+            is_final_block = i == len(up_blocks) - 1
             res_samples = down_block_res_samples[-len(upsample_block.resnets) :]
             down_block_res_samples = down_block_res_samples[: -len(upsample_block.resnets)]
             if not is_final_block and forward_upsample_size:
-                upsample_size = down_block_res_samples[-1].shape[2:]
-            if getattr(upsample_block, "has_cross_attention", False):
-                sample = upsample_block(
-                    hidden_states=sample,
-                    temb=emb,
-                    res_hidden_states_tuple=res_samples,
-                    encoder_hidden_states=encoder_hidden_states,
-                    cross_attention_kwargs=None,
-                    upsample_size=upsample_size,
-                    attention_mask=None,
-                    encoder_attention_mask=None,
-                )
-            else:
-                sample = upsample_block(
-                    hidden_states=sample,
-                    temb=emb,
-                    res_hidden_states_tuple=res_samples,
-                    upsample_size=upsample_size,
-                )
+                # the server's last up block upsamples to the size of the skips the client kept
+                upsample_size = down_block_res_samples[-1].shape[2:] if down_block_res_samples else client_size
+            sample = _run_up(upsample_block, sample, emb, res_samples, encoder_hidden_states, upsample_size)
+        if self.depth:
+            return sample
 
         # 6. post-process
-        if self.conv_norm_out is not None:
-            sample = self.conv_norm_out(sample)
-            sample = self.conv_act(sample)
-        return self.conv_out(sample)
+        return _post(self.conv_norm_out, self.conv_act, self.conv_out, sample)
 
     def _resume_down0(
         self, hidden_states: Tensor, emb: Tensor, encoder_hidden_states: Tensor
@@ -579,6 +902,8 @@ class UNetBody(nn.Module):
         return hidden_states, output_states
 
 
-def split_unet(unet, split: str = DEFAULT_SPLIT) -> tuple[UNetHead, UNetBody]:
-    """``(UNetHead.from_unet(unet, split), UNetBody.from_unet(unet, split))``, sharing ``unet``'s modules."""
-    return UNetHead.from_unet(unet, split), UNetBody.from_unet(unet, split)
+def split_unet(unet, split: str = DEFAULT_SPLIT) -> tuple[UNetHead | UNetHeadTail, UNetBody]:
+    """The client part (``UNetHead``, or ``UNetHeadTail`` for U-shaped splits) and the ``UNetBody``, sharing
+    ``unet``'s modules."""
+    client = UNetHeadTail.from_unet(unet, split) if is_u_shaped(split) else UNetHead.from_unet(unet, split)
+    return client, UNetBody.from_unet(unet, split)

@@ -67,12 +67,32 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="plms")
-    p.add_argument("--encryption", choices=selection.ENCRYPTION_MODES, default="full")
+    p.add_argument(
+        "--encryption",
+        choices=selection.ENCRYPTION_MODES,
+        default="full",
+        help="which latent elements are encrypted: all; the paper's min-distortion selection (its index set is a "
+        "saliency map of the image); or random-mask, a data-independent set drawn once per generation from a "
+        "secret seed. Only matters with the paper's splits: a U-shaped --split never sends the latent",
+    )
     p.add_argument(
         "--tau", type=float, default=selection.DEFAULT_TAU, help="min-distortion budget (smaller encrypts more)"
     )
+    p.add_argument(
+        "--mask-fraction",
+        type=float,
+        default=selection.DEFAULT_MASK_FRACTION,
+        help="random-mask: share of the latent encrypted (default: the paper's share at tau 0.01)",
+    )
     p.add_argument("--he-preset", choices=tuple(he.PRESETS), default=he.DEFAULT_PRESET)
-    p.add_argument("--split", choices=SPLIT_POINTS, default=SPLIT_POINTS[0])
+    p.add_argument(
+        "--split",
+        choices=SPLIT_POINTS,
+        default=SPLIT_POINTS[0],
+        help="where the UNet is split: the paper's conv_in / down0.resnet0 send a linear, invertible function of "
+        "the latent; U-shaped u1 / u2 keep the first and last 1 / 2 UNet blocks, the latent and the noise "
+        "prediction on this machine (no HE needed)",
+    )
     p.add_argument("--activation-dtype", choices=protocol.ACTIVATION_DTYPES, default="float32")
     p.add_argument("--plaintext", action="store_true", help="same split protocol without HE (comparison baseline)")
     p.add_argument("--out", type=Path, default=Path("out.png"))
@@ -224,6 +244,7 @@ def cmd_generate(args) -> int:
             scheduler=args.scheduler,
             encryption="none" if args.plaintext else args.encryption,
             tau=args.tau,
+            mask_fraction=args.mask_fraction,
             he_preset=args.he_preset,
             activation_dtype=args.activation_dtype,
         )
@@ -252,9 +273,13 @@ def cmd_generate(args) -> int:
 
 
 def _print_summary(result, load_s: float, out: Path) -> None:
+    from common.split import is_u_shaped
+
     totals = result.timing_totals()
     n = len(result.step_timings)
     mode = result.params.encryption if result.params.encryption != "none" else "plaintext split"
+    if is_u_shaped(result.params.split):
+        mode = f"U-shaped split {result.params.split}: the latent stayed on this machine"
     lines = [
         f"saved {out}  ({result.params.width}x{result.params.height}, {n} steps, {result.params.scheduler}, {mode})",
         f"model load {load_s:.2f} s, session set-up {result.setup_s:.2f} s, denoising "

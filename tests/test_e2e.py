@@ -37,7 +37,7 @@ _reference_cache: dict = {}
 
 def reference(pipe, scheduler: str, steps: int = STEPS, guidance: float = 7.5, seed: int = 0):
     """diffusers' StableDiffusionPipeline: final latent (before VAE scaling) and decoded image."""
-    key = (scheduler, steps, guidance, seed)
+    key = (pipe.config._name_or_path, scheduler, steps, guidance, seed)
     if key not in _reference_cache:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         kw = dict(
@@ -245,3 +245,38 @@ def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
     assert Image.open(tmp_path / "a.png").text["hediff:prompt"] == PROMPT
     with pytest.raises(ValueError, match="either a server URL or local_backend"):
         HEDiffusion(tiny_model_dir)
+
+
+def test_random_mask_is_drawn_once_per_generation(pipe, generator, backend):
+    ref_latent, _ = reference(pipe, "plms")
+    n = 4 * (SIZE // 2) ** 2
+    masks = []
+    for _ in range(2):
+        backend.recorded.clear()
+        result = generator.generate(params(encryption="random-mask", mask_fraction=0.5))
+        assert np.abs(result.latent - ref_latent).max() <= 1e-3
+        assert result.encrypted_fractions == [round(0.5 * n) / n] * len(result.step_timings)
+        steps = [protocol.decode_frame(body) for path, body in backend.recorded if path.endswith("/steps")]
+        assert len(steps) == len(result.step_timings)
+        # the same index set at every step, although the latent changes
+        assert all(np.array_equal(f.tensors["mask"], steps[0].tensors["mask"]) for f in steps)
+        assert all(f.tensors["remainder"].size == n - round(0.5 * n) for f in steps)
+        masks.append(steps[0].tensors["mask"])
+    assert not np.array_equal(masks[0], masks[1])  # a fresh secret seed per generation
+
+
+def test_cli_generate_u_shaped_split(tmp_path, tiny_model_dir, pipe, capsys):
+    from desktop.cli import main
+
+    ref_latent, _ = reference(pipe, "ddim", steps=2)
+    base = ["generate", "--local-backend", "--model", str(tiny_model_dir), "--prompt", PROMPT]
+    base += ["--negative-prompt", NEGATIVE, "--steps", "2", "--scheduler", "ddim", "--quiet"]
+    npy = tmp_path / "lat.npy"
+    rc = main([*base, "--split", "u1", "--out", str(tmp_path / "u.png"), "--latents-out", str(npy)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert np.abs(np.load(npy)[0] - ref_latent).max() <= 1e-4
+    assert "U-shaped split u1: the latent stayed on this machine" in err
+    rc = main([*base, "--split", "u1", "--encryption", "random-mask", "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "only applies to the paper's splits" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -3,7 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.selection import distortion, hill_cost, min_distortion_mask, select_mask
+from common.selection import (
+    DEFAULT_MASK_FRACTION,
+    distortion,
+    hill_cost,
+    min_distortion_mask,
+    new_mask_seed,
+    random_mask,
+    select_mask,
+)
 
 
 def _reference_hill(latent: np.ndarray) -> np.ndarray:
@@ -58,3 +66,33 @@ def test_edge_cases():
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         hill_cost(x[0])
     assert min_distortion_mask(np.zeros((4, 8, 8)), 0.01).all()  # flat latent: zero cost everywhere, all encrypted
+
+
+def test_random_mask_is_an_exact_share_fixed_by_the_seed():
+    seed = bytes(range(32))
+    mask = random_mask((4, 64, 64), DEFAULT_MASK_FRACTION, seed)
+    assert mask.dtype == bool and mask.shape == (4, 64, 64)
+    assert int(mask.sum()) == round(DEFAULT_MASK_FRACTION * mask.size)  # 14516 of 16384, every time
+    assert np.array_equal(mask, random_mask((4, 64, 64), DEFAULT_MASK_FRACTION, seed))
+    other = random_mask((4, 64, 64), DEFAULT_MASK_FRACTION, new_mask_seed())
+    assert not np.array_equal(mask, other)
+    assert random_mask((4, 8, 8), 0.0, seed).sum() == 0 and random_mask((4, 8, 8), 1.0, seed).all()
+    # nested: a larger share of the same seed encrypts a superset
+    assert np.all(random_mask((4, 8, 8), 0.3, seed) <= random_mask((4, 8, 8), 0.6, seed))
+
+
+def test_random_mask_is_uniform_and_ignores_the_latent():
+    # every position is encrypted with probability ~fraction over seeds (binomial, 400 draws: sd ~0.016)
+    hits = np.mean([random_mask((2, 6, 6), 0.5, new_mask_seed()) for _ in range(400)], axis=0)
+    assert np.all(np.abs(hits - 0.5) < 0.1), hits
+    with pytest.raises(ValueError, match="does not depend on the latent"):
+        select_mask(np.zeros((4, 8, 8)), "random-mask")
+
+
+def test_random_mask_bad_input():
+    with pytest.raises(ValueError, match="mask fraction"):
+        random_mask((4, 8, 8), 1.5, new_mask_seed())
+    with pytest.raises(ValueError, match="mask fraction"):
+        random_mask((4, 8, 8), float("nan"), new_mask_seed())
+    with pytest.raises(ValueError, match="secret seed"):
+        random_mask((4, 8, 8), 0.5, b"short")

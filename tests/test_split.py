@@ -10,6 +10,7 @@ import torch
 
 from common import models, split
 from common.split import (
+    PAPER_SPLITS,
     SPLIT_POINTS,
     UNetBody,
     UNetHead,
@@ -124,7 +125,7 @@ def _assert_exact_parity(unet, sp: str, x, ehs, timesteps):
             assert torch.equal(out, full), f"split {sp} t={t}: max diff {(out - full).abs().max().item()}"
 
 
-@pytest.mark.parametrize("sp", SPLIT_POINTS)
+@pytest.mark.parametrize("sp", PAPER_SPLITS)
 def test_tiny_model_parity_exact(tiny_unet, sp):
     x, ehs = _inputs(tiny_unet, 16, 16)
     _assert_exact_parity(tiny_unet, sp, x, ehs, TIMESTEPS)
@@ -133,7 +134,7 @@ def test_tiny_model_parity_exact(tiny_unet, sp):
     _assert_exact_parity(tiny_unet, sp, x, ehs, [torch.tensor(400)])
 
 
-@pytest.mark.parametrize("sp", SPLIT_POINTS)
+@pytest.mark.parametrize("sp", PAPER_SPLITS)
 def test_other_configs_parity_exact(config_unet, sp):
     _name, unet = config_unet
     x, ehs = _inputs(unet, 8, 8)
@@ -142,7 +143,7 @@ def test_other_configs_parity_exact(config_unet, sp):
     _assert_exact_parity(unet, sp, x, ehs, [torch.tensor(400)])
 
 
-@pytest.mark.parametrize("sp", SPLIT_POINTS)
+@pytest.mark.parametrize("sp", PAPER_SPLITS)
 def test_batch1_head_expanded_by_body(tiny_unet, sp):
     """Production path: head on the (1, 4, h, w) latent, body expands to the CFG batch of 2.
 
@@ -173,7 +174,7 @@ def test_noise_predictions_are_not_degenerate(tiny_unet):
     assert (eps[0] - eps[1]).abs().max() > 1e-3  # the prompt embedding matters
 
 
-@pytest.mark.parametrize("sp", SPLIT_POINTS)
+@pytest.mark.parametrize("sp", PAPER_SPLITS)
 def test_split_denoising_loop_matches_pipeline(tiny_model_dir, tiny_unet, sp):
     """A CFG denoising loop with head + body reproduces StableDiffusionPipeline's latents exactly."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -252,7 +253,7 @@ class _RecordingSafeOpen:
         return _Handle(self.real(*args, **kwargs))
 
 
-@pytest.mark.parametrize("sp", SPLIT_POINTS)
+@pytest.mark.parametrize("sp", PAPER_SPLITS)
 def test_head_from_pretrained_reads_only_head_tensors(tiny_model_dir, tiny_unet, sp, monkeypatch):
     import safetensors
 
@@ -366,13 +367,14 @@ def test_head_from_pretrained_sharded(tiny_model_dir, tmp_path):
 
 
 def test_activation_names_and_shapes(tiny_unet):
-    assert SPLIT_POINTS == ("conv_in", "down0.resnet0")
+    assert SPLIT_POINTS == ("conv_in", "down0.resnet0", "u1", "u2")
+    assert PAPER_SPLITS == ("conv_in", "down0.resnet0")
     assert split.DEFAULT_SPLIT == "conv_in"
     assert activation_names("conv_in") == ("h",)
     assert activation_names("down0.resnet0") == ("skip0", "h")
     with pytest.raises(ValueError, match="Unknown split point"):
         activation_names("mid")
-    for sp in SPLIT_POINTS:
+    for sp in PAPER_SPLITS:
         head = UNetHead.from_unet(tiny_unet, sp)
         x = torch.zeros(1, 4, 12, 10)
         acts = head(x, 3)
@@ -460,7 +462,12 @@ def test_sd15_unet_parity_random_weights():
     with torch.no_grad():
         full = unet(x, t, encoder_hidden_states=ehs).sample
         assert full.shape == (1, 4, 64, 64)
-        for sp in SPLIT_POINTS:
+        for sp in PAPER_SPLITS:
             head, body = split_unet(unet, sp)
             out = body(head(x, t), t, ehs)
+            assert torch.equal(out, full), f"{sp}: max diff {(out - full).abs().max().item()}"
+        for sp in split.U_SPLITS:  # U-shaped: client head, server middle, client tail
+            client, body = split_unet(unet, sp)
+            sent, kept = client.head(x, t, ehs)
+            out = client.tail(body(sent, t, ehs, latent_size=(64, 64)), kept, ehs)
             assert torch.equal(out, full), f"{sp}: max diff {(out - full).abs().max().item()}"

@@ -1,4 +1,5 @@
-"""What the client runs locally: tokenizer + text encoder, the UNet head, the VAE decoder. Never the whole UNet."""
+"""What the client runs locally: tokenizer + text encoder, the UNet head (and, in a U-shaped split, the tail), the
+VAE decoder. Never the whole UNet: only the client's layers are read from the weights."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors import safe_open
 
 from common import models
 from common.schedulers import make_scheduler
-from common.split import UNetHead
+from common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped
 
 
 def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
@@ -47,9 +48,11 @@ class ClientModel:
         self.device = torch.device(device)
         self.dtype = torch.float32
         self.split = split
+        self.u_shaped = is_u_shaped(split)
         self.tokenizer = models.load_tokenizer(self.path)
         self.text_encoder = models.load_text_encoder(self.path, device=self.device, dtype=self.dtype)
-        self.head = UNetHead.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
+        part = UNetHeadTail if self.u_shaped else UNetHead
+        self.head = part.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
         self.vae = load_vae_decoder(self.path, self.device, self.dtype)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scheduler_config = models.load_scheduler_config(self.path)
@@ -71,6 +74,28 @@ class ClientModel:
         out = self.head(x, timestep)
         np_dtype = np.float16 if dtype == "float16" else np.float32
         return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in out.items()}
+
+    @torch.no_grad()
+    def run_u_head(
+        self, model_input: np.ndarray, timestep, embeddings: np.ndarray, dtype: str
+    ) -> tuple[dict[str, np.ndarray], UShapedKept]:
+        """U-shaped split: what goes to the server (``h``, guidance batch) and what stays for the tail."""
+        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32)[None]).to(self.device, self.dtype)
+        ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
+        sent, kept = self.head.head(x, timestep, ehs)
+        np_dtype = np.float16 if dtype == "float16" else np.float32
+        return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in sent.items()}, kept
+
+    @torch.no_grad()
+    def run_u_tail(self, hidden: np.ndarray, kept: UShapedKept, embeddings: np.ndarray, guidance: float) -> np.ndarray:
+        """U-shaped split: the guided noise prediction (float64) from the server's hidden state."""
+        ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
+        h = torch.from_numpy(np.array(hidden, dtype=np.float32)).to(self.device, self.dtype)
+        noise = self.head.tail(h, kept, ehs)
+        if noise.shape[0] == 2:  # the same combination (and order: negative first) as diffusers' pipeline
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance * (cond - uncond)
+        return noise[0].float().cpu().numpy().astype(np.float64)
 
     @torch.no_grad()
     def decode(self, latent: np.ndarray) -> Image.Image:

@@ -1,5 +1,8 @@
 """The client's session loop: one round trip per denoising step, the latent only ever leaving encrypted.
 
+In a U-shaped split the latent does not leave at all: the client runs the first and last UNet blocks, the
+guidance and the scheduler step; the server gets the first blocks' output and returns the last blocks' input.
+
 Qt-free: the CLI, the Python API and the desktop UI all drive ``Generator.generate``.
 """
 
@@ -15,14 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import he, protocol
+from common import he, protocol, split
 from common.latent import EncryptedLatent, decrypt_latent, encrypt_latent, pack_mask
-from common.schedulers import build_plan, client_finish
-from common.selection import DEFAULT_TAU, select_mask
+from common.schedulers import apply_step, build_plan, client_finish
+from common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU, new_mask_seed, random_mask, select_mask
 from desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError
 from desktop.core.client_model import ClientModel
 from desktop.core.preview import latent_preview
 
+# "head" is all UNet work on this machine: in a U-shaped split it includes the tail, guidance and scheduler step
 TIMING_KEYS = ("head", "select", "encrypt", "upload", "server_body", "server_he", "download", "decrypt")
 
 
@@ -40,8 +44,9 @@ class GenerationParams:
     width: int = 0  # 0: the model's native size
     height: int = 0
     scheduler: str = "plms"
-    encryption: str = "full"  # full | min-distortion | none (plaintext split baseline)
+    encryption: str = "full"  # full | min-distortion | random-mask | none (plaintext split baseline)
     tau: float = DEFAULT_TAU
+    mask_fraction: float = DEFAULT_MASK_FRACTION  # random-mask: the encrypted share
     he_preset: str = he.DEFAULT_PRESET
     split: str = "conv_in"
     activation_dtype: str = "float32"
@@ -55,6 +60,16 @@ class GenerationParams:
             he.get_preset(self.he_preset)
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if not 0.0 <= self.mask_fraction <= 1.0:
+            raise ValueError(f"mask fraction must be in [0, 1], got {self.mask_fraction}")
+        if self.split not in split.SPLIT_POINTS:
+            raise ValueError(f"split must be one of {', '.join(split.SPLIT_POINTS)}, got {self.split!r}")
+        if split.is_u_shaped(self.split) and self.encryption in protocol.PARTIAL_ENCRYPTION:
+            raise ValueError(
+                f"split {self.split!r} keeps the latent on this machine, so there is no index set to choose: "
+                f"encryption {self.encryption!r} only applies to the paper's splits "
+                f"({', '.join(split.PAPER_SPLITS)})"
+            )
         if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
             raise ValueError(
                 "width and height must be multiples of 8 (0 for the model's native size), "
@@ -158,6 +173,9 @@ class Generator:
         params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
         if params.split != self.model.split:
             raise ValueError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
+        u_shaped = split.is_u_shaped(params.split)
+        if u_shaped:  # nothing to encrypt: the latent never leaves; record what actually happened
+            params = dataclasses.replace(params, encryption="none")
         t_start = time.perf_counter()
         plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
         cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
@@ -182,6 +200,8 @@ class Generator:
             plan_digest=plan.digest(),
         )
         open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
+        # the prompt batch the UNet runs on, in diffusers' order (negative first); guidance only when > 1
+        embeds = np.concatenate([uncond, cond]) if params.guidance > 1.0 else cond
         if key is not None:
             open_frame.blobs["context"] = key.evaluation_context()
         opened = self.client.open_session(open_frame)
@@ -206,6 +226,18 @@ class Generator:
         history = {0: x}
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         masks: dict[int, np.ndarray | None] = {}  # step -> index set the server holds for that step's latent
+        eps_history: dict[int, np.ndarray] = {}  # U-shaped: the guided noise predictions, computed here
+        # drawn once from a fresh secret seed: the same index set every step, independent of the latent
+        fixed_mask = (
+            random_mask(latent_shape, params.mask_fraction, new_mask_seed())
+            if params.encryption == "random-mask"
+            else None
+        )
+        hidden_shape = (
+            split.return_shape(self.model.head.unet_config, params.split, (len(embeds), *latent_shape))
+            if u_shaped
+            else None
+        )
         n_cts = key.preset.ciphertexts_for(int(np.prod(latent_shape))) if key else 0
         if key:
             key.prepare(n_cts)
@@ -218,16 +250,27 @@ class Generator:
                 x = history[step.index]
                 timings = dict.fromkeys(TIMING_KEYS, 0.0)
                 t = time.perf_counter()
-                activations = self.model.run_head(step.input_scale * x, step.timestep, params.activation_dtype)
+                kept = None
+                if u_shaped:
+                    activations, kept = self.model.run_u_head(
+                        step.input_scale * x, step.timestep, embeds, params.activation_dtype
+                    )
+                else:
+                    activations = self.model.run_head(step.input_scale * x, step.timestep, params.activation_dtype)
                 timings["head"] = time.perf_counter() - t
 
                 frame = protocol.Frame(meta={"step": step.index}, tensors=dict(activations))
                 package = None
-                if key is None:
+                if u_shaped:
+                    pass  # the latent stays here: the activations are all that travel
+                elif key is None:
                     frame.tensors["latent"] = x
                 else:
                     t = time.perf_counter()
-                    mask = select_mask(x, "full" if params.encryption == "full" else "min-distortion", params.tau)
+                    if fixed_mask is not None:
+                        mask = fixed_mask
+                    else:
+                        mask = select_mask(x, params.encryption, params.tau)
                     timings["select"] = time.perf_counter() - t
                     t = time.perf_counter()
                     package = encrypt_latent(x, mask, key)
@@ -252,11 +295,19 @@ class Generator:
                     refill.join()
 
                 t = time.perf_counter()
-                y = self._read_answer(exchange.frame, step, latent_shape, key, masks.get(step.pivot))
-                history[step.index + 1] = client_finish(
-                    step, y, history, key.preset.server_multiplies if key else False
-                )
-                timings["decrypt"] = time.perf_counter() - t
+                if u_shaped:
+                    hidden = self._read_hidden(exchange.frame, step, hidden_shape, params.activation_dtype)
+                    eps_history[step.index] = self.model.run_u_tail(hidden, kept, embeds, params.guidance)
+                    history[step.index + 1] = apply_step(step, history, eps_history)
+                    timings["head"] += time.perf_counter() - t
+                    for k in [k for k in eps_history if k <= step.index - plan.eps_history_needed()]:
+                        del eps_history[k]
+                else:
+                    y = self._read_answer(exchange.frame, step, latent_shape, key, masks.get(step.pivot))
+                    history[step.index + 1] = client_finish(
+                        step, y, history, key.preset.server_multiplies if key else False
+                    )
+                    timings["decrypt"] = time.perf_counter() - t
                 for k in [k for k in history if k < step.index + 1 - keep]:
                     del history[k]
                     masks.pop(k, None)
@@ -298,6 +349,15 @@ class Generator:
         result.decode_s = time.perf_counter() - t
         result.total_s = time.perf_counter() - t_start
         return result
+
+    def _read_hidden(self, answer: protocol.Frame, step, shape, dtype: str) -> np.ndarray:
+        """U-shaped split: the server's hidden state for this step."""
+        try:
+            if answer.meta.get("step") != step.index:
+                raise protocol.ProtocolError(f"answer is for step {answer.meta.get('step')!r}, expected {step.index}")
+            return protocol.require_tensor(answer, split.RETURN_NAME, shape, (dtype,))
+        except protocol.ProtocolError as e:
+            raise BackendProtocolError(f"{self.client.url} sent an unusable step answer: {e}") from None
 
     def _read_answer(
         self, answer: protocol.Frame, step, latent_shape, key: he.ClientKey | None, pivot_mask

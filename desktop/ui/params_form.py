@@ -27,7 +27,14 @@ SEED_MAX = 2**31 - 1
 ENCRYPTION_LABELS = {
     "full": "Full: encrypt the whole latent",
     "min-distortion": "Min-distortion: encrypt a selection",
+    "random-mask": "Random mask: encrypt a fixed random share",
     "none": "None: plaintext baseline",
+}
+SPLIT_TIPS = {
+    "conv_in": "The paper's split: only conv_in runs here; the server can invert its output to the latent",
+    "down0.resnet0": "conv_in and the first resnet run here; the server still receives conv_in's output",
+    "u1": "U-shaped: the first and last UNet blocks run here; the latent and noise prediction never leave",
+    "u2": "U-shaped, deeper: the first and last two UNet blocks run here (models with 3 or more blocks)",
 }
 
 
@@ -37,6 +44,12 @@ def _choices():
     from common.split import SPLIT_POINTS
 
     return SCHEDULER_NAMES, {name: p.description for name, p in he.PRESETS.items()}, SPLIT_POINTS
+
+
+def _u_shaped(split: str) -> bool:
+    from common.split import U_SPLITS
+
+    return split in U_SPLITS
 
 
 def _defaults():
@@ -157,16 +170,29 @@ class ParamsForm(QWidget):
             self.preset_combo.addItem(name, name)
             self.preset_combo.setItemData(self.preset_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
         self._set_combo_data(self.preset_combo, d.he_preset)
+        self.fraction_spin = QDoubleSpinBox()
+        self.fraction_spin.setRange(0.0, 1.0)
+        self.fraction_spin.setDecimals(3)
+        self.fraction_spin.setSingleStep(0.05)
+        self.fraction_spin.setValue(d.mask_fraction)
+        self.fraction_spin.setToolTip("Random mask: the share of the latent that is encrypted")
         row = QHBoxLayout()
         row.addWidget(QLabel("τ"))
         row.addWidget(self.tau_spin, 1)
+        row.addWidget(QLabel("Share"))
+        row.addWidget(self.fraction_spin, 1)
         row.addWidget(QLabel("Preset"))
         row.addWidget(self.preset_combo, 1)
         ef.addRow("", row)
         self.split_combo = QComboBox()
-        self.split_combo.addItems(list(splits))
-        self.split_combo.setToolTip("How many UNet layers run on this machine before the server takes over")
+        for name in splits:
+            self.split_combo.addItem(name)
+            self.split_combo.setItemData(
+                self.split_combo.count() - 1, SPLIT_TIPS.get(name, ""), Qt.ItemDataRole.ToolTipRole
+            )
+        self.split_combo.setToolTip("Which UNet layers run on this machine; U-shaped splits keep the latent here")
         self._set_combo_text(self.split_combo, d.split)
+        self.split_combo.currentIndexChanged.connect(self._encryption_changed)
         ef.addRow("Split", self.split_combo)
         outer.addWidget(privacy)
 
@@ -228,9 +254,13 @@ class ParamsForm(QWidget):
         return i >= 0
 
     def _encryption_changed(self, *_args) -> None:
+        # a U-shaped split never sends the latent: there is nothing to encrypt or select
+        latent_sent = not _u_shaped(self.split_combo.currentText())
         mode = self.encryption_combo.currentData()
-        self.tau_spin.setEnabled(mode == "min-distortion")
-        self.preset_combo.setEnabled(mode != "none")
+        self.encryption_combo.setEnabled(latent_sent)
+        self.tau_spin.setEnabled(latent_sent and mode == "min-distortion")
+        self.fraction_spin.setEnabled(latent_sent and mode == "random-mask")
+        self.preset_combo.setEnabled(latent_sent and mode != "none")
 
     def _browse_model(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a diffusers model folder")
@@ -268,8 +298,9 @@ class ParamsForm(QWidget):
             width=self.width_spin.value(),
             height=self.height_spin.value(),
             scheduler=self.scheduler_combo.currentText(),
-            encryption=self.encryption_combo.currentData(),
+            encryption="none" if _u_shaped(self.split_combo.currentText()) else self.encryption_combo.currentData(),
             tau=float(self.tau_spin.value()),
+            mask_fraction=float(self.fraction_spin.value()),
             he_preset=self.preset_combo.currentData(),
             split=self.split_combo.currentText(),
             activation_dtype=self._activation_dtype,
@@ -309,6 +340,7 @@ class ParamsForm(QWidget):
             ("height", self.height_spin, int),
             ("guidance", self.guidance_spin, float),
             ("tau", self.tau_spin, float),
+            ("mask_fraction", self.fraction_spin, float),
         ):
             value = num(key, cast)
             if value is not None:
