@@ -520,3 +520,34 @@ def test_panel_screenshots(qtbot, tmp_path, results, backend):
         assert not image.isNull()
         assert image.save(str(out / f"{name}.png"))
     assert json.loads((services.data_dir / "settings.json").read_text())  # still a valid file
+
+
+# --- privacy ---------------------------------------------------------------------------------------
+
+
+def test_privacy_panel_shows_the_measured_leakage(qtbot, tmp_path):
+    """Each job shows what bench/leakage.py measured for its (split, encryption), from the shipped file."""
+    from desktop.core import leakage
+    from desktop.core.engine import GenerationParams
+    from desktop.ui.privacy_panel import PrivacyPanel
+
+    panel = PrivacyPanel()
+    qtbot.addWidget(panel)
+    assert panel.leakage_label.text() == "–"
+    panel.begin_job(GenerationParams(prompt="a red circle", split="conv_in", encryption="full"))
+    measured = leakage.lookup("conv_in", "full")
+    text = panel.leakage_label.text()
+    assert text == measured.summary()
+    assert measured.verdict in text and "PSNR" in text
+    panel.begin_job(GenerationParams(prompt="a red circle", split="u1", encryption="full"))
+    u1 = leakage.lookup("u1", "full")
+    assert u1 is not None and panel.leakage_label.text() == u1.summary() != text
+    panel.reset()
+    assert panel.leakage_label.text() == "–"
+
+    broken = tmp_path / "leakage.json"
+    broken.write_text("[]")
+    other = PrivacyPanel(describe_leakage=lambda s, e: leakage.describe(s, e, path=broken))
+    qtbot.addWidget(other)
+    other.begin_job(GenerationParams(prompt="a red circle"))
+    assert other.leakage_label.text().startswith(leakage.NOT_MEASURED) and "format" in other.leakage_label.text()

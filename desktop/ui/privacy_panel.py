@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -14,9 +16,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from desktop.core import leakage
 from desktop.ui.timing_chart import format_bytes
 
-NOT_MEASURED = "not measured yet"
+NOT_MEASURED = leakage.NOT_MEASURED
 
 
 def describe_mode(params) -> str:
@@ -24,6 +27,8 @@ def describe_mode(params) -> str:
         return "none: plaintext split (comparison baseline, the server sees the latent)"
     if params.encryption == "full":
         return f"full: the whole latent is CKKS-encrypted (preset {params.he_preset})"
+    if params.encryption == "random-mask":
+        return f"random-mask: a secret random ~89 % of the latent encrypted (preset {params.he_preset})"
     return f"min-distortion: selected latent values encrypted, τ = {params.tau:g} (preset {params.he_preset})"
 
 
@@ -34,8 +39,10 @@ def short_fingerprint(fp: str | None) -> str:
 
 
 class PrivacyPanel(QWidget):
-    def __init__(self, parent: QWidget | None = None):
+    def __init__(self, parent: QWidget | None = None, describe_leakage: Callable[[str, str], str] | None = None):
         super().__init__(parent)
+        # measured numbers shipped with the app (bench/leakage.py); injectable so tests can use their own file
+        self._describe_leakage = describe_leakage or leakage.describe
         self._params = None
         self._key_policy = "fresh"
         layout = QVBoxLayout(self)
@@ -47,7 +54,7 @@ class PrivacyPanel(QWidget):
         self.fraction_label = self._value_label()
         self.key_label = self._value_label()
         self.server_label = self._value_label()
-        self.leakage_label = self._value_label(NOT_MEASURED)
+        self.leakage_label = self._value_label()
         form.addRow("Encryption:", self.mode_label)
         form.addRow("Split:", self.split_label)
         form.addRow("Encrypted:", self.fraction_label)
@@ -94,7 +101,14 @@ class PrivacyPanel(QWidget):
     # --- API ---
 
     def reset(self) -> None:
-        for label in (self.mode_label, self.split_label, self.fraction_label, self.key_label, self.server_label):
+        for label in (
+            self.mode_label,
+            self.split_label,
+            self.fraction_label,
+            self.key_label,
+            self.server_label,
+            self.leakage_label,
+        ):
             label.setText("–")
         self.sent_table.setRowCount(0)
         self.sent_caption.setText("What the last step sent to the server")
@@ -104,7 +118,11 @@ class PrivacyPanel(QWidget):
         """A job started: show its settings; step details follow with ``update_step``."""
         self._params, self._key_policy = params, key_policy
         self.mode_label.setText(describe_mode(params))
-        self.split_label.setText(f"{params.split} (the layers up to it run on this machine)")
+        if params.split.startswith("u"):
+            where = "U-shaped: the first and last UNet blocks run on this machine; the latent stays here"
+        else:
+            where = "the layers up to it run on this machine"
+        self.split_label.setText(f"{params.split} ({where})")
         self.fraction_label.setText("0 %" if params.encryption == "none" else "–")
         if params.encryption == "none":
             self.key_label.setText("no key (plaintext)")
@@ -113,6 +131,7 @@ class PrivacyPanel(QWidget):
         else:
             self.key_label.setText("ephemeral: a fresh key for this generation")
         self.server_label.setText(server_name or "–")
+        self.leakage_label.setText(self._describe_leakage(params.split, params.encryption))
         self.sent_table.setRowCount(0)
 
     def update_step(self, update) -> None:
