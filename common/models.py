@@ -39,6 +39,7 @@ __all__ = [
     "TINY_MODEL_VERSION",
     "ModelFolderError",
     "ModelNotFoundError",
+    "CLIP_TOKENIZER_CONFIG",
     "build_tiny_model",
     "count_prompt_tokens",
     "encode_prompt",
@@ -50,8 +51,10 @@ __all__ = [
     "load_vae",
     "prompt_is_truncated",
     "resolve_model",
+    "tiny_clip_vocab",
     "unet_weight_files",
     "validate_model_folder",
+    "write_clip_tokenizer",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +165,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _tiny_clip_vocab() -> dict[str, int]:
+def tiny_clip_vocab() -> dict[str, int]:
     """Char-level CLIP vocabulary: 256 byte chars, the same with '</w>', then the two special tokens (514)."""
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -185,21 +188,31 @@ def _tiny_unet_config() -> dict[str, Any]:
     }
 
 
-def _write_tiny_tokenizer(tok_dir: Path) -> None:
+#: tokenizer_config.json of a CLIP tokenizer folder with SD 1.x settings.
+CLIP_TOKENIZER_CONFIG: dict[str, Any] = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": 77,
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "do_lower_case": True,
+    "clean_up_tokenization_spaces": False,
+}
+
+
+def write_clip_tokenizer(tok_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Write ``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json``, the files transformers 4 and 5 load."""
+    tok_dir = Path(tok_dir)
     tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(_tiny_clip_vocab(), ensure_ascii=False), encoding="utf-8")
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok_config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (tok_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(CLIP_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
+
+
+def _write_tiny_tokenizer(tok_dir: Path) -> None:
+    write_clip_tokenizer(tok_dir, tiny_clip_vocab(), [])
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -239,7 +252,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
         )
 
         torch.manual_seed(seed + 2)
-        vocab = _tiny_clip_vocab()
+        vocab = tiny_clip_vocab()
         text_config = CLIPTextConfig(
             vocab_size=len(vocab),
             hidden_size=32,
