@@ -15,6 +15,7 @@ from safetensors import safe_open
 from common import models
 from common.schedulers import make_scheduler
 from common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped
+from desktop.core.preview import load_preview_map
 
 
 def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
@@ -58,6 +59,7 @@ class ClientModel:
         self.scheduler_config = models.load_scheduler_config(self.path)
         unet_config = models.load_unet_config(self.path)
         self.latent_channels = int(unet_config["in_channels"])
+        self.preview_map = load_preview_map(self.path, self.latent_channels)
         self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor
 
     def make_scheduler(self, name: str):

@@ -324,7 +324,9 @@ class Generator:
                             total=len(plan.steps),
                             timestep=step.timestep,
                             latent=history[done],
-                            preview=latent_preview(history[done], upscale=self.model.vae_scale_factor)
+                            preview=latent_preview(
+                                history[done], self.model.preview_map, upscale=self.model.vae_scale_factor
+                            )
                             if history[done].shape[0] == 4
                             else Image.new("RGB", (params.width, params.height)),
                             timings=timings,
