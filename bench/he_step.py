@@ -213,14 +213,17 @@ def run_config(name, stepper, n_pool_for, tolerance, sizes, repeats, log) -> dic
 
 
 def run_ours(name, preset, mode, sizes, repeats, tau, log) -> dict:
-    key = he.ClientKey(preset)
+    # What the product uses: flooded decryptions, keys rotated before their decryption bound.
+    key = he.RotatingKey(preset)
     ctx = he.EvaluationContext(key.evaluation_context(), preset)
 
     def stepper(x, f, b, n_pool):
         return ours_step(key, ctx, x, f, b, mode, tau, n_pool)
 
     out = {"preset": preset, "mode": mode, "tau": tau if mode == "min-distortion" else None}
-    out.update(run_config(name, stepper, key.preset.ciphertexts_for, TOLERANCE[preset], sizes, repeats, log))
+    # The flood is part of the result: allow 8 sigma of it on top of the CKKS error.
+    tolerance = TOLERANCE[preset] + 8 * key.flood_sigma
+    out.update(run_config(name, stepper, key.preset.ciphertexts_for, tolerance, sizes, repeats, log))
     return out
 
 
@@ -307,7 +310,8 @@ def micro_costs(n: int = 200) -> dict:
     update = ``EvaluationContext.affine_update`` (scalar 1: the fast preset only adds); serialize / load =
     ``Ciphertext.serialize`` / ``Ciphertext.load``; decrypt = ``ClientKey.decrypt`` of one ciphertext.
     """
-    key = he.ClientKey("fast")
+    # Timing only: a bound large enough for every timed decryption (the flood is sized for it, and costs the same).
+    key = he.ClientKey("fast", max_decryptions=100 * n)
     ctx = he.EvaluationContext(key.evaluation_context(), "fast")
     width = key.preset.values_per_ciphertext
     rng = np.random.default_rng(0)
@@ -345,7 +349,7 @@ def micro_costs(n: int = 200) -> dict:
         "values_per_ciphertext": width,
         "ciphertext_bytes": len(blob),
         "max_error": err,
-        "correct": err <= TOLERANCE["fast"],
+        "correct": err <= TOLERANCE["fast"] + 8 * key.flood_sigma,
     }
 
 

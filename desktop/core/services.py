@@ -96,9 +96,10 @@ class AppServices:
 
     # --- keys ---
 
-    def key_for_generation(self, params: GenerationParams) -> he.ClientKey | None:
+    def key_for_generation(self, params: GenerationParams) -> he.RotatingKey | None:
         """None: a fresh key per generation (key_policy "fresh", the default, or no encryption at all);
-        otherwise the stored device key for the generation's HE preset (created on first use)."""
+        otherwise the stored device key for the generation's HE preset (created on first use), replaced by a new
+        stored key when it reaches its decryption bound so that a generation never stops there."""
         if params.encryption == "none" or self.settings.key_policy == "fresh":
             return None
-        return self.keys.get_or_create(params.he_preset)
+        return self.keys.rotating(params.he_preset)

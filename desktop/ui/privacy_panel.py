@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from common.split import is_u_shaped
 from desktop.core import leakage
 from desktop.ui.timing_chart import format_bytes
 
@@ -23,6 +24,8 @@ NOT_MEASURED = leakage.NOT_MEASURED
 
 
 def describe_mode(params) -> str:
+    if is_u_shaped(params.split):
+        return "U-shaped split: the latent and the noise prediction stay on this machine (no encryption needed)"
     if params.encryption == "none":
         return "none: plaintext split (comparison baseline, the server sees the latent)"
     if params.encryption == "full":
@@ -118,7 +121,7 @@ class PrivacyPanel(QWidget):
         """A job started: show its settings; step details follow with ``update_step``."""
         self._params, self._key_policy = params, key_policy
         self.mode_label.setText(describe_mode(params))
-        if params.split.startswith("u"):
+        if is_u_shaped(params.split):
             where = "U-shaped: the first and last UNet blocks run on this machine; the latent stays here"
         else:
             where = "the layers up to it run on this machine"
