@@ -112,6 +112,7 @@ def measure_psnr(args) -> dict:
     from backend.auth import TokenStore
     from backend.engine import Limits, ServerModel
     from backend.serve import start_in_thread
+    from common.models import recommended_settings
     from common.schedulers import make_scheduler
     from desktop.core.backend_client import BackendClient
     from desktop.core.client_model import ClientModel
@@ -122,6 +123,7 @@ def measure_psnr(args) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = _model_path(args.model, Path(tmp))
+        guidance = args.guidance if args.guidance is not None else recommended_settings(path).get("guidance", 7.5)
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
@@ -140,7 +142,7 @@ def measure_psnr(args) -> dict:
                         variants[f"flooding kappa {k:g}"] = {"kappa": k}
                     rows = {name: {"psnr_db": [], "latent_max_abs_diff": []} for name in variants}
                     for seed in range(args.seeds):
-                        kw = dict(prompt=PROMPT, num_inference_steps=args.steps, guidance_scale=7.5)
+                        kw = dict(prompt=PROMPT, num_inference_steps=args.steps, guidance_scale=guidance)
                         ref_latent = (
                             pipe(
                                 **kw,
@@ -166,7 +168,12 @@ def measure_psnr(args) -> dict:
                             ).images[0]
                         )
                         params = GenerationParams(
-                            prompt=PROMPT, steps=args.steps, seed=seed, scheduler=args.scheduler, he_preset=preset
+                            prompt=PROMPT,
+                            steps=args.steps,
+                            guidance=guidance,
+                            seed=seed,
+                            scheduler=args.scheduler,
+                            he_preset=preset,
                         )
                         for name, key_kw in variants.items():
                             key = he.RotatingKey(preset, **key_kw)
@@ -191,7 +198,7 @@ def measure_psnr(args) -> dict:
                     results[preset] = rows
         finally:
             running.stop()
-    return {"size": size, "results": results}
+    return {"size": size, "guidance": guidance, "results": results}
 
 
 def _markdown(report: dict) -> str:
@@ -216,7 +223,8 @@ def _markdown(report: dict) -> str:
     if "psnr" in report:
         p = report["psnr"]
         lines += [
-            f"Model {report['model']} ({p['size']} px), {report['scheduler']}, {report['steps']} steps, guidance 7.5, "
+            f"Model {report['model']} ({p['size']} px), {report['scheduler']}, {report['steps']} steps, "
+            f"guidance {p.get('guidance', 7.5):g}, "
             f"seeds 0..{report['seeds'] - 1}; PSNR of the saved 8-bit image against diffusers' image for the same "
             "seed before 8-bit rounding (rounding alone: ~58.9 dB).",
             "",
@@ -243,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--scheduler", default="plms")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation, else 7.5")
     ap.add_argument("--kappas", default="", help="extra flooding strengths to try, e.g. 20,40")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)

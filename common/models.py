@@ -59,6 +59,8 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL_DIR = REPO_ROOT / "assets" / "embedded"
+#: Optional file in a model folder: the generation settings its makers measured to work best.
+RECOMMENDED_SETTINGS_FILE = "hediff.json"
 
 #: Bump when build_tiny_model's output changes, so stale caches are not reused.
 TINY_MODEL_VERSION = 1
@@ -127,6 +129,7 @@ _HUB_ALLOW_PATTERNS = [
     "text_encoder/model-*-of-*.safetensors",
     "tokenizer/*.json",
     "tokenizer/*.txt",
+    RECOMMENDED_SETTINGS_FILE,
 ]
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -556,6 +559,45 @@ def load_scheduler_config(path: Path) -> dict:
     """The raw ``scheduler/scheduler_config.json`` dict."""
     path = Path(path)
     return _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config", path)
+
+
+_RECOMMENDED_RANGES: dict[str, tuple[type, float, float]] = {"guidance": (float, 0.0, 50.0), "steps": (int, 1, 1000)}
+
+
+def recommended_settings(path: Path) -> dict[str, float | int]:
+    """``{"guidance": ..., "steps": ...}`` from the folder's ``hediff.json`` (``{"recommended": {...}}``); empty
+    when there is none. Small models want far less guidance than SD's usual 7.5 (the embedded model's colours
+    collapse at 7.5), so the CLI, the API and the app take their defaults from here."""
+    path = Path(path)
+    file = path / RECOMMENDED_SETTINGS_FILE
+    if not file.is_file():
+        return {}
+    data = _read_json(file, "recommended generation settings", path).get("recommended", {})
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"Model folder {path}: {RECOMMENDED_SETTINGS_FILE} 'recommended' is not an object")
+    out: dict[str, float | int] = {}
+    for name, value in data.items():
+        if name not in _RECOMMENDED_RANGES:
+            continue  # settings a newer version understands
+        kind, lo, hi = _RECOMMENDED_RANGES[name]
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok_type or (kind is int and value != int(value)) or not (lo <= value <= hi) or value != value:
+            raise ModelFolderError(
+                f"Model folder {path}: {RECOMMENDED_SETTINGS_FILE} recommends {name}={value!r}; "
+                f"it must be a {kind.__name__} in [{lo:g}, {hi:g}]"
+            )
+        out[name] = kind(value)
+    return out
+
+
+def recommended_settings_for(spec: str) -> dict[str, float | int]:
+    """Recommended settings of a model spec without resolving it (no download, no build): for form defaults.
+    Hub ids and unreadable files give {}; loading the model reports the problem."""
+    folder = EMBEDDED_MODEL_DIR if spec == "embedded" else Path(spec).expanduser()
+    try:
+        return recommended_settings(folder) if folder.is_dir() else {}
+    except ModelFolderError:
+        return {}
 
 
 def load_unet(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

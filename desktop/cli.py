@@ -61,8 +61,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default="embedded")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation (hediff.json), else 20")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's recommendation (hediff.json), else 7.5"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None)

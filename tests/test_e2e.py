@@ -1,6 +1,7 @@
 """Encrypted generation through a real loopback backend, checked against diffusers' own pipeline."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +264,28 @@ def test_random_mask_is_drawn_once_per_generation(pipe, generator, backend):
         assert all(f.tensors["remainder"].size == n - round(0.5 * n) for f in steps)
         masks.append(steps[0].tensors["mask"])
     assert not np.array_equal(masks[0], masks[1])  # a fresh secret seed per generation
+
+
+def test_cli_takes_guidance_and_steps_from_the_models_recommendation(tmp_path, tiny_model_dir, pipe, capsys):
+    import shutil
+
+    from desktop.cli import main
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 3.0, "steps": 2}}))
+    ref_latent, _ = reference(pipe, "ddim", steps=2, guidance=3.0)
+    base = ["generate", "--local-backend", "--model", str(model), "--prompt", PROMPT, "--negative-prompt", NEGATIVE]
+    base += ["--scheduler", "ddim", "--width", str(SIZE), "--height", str(SIZE), "--quiet"]
+    rc = main([*base, "--out", str(tmp_path / "a.png"), "--latents-out", str(tmp_path / "a.npy")])
+    assert rc == 0, capsys.readouterr().err
+    assert np.abs(np.load(tmp_path / "a.npy")[0] - ref_latent).max() <= 1e-3
+    text = Image.open(tmp_path / "a.png").text
+    assert (text["hediff:guidance"], text["hediff:steps"]) == ("3.0", "2")
+    # an explicit value wins over the recommendation
+    rc = main([*base, "--guidance", "1.5", "--steps", "1", "--out", str(tmp_path / "b.png")])
+    assert rc == 0, capsys.readouterr().err
+    text = Image.open(tmp_path / "b.png").text
+    assert (text["hediff:guidance"], text["hediff:steps"]) == ("1.5", "1")
 
 
 def test_cli_generate_u_shaped_split(tmp_path, tiny_model_dir, pipe, capsys):

@@ -7,8 +7,10 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import json
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -380,6 +382,22 @@ def test_closing_mid_job_stops_the_worker_and_keeps_finished_images(qtbot, servi
     assert len(late) <= 1
     assert [e.params.prompt for e in services.gallery.entries()] == ["kept"]
     window.close()  # a second close is harmless
+
+
+def test_a_new_window_starts_from_the_models_recommended_settings(services, make_window, tiny_model_dir, tmp_path):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 3.5, "steps": 9}}))
+    services.settings.model = str(model)
+    services.settings.params = {"seed": 7}
+    window = make_window(services)
+    assert window.form.guidance_spin.value() == pytest.approx(3.5) and window.form.steps_spin.value() == 9
+    window.close()
+    services.settings.params = {"guidance": 6.0}  # what the user saved wins
+    window = make_window(services)
+    assert window.form.guidance_spin.value() == pytest.approx(6.0) and window.form.steps_spin.value() == 9
+    window.close()
 
 
 def test_settings_persist_across_windows(qtbot, services, make_window):

@@ -293,6 +293,42 @@ def test_validate_not_a_directory(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
+def test_recommended_settings(model_copy):
+    assert models.recommended_settings(model_copy) == {}  # no hediff.json: the callers' own defaults
+    file = model_copy / models.RECOMMENDED_SETTINGS_FILE
+    file.write_text(json.dumps({"recommended": {"guidance": 2, "steps": 25, "future_knob": "x"}}))
+    got = models.recommended_settings(model_copy)
+    assert got == {"guidance": 2.0, "steps": 25} and isinstance(got["guidance"], float)
+    assert models.recommended_settings_for(str(model_copy)) == got
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"recommended": [2]}', "'recommended' is not an object"),
+        ('{"recommended": {"guidance": "high"}}', "guidance='high'"),
+        ('{"recommended": {"guidance": 99}}', r"float in \[0, 50\]"),
+        ('{"recommended": {"guidance": true}}', "guidance=True"),
+        ('{"recommended": {"guidance": NaN}}', "guidance=nan"),
+        ('{"recommended": {"steps": 2.5}}', r"int in \[1, 1000\]"),
+        ('{"recommended": {"steps": 0}}', "steps=0"),
+    ],
+)
+def test_bad_recommended_settings_name_the_file(model_copy, content, message):
+    (model_copy / models.RECOMMENDED_SETTINGS_FILE).write_text(content)
+    with pytest.raises(ModelFolderError, match=message) as info:
+        models.recommended_settings(model_copy)
+    assert "hediff.json" in str(info.value)
+    # form defaults must not fail on it: loading the model reports the problem
+    assert models.recommended_settings_for(str(model_copy)) == {}
+
+
+def test_recommended_settings_for_unresolved_specs(tmp_path):
+    assert models.recommended_settings_for("someone/some-model") == {}  # a hub id: never downloaded for this
+    assert models.recommended_settings_for(str(tmp_path / "missing")) == {}
+
+
 def test_sd15_unet_config_on_meta():
     from diffusers import UNet2DConditionModel
 

@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.models import REPO_ROOT, resolve_model
+from common.models import REPO_ROOT, recommended_settings, resolve_model
 from training.checker import check
 from training.shapes import Scene, held_out_scenes, training_scene
 
-# Chosen on training-distribution prompts (--seen: 1.5, 2, 2.5 give 68.3, 71.7, 70.8% all three), not on the
-# held-out set. Higher guidance over-saturates this small model (7.5: 8% all three on held-out prompts).
-DEFAULT_GUIDANCE = 2.0
+#: Without a recommendation in the model folder (hediff.json): SD's usual guidance.
+FALLBACK_GUIDANCE = 7.5
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -102,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's recommendation (hediff.json), else 7.5"
+    )
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompts (0: all)")
     p.add_argument("--seen", action="store_true", help="score training-distribution prompts instead (for tuning)")
     p.add_argument("--encryption", default="full", choices=["full", "min-distortion"])
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     model_dir = resolve_model(args.model)
+    if args.guidance is None:
+        args.guidance = recommended_settings(model_dir).get("guidance", FALLBACK_GUIDANCE)
     scenes = seen_scenes(args.limit or 240) if args.seen else held_out_scenes()
     if args.limit:
         scenes = scenes[: args.limit]

@@ -60,9 +60,19 @@ class HEDiffusion:
     def native_size(self) -> int:
         return self.client_model.native_size
 
+    @property
+    def recommended(self) -> dict[str, float | int]:
+        """The model's recommended settings (its ``hediff.json``): the defaults of :meth:`params`."""
+        return dict(self.client_model.recommended)
+
     def params(self, prompt: str, **settings) -> GenerationParams:
-        """Generation settings (width/height default to 0: the model's native size)."""
+        """Generation settings: the model's recommended guidance and steps unless given; width/height default to
+        0, the model's native size."""
         settings.setdefault("split", self.client_model.split)
+        for name, value in self.client_model.recommended.items():
+            if settings.get(name) is None:
+                settings[name] = value
+        settings = {k: v for k, v in settings.items() if v is not None}
         return GenerationParams(prompt=prompt, **settings)
 
     def generate(

@@ -60,6 +60,7 @@ class ClientModel:
         unet_config = models.load_unet_config(self.path)
         self.latent_channels = int(unet_config["in_channels"])
         self.preview_map = load_preview_map(self.path, self.latent_channels)
+        self.recommended = models.recommended_settings(self.path)
         self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor
 
     def make_scheduler(self, name: str):

@@ -344,8 +344,11 @@ class MainWindow(QMainWindow):
     def _restore_settings(self) -> None:
         s = self.services.settings
         self.form.set_servers(s.servers, s.selected_server)
-        self.form.set_model(getattr(s, "model", "embedded") or "embedded")
-        self.form.load_dict(getattr(s, "params", {}) or {})
+        model = getattr(s, "model", "embedded") or "embedded"
+        self.form.set_model(model)
+        saved = getattr(s, "params", {}) or {}
+        # the model's recommended guidance and steps unless the user saved their own
+        self.form.load_dict({**self.form.model_defaults(model), **(saved if isinstance(saved, dict) else {})})
         geometry = getattr(s, "window_geometry", None)
         restored = False
         if geometry:

@@ -318,6 +318,13 @@ class ParamsForm(QWidget):
             d.pop("negative_prompt", None)
         return d
 
+    @staticmethod
+    def model_defaults(model: str) -> dict:
+        """The settings a model folder recommends (its hediff.json), e.g. the embedded model's guidance 2."""
+        from common.models import recommended_settings_for
+
+        return recommended_settings_for(model)
+
     def load_dict(self, d: dict) -> None:
         """Fill the fields present in ``d``; unknown keys and unusable values are ignored."""
         if not isinstance(d, dict):
