@@ -97,7 +97,9 @@ def test_checker_on_an_empty_image_reads_nothing():
 def _tiny_run(tmp_path, steps: int, resume_at: int | None):
     from transformers import CLIPTokenizer
 
-    cfg = T.TrainConfig(images=32, unet_batch=4, unet_steps=steps, warmup=2, checkpoint_every=1, threads=1)
+    cfg = T.TrainConfig(
+        images=32, unet_batch=4, unet_steps=steps, unet_cosine_steps=2, warmup=1, checkpoint_every=1, threads=1
+    )
     write_tokenizer(tmp_path / "tok", vocabulary_words())
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
     vocab, _ = build_vocab(vocabulary_words())
@@ -122,11 +124,22 @@ def _tiny_run(tmp_path, steps: int, resume_at: int | None):
     return unet
 
 
-def test_unet_training_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("resume_at", [1, 2, 3])  # in the cosine cycle, at its end, in the refinement phase
+def test_unet_training_resumes_to_the_same_weights(tmp_path, resume_at):
     torch.set_num_threads(1)
-    straight = _tiny_run(tmp_path / "a", 3, None)
-    resumed = _tiny_run(tmp_path / "b", 3, 1)
+    straight = _tiny_run(tmp_path / "a", 4, None)
+    resumed = _tiny_run(tmp_path / "b", 4, resume_at)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     untrained = build_components(build_vocab(vocabulary_words())[0])[1]
     assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), untrained.state_dict().values()))
+
+
+def test_unet_learning_rate_schedule():
+    cfg = T.TrainConfig(unet_lr=1e-3, warmup=10, unet_cosine_steps=110, unet_steps=150, refine_lr=2e-4)
+    assert T.unet_lr(cfg, 0) == pytest.approx(1e-4)
+    assert T.unet_lr(cfg, 9) == pytest.approx(1e-3)
+    assert T.unet_lr(cfg, 10) == pytest.approx(1e-3)
+    assert T.unet_lr(cfg, 60) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert T.unet_lr(cfg, 109) == pytest.approx(1e-3 * 0.05, rel=0.01)
+    assert T.unet_lr(cfg, 110) == T.unet_lr(cfg, 149) == 2e-4

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.models import EMBEDDED_MODEL_DIR, resolve_model, validate_model_folder
+from common.models import EMBEDDED_MODEL_DIR, REPO_ROOT, recommended_settings, resolve_model, validate_model_folder
 from desktop.core.preview import SD1_PREVIEW_MAP, latent_preview, load_preview_map
 from training.checker import check
-from training.evaluate import DEFAULT_GUIDANCE, psnr
+from training.evaluate import psnr
 from training.shapes import held_out_scenes
 
 STEPS = 20
+# What the model folder recommends (hediff.json) and so what the CLI, the API and the app use by default.
+GUIDANCE = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,7 @@ def pipe():
 
 def _generate(pipe, prompts, seeds, output_type="np"):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(
-        prompts, num_inference_steps=STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=gens, output_type=output_type
-    )
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens, output_type=output_type)
 
 
 def _u8(images) -> list[np.ndarray]:
@@ -52,6 +52,20 @@ def test_embedded_folder_is_complete_small_and_documented():
         assert needle in card, needle
 
 
+def test_the_model_recommends_the_guidance_it_was_evaluated_at(tiny_model_dir):
+    from desktop.core.api import HEDiffusion
+
+    assert recommended_settings(EMBEDDED_MODEL_DIR) == {"guidance": GUIDANCE, "steps": STEPS}
+    evaluation = json.loads((REPO_ROOT / "bench" / "results" / "embedded-eval.json").read_text())
+    assert evaluation["guidance"] == GUIDANCE and evaluation["steps"] == STEPS
+    with HEDiffusion("embedded", local_backend=True) as hd:
+        assert (hd.params("a red circle").guidance, hd.params("a red circle").steps) == (GUIDANCE, STEPS)
+        assert hd.params("a red circle", guidance=4.0, steps=None).guidance == 4.0
+    # a model without a recommendation keeps SD's defaults
+    with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
+        assert (hd.params("a red circle").guidance, hd.params("a red circle").steps) == (7.5, 20)
+
+
 def test_embedded_model_follows_held_out_prompts(pipe):
     # Every 30th held-out scene: all 8 unseen colour/shape pairs, every position, both sizes, all backgrounds.
     scenes = held_out_scenes()[::30]
@@ -69,7 +83,7 @@ def test_encrypted_generation_matches_diffusers_and_the_prompt(pipe):
     seed = 1007
     plain = _u8(_generate(pipe, [scene.caption()], [seed]).images)[0]
     with HEDiffusion("embedded", local_backend=True) as hd:
-        result = hd.generate(scene.caption(), steps=STEPS, guidance=DEFAULT_GUIDANCE, seed=seed, scheduler="plms")
+        result = hd.generate(scene.caption(), steps=STEPS, guidance=GUIDANCE, seed=seed, scheduler="plms")
     encrypted = np.asarray(result.image.convert("RGB"))
     assert result.encrypted_fractions and min(result.encrypted_fractions) == 1.0
     assert psnr(plain, encrypted) >= 35.0

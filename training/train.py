@@ -8,7 +8,8 @@ Stages (each resumable; state lives in --work, default build/embedded-train):
   2. train the VAE (MSE + a tiny KL term, like SD's autoencoder minus the GAN),
   3. encode the set to latents and derive the VAE scaling factor (1 / std of the latents),
   4. train the UNet and the text encoder together on latents (epsilon prediction, min-SNR-5 weighting,
-     10% empty captions for classifier-free guidance, EMA of the weights),
+     10% empty captions for classifier-free guidance, EMA of the weights): a cosine cycle, then a refinement
+     phase at a constant learning rate,
   5. export a diffusers folder (safetensors) + the fitted latent-to-RGB preview map + training record.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.models import EMBEDDED_MODEL_DIR, REPO_ROOT, SD15_SCHEDULER_CONFIG
+from common.models import EMBEDDED_MODEL_DIR, RECOMMENDED_SETTINGS_FILE, REPO_ROOT, SD15_SCHEDULER_CONFIG
 from training.model import build_components, parameter_count
 from training.shapes import IMAGE_SIZE, training_scene, vocabulary_words
 from training.tokenizer import build_vocab, write_tokenizer
@@ -42,7 +43,12 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_foreground_weight: float = 10.0
-    unet_steps: int = 4000
+    unet_steps: int = 5000
+    # Steps after the cosine cycle run at refine_lr. Measured on held-out prompts: the model at the end of the
+    # 4000-step cycle placed shapes right 70% of the time (mostly left/right swaps); 1000 more steps at 1.5e-4
+    # gave 87%, with colour and shape unchanged or better.
+    unet_cosine_steps: int = 4000
+    refine_lr: float = 1.5e-4
     unet_batch: int = 64
     unet_lr: float = 6e-4
     warmup: int = 200
@@ -53,7 +59,28 @@ class TrainConfig:
     threads: int = 2
 
 
-QUICK = {"images": 2000, "vae_steps": 60, "unet_steps": 120, "checkpoint_every": 50, "warmup": 20}
+QUICK = {
+    "images": 2000,
+    "vae_steps": 60,
+    "unet_steps": 120,
+    "unet_cosine_steps": 100,
+    "checkpoint_every": 50,
+    "warmup": 20,
+}
+
+
+def unet_lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.unet_lr * (step + 1) / cfg.warmup
+    if step < cfg.unet_cosine_steps:
+        frac = (step - cfg.warmup) / max(1, cfg.unet_cosine_steps - cfg.warmup)
+        return cfg.unet_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.refine_lr
+
+
+def _refine_generator(cfg: TrainConfig) -> torch.Generator:
+    # Its own stream, so the refinement phase is reproducible from the checkpoint at the end of the cosine cycle.
+    return torch.Generator().manual_seed(cfg.seed + 777)
 
 
 class Progress:
@@ -216,6 +243,8 @@ def train_unet(cfg, unet, text_encoder, tokenizer, captions, mean, std, scaling_
     progress = Progress("unet", cfg.unet_steps, step)
     running = None
     while step < cfg.unet_steps:
+        if step == cfg.unet_cosine_steps:
+            gen = _refine_generator(cfg)
         idx = torch.randint(0, len(captions), (cfg.unet_batch,), generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
         batch_ids = ids[idx].clone()
@@ -224,11 +253,7 @@ def train_unet(cfg, unet, text_encoder, tokenizer, captions, mean, std, scaling_
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        if step < cfg.warmup:
-            lr = cfg.unet_lr * (step + 1) / cfg.warmup
-        else:
-            frac = (step - cfg.warmup) / max(1, cfg.unet_steps - cfg.warmup)
-            lr = cfg.unet_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = unet_lr(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         emb = text_encoder(batch_ids)[0]
@@ -305,9 +330,10 @@ def export(cfg, vae, unet, text_encoder, tokenizer, scaling_factor, preview, rec
     write_tokenizer(tmp / "tokenizer", vocabulary_words())
     (tmp / "preview.json").write_text(json.dumps(preview, indent=2) + "\n", encoding="utf-8")
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    card = out / "README.md"
-    if card.is_file():  # the model card is written by hand from the evaluation; keep it across retraining
-        shutil.copy2(card, tmp / "README.md")
+    # Written from the evaluation, not by training (the model card, the recommended guidance): keep them.
+    for name in ("README.md", RECOMMENDED_SETTINGS_FILE):
+        if (out / name).is_file():
+            shutil.copy2(out / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
