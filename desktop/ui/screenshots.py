@@ -21,8 +21,10 @@ from pathlib import Path  # noqa: E402
 from PySide6.QtCore import QObject, Slot  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-PROMPT = "a lighthouse on a rocky cliff at sunset, oil painting"
-NEGATIVE = "blurry, low quality"
+# Prompts the embedded shapes model was trained to follow (its vocabulary has no words for anything else).
+PROMPT = "a large yellow star at the top right on a black background"
+SECOND_PROMPT = "a large pink circle at the bottom left on a white background"
+NEGATIVE = ""
 
 
 def _wait(app, predicate, timeout_s: float) -> bool:
@@ -64,7 +66,7 @@ class _Shooter(QObject):
         self.failed.append(message)
 
 
-def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 12, size: int = 128) -> list[Path]:
+def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, size: int = 64) -> list[Path]:
     from desktop.core.keystore import MemoryKeyring, SecretStore
     from desktop.core.services import AppServices
     from desktop.ui.main_window import MainWindow
@@ -86,7 +88,7 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 12, si
         form.height_spin.setValue(size)
         form.seed_spin.setValue(1234)
         form.seed_lock_check.setChecked(True)
-        form.scheduler_combo.setCurrentText("ddim")
+        form.scheduler_combo.setCurrentText("plms")
         form.set_model(model)
         local = next((s for s in services.settings.servers if s.local), None)
         if local is not None:
@@ -98,7 +100,7 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 12, si
         window.worker.jobFinished.connect(shooter.on_finished)
         window.worker.jobFailed.connect(shooter.on_failed)
         first = window.generate()
-        form.prompt_edit.setPlainText("the same lighthouse at night, stars")
+        form.prompt_edit.setPlainText(SECOND_PROMPT)
         second = window.generate()  # shows a queued job in the first screenshot
         if first is None or second is None:
             raise RuntimeError(f"could not queue the jobs: {window.message_label.text()}")
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m desktop.ui.screenshots", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", default="embedded", help="model folder or 'embedded' (default)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--size", type=int, default=128, help="image width and height in pixels (default 128)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64, help="image width and height in pixels (default 64)")
     args = parser.parse_args(argv)
     try:
         paths = take_screenshots(args.out_dir, args.model, args.steps, args.size)
