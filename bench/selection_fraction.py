@@ -22,18 +22,20 @@ from bench.report import command_line, machine_info, save_report
 
 REPO = Path(__file__).resolve().parents[1]
 TAUS = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
+# Captions the embedded model was trained on (words outside its vocabulary would only add noise).
 PROMPTS = (
-    "a large red circle at the top left on a blue background",
-    "a small green square in the centre on a white background",
-    "a yellow star at the bottom right on a black background",
-    "a purple ring and a orange cross on a grey background",
+    "a large red circle at the top left on a white background",
+    "a small green square in the center on a gray background",
+    "a large yellow star at the bottom right on a black background",
+    "a small purple ring at the top left and a small orange cross at the bottom right on a gray background",
 )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", type=int, default=None, help="image side in px (default: the model's native size)")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation, else 7.5")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -41,13 +43,13 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from common.models import resolve_model
+    from common.models import recommended_settings, resolve_model
     from common.schedulers import make_scheduler
     from common.selection import min_distortion_mask
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        resolve_model(args.model), safety_checker=None, requires_safety_checker=False
-    )
+    model_dir = resolve_model(args.model)
+    guidance = args.guidance if args.guidance is not None else recommended_settings(model_dir).get("guidance", 7.5)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("plms", pipe.scheduler.config)
     trajectories = []
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
         pipe(
             prompt,
             num_inference_steps=args.steps,
+            guidance_scale=guidance,
             height=args.size,
             width=args.size,
             generator=torch.Generator("cpu").manual_seed(i),
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
         "latent_shape": list(shape),
         "steps_captured": len(trajectories[0]),
         "prompts": args.prompts,
+        "guidance": guidance,
         "encrypted_fraction": per_tau,
     }
     save_report(args.out, "selection_fraction", report, _markdown(report))
@@ -100,7 +104,7 @@ def _markdown(report: dict) -> str:
     lines = [
         f"Command: `{report['command']}` ({report['machine']['date']}); model {report['model']}, latent "
         f"{'x'.join(map(str, report['latent_shape']))}, {report['prompts']} prompts x "
-        f"{report['steps_captured']} steps.",
+        f"{report['steps_captured']} steps, guidance {report.get('guidance', 7.5):g}.",
         "",
         "| tau | model latents: mean | min .. max | first step | last step | Gaussian | paper (Gaussian) |",
         "|---|---|---|---|---|---|---|",
