@@ -9,10 +9,7 @@ a core. Runs are interleaved (mode A, B, C, A, B, C, ...) so that machine noise 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,45 +19,10 @@ import numpy as np
 import torch
 
 from bench.report import command_line, machine_info, save_report
+from bench.served import serve_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle at the top left on a blue background"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_backend(model: str, tmp: Path) -> tuple[subprocess.Popen, str, str]:
-    env = dict(os.environ, HEDIFF_CONFIG_DIR=str(tmp))
-    hediff = [sys.executable, "-m", "desktop.cli"]
-    token = subprocess.run(
-        hediff + ["token", "create", "--label", "bench"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    port = _free_port()
-    proc = subprocess.Popen(
-        hediff + ["serve", "--model", model, "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-    )
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"backend exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
-                return proc, url, token
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("backend did not come up")
 
 
 def main(argv=None) -> int:
@@ -99,9 +61,9 @@ def main(argv=None) -> int:
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     client_model = ClientModel(model_path, "conv_in")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, token = start_backend(str(model_path), Path(tmp))
+        served = serve_subprocess(str(model_path), Path(tmp))
         try:
-            with BackendClient(url, token) as client:
+            with BackendClient(served.url, served.token) as client:
                 gen = Generator(client_model, client)
                 for size in sizes:
                     base = dict(
@@ -140,8 +102,7 @@ def main(argv=None) -> int:
                             flush=True,
                         )
         finally:
-            proc.terminate()
-            proc.wait(10)
+            served.stop()
 
     for size in results.values():
         for entry in size.values():

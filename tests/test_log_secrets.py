@@ -79,7 +79,7 @@ def test_backend_and_client_logs_hold_no_token_prompt_or_key(server_model, clien
 
 @pytest.mark.slow
 def test_served_process_and_cli_generation_log_nothing_secret(tiny_model_dir, tmp_path):
-    from bench.fuzz import serve_subprocess
+    from bench.served import serve_subprocess
 
     served = serve_subprocess(str(tiny_model_dir), tmp_path, "--session-ttl", "60")
     try:

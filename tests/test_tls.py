@@ -163,7 +163,7 @@ def _served(args: list[str], env: dict, until: str, timeout: float = 120.0) -> s
 
 @pytest.mark.slow
 def test_hediff_serve_over_tls_and_in_the_clear(tiny_model_dir, certs, tmp_path):
-    from bench.fuzz import free_port
+    from bench.served import free_port
 
     env = dict(os.environ, HEDIFF_CONFIG_DIR=str(tmp_path))
     token = subprocess.run(
