@@ -112,7 +112,7 @@ def measure_psnr(args) -> dict:
     from backend.auth import TokenStore
     from backend.engine import Limits, ServerModel
     from backend.serve import start_in_thread
-    from common.models import recommended_settings
+    from common.models import guidance_for
     from common.schedulers import make_scheduler
     from desktop.core.backend_client import BackendClient
     from desktop.core.client_model import ClientModel
@@ -123,7 +123,7 @@ def measure_psnr(args) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = _model_path(args.model, Path(tmp))
-        guidance = args.guidance if args.guidance is not None else recommended_settings(path).get("guidance", 7.5)
+        guidance = guidance_for(path, args.guidance)
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)

@@ -43,12 +43,12 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from common.models import recommended_settings, resolve_model
+    from common.models import guidance_for, resolve_model
     from common.schedulers import make_scheduler
     from common.selection import min_distortion_mask
 
     model_dir = resolve_model(args.model)
-    guidance = args.guidance if args.guidance is not None else recommended_settings(model_dir).get("guidance", 7.5)
+    guidance = guidance_for(model_dir, args.guidance)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("plms", pipe.scheduler.config)

@@ -590,6 +590,17 @@ def recommended_settings(path: Path) -> dict[str, float | int]:
     return out
 
 
+#: Stable Diffusion's usual classifier-free guidance: the default for a model that recommends none.
+SD_GUIDANCE = 7.5
+
+
+def guidance_for(path: Path, explicit: float | None = None) -> float:
+    """``explicit`` when given, else the folder's recommended guidance, else SD's usual 7.5."""
+    if explicit is not None:
+        return float(explicit)
+    return float(recommended_settings(path).get("guidance", SD_GUIDANCE))
+
+
 def recommended_settings_for(spec: str) -> dict[str, float | int]:
     """Recommended settings of a model spec without resolving it (no download, no build): for form defaults.
     Hub ids and unreadable files give {}; loading the model reports the problem."""

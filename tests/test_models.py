@@ -300,6 +300,9 @@ def test_recommended_settings(model_copy):
     got = models.recommended_settings(model_copy)
     assert got == {"guidance": 2.0, "steps": 25} and isinstance(got["guidance"], float)
     assert models.recommended_settings_for(str(model_copy)) == got
+    assert models.guidance_for(model_copy) == 2.0 and models.guidance_for(model_copy, 4.0) == 4.0
+    file.unlink()
+    assert models.guidance_for(model_copy) == models.SD_GUIDANCE == 7.5
 
 
 @pytest.mark.parametrize(

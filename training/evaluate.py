@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.models import REPO_ROOT, recommended_settings, resolve_model
+from common.models import REPO_ROOT, guidance_for, resolve_model
 from training.checker import check
 from training.shapes import Scene, held_out_scenes, training_scene
-
-#: Without a recommendation in the model folder (hediff.json): SD's usual guidance.
-FALLBACK_GUIDANCE = 7.5
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     model_dir = resolve_model(args.model)
-    if args.guidance is None:
-        args.guidance = recommended_settings(model_dir).get("guidance", FALLBACK_GUIDANCE)
+    args.guidance = guidance_for(model_dir, args.guidance)
     scenes = seen_scenes(args.limit or 240) if args.seen else held_out_scenes()
     if args.limit:
         scenes = scenes[: args.limit]
