@@ -9,11 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from backend.auth import TokenStore
-from backend.engine import Engine, Limits, ServerModel
-from backend.sessions import SessionError, SessionStore, TooManySessions
-from common import protocol
-from common.he import HEError
+from hediff.backend.auth import TokenStore
+from hediff.backend.engine import Engine, Limits, ServerModel
+from hediff.backend.sessions import SessionError, SessionStore, TooManySessions
+from hediff.common import protocol
+from hediff.common.he import HEError
 
 log = logging.getLogger("hediff.backend")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.sessions import Session, SessionError, SessionStore
-from common import he, models, protocol, split
-from common.latent import EncryptedLatent, unpack_mask, update_latent
-from common.protocol import Frame, ProtocolError, SessionSettings
-from common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
+from hediff.backend.sessions import Session, SessionError, SessionStore
+from hediff.common import he, models, protocol, split
+from hediff.common.latent import EncryptedLatent, unpack_mask, update_latent
+from hediff.common.protocol import Frame, ProtocolError, SessionSettings
+from hediff.common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
 
 
 class StepOrderError(SessionError):

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.he import EvaluationContext
-from common.protocol import SessionSettings
-from common.schedulers import AffinePlan
+from hediff.common.he import EvaluationContext
+from hediff.common.protocol import SessionSettings
+from hediff.common.schedulers import AffinePlan
 
 
 class SessionError(Exception):

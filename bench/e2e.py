@@ -39,11 +39,11 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from common.models import resolve_model
-    from common.schedulers import make_scheduler
-    from desktop.core.backend_client import BackendClient
-    from desktop.core.client_model import ClientModel
-    from desktop.core.engine import GenerationParams, Generator
+    from hediff.common.models import resolve_model
+    from hediff.common.schedulers import make_scheduler
+    from hediff.desktop.core.backend_client import BackendClient
+    from hediff.desktop.core.client_model import ClientModel
+    from hediff.desktop.core.engine import GenerationParams, Generator
 
     torch.set_num_threads(1)  # the client's share of the machine; the backend process has the other core
     model_path = resolve_model(args.model)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import command_line, machine_info, save_report
-from common import he
-from common.flooding import key_recovery_bits
+from hediff.common import he
+from hediff.common.flooding import key_recovery_bits
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle at the top left on a blue background"
@@ -37,7 +37,7 @@ def psnr(a, b) -> float:
 
 
 def measure_error(trials: int) -> dict:
-    from common.latent import decrypt_latent, encrypt_latent, update_latent
+    from hediff.common.latent import decrypt_latent, encrypt_latent, update_latent
 
     rng = np.random.default_rng(0)
     out = {}
@@ -97,7 +97,7 @@ def _costs(name: str, reps: int = 50) -> dict:
 
 
 def _model_path(spec: str, tmp: Path) -> Path:
-    from common.models import build_tiny_model, resolve_model
+    from hediff.common.models import build_tiny_model, resolve_model
 
     if spec == "tiny":
         return build_tiny_model(tmp / "tiny", seed=0)
@@ -108,15 +108,15 @@ def measure_psnr(args) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from backend.app import create_app
-    from backend.auth import TokenStore
-    from backend.engine import Limits, ServerModel
-    from backend.serve import start_in_thread
-    from common.models import guidance_for
-    from common.schedulers import make_scheduler
-    from desktop.core.backend_client import BackendClient
-    from desktop.core.client_model import ClientModel
-    from desktop.core.engine import GenerationParams, Generator
+    from hediff.backend.app import create_app
+    from hediff.backend.auth import TokenStore
+    from hediff.backend.engine import Limits, ServerModel
+    from hediff.backend.serve import start_in_thread
+    from hediff.common.models import guidance_for
+    from hediff.common.schedulers import make_scheduler
+    from hediff.desktop.core.backend_client import BackendClient
+    from hediff.desktop.core.client_model import ClientModel
+    from hediff.desktop.core.engine import GenerationParams, Generator
 
     kappas = [float(k) for k in args.kappas.split(",")] if args.kappas else []
     presets = args.presets.split(",")

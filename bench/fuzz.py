@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 
 from bench.served import serve_subprocess
-from common import he, protocol
-from common.latent import encrypt_latent, pack_mask
-from common.schedulers import build_plan
+from hediff.common import he, protocol
+from hediff.common.latent import encrypt_latent, pack_mask
+from hediff.common.schedulers import build_plan
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = {"content-type": protocol.FRAME_CONTENT_TYPE}
@@ -586,7 +586,7 @@ def served_target(model: str, *serve_args: str):
 
     Yields (served, target, model folder); on exit the server is stopped and its log kept in ``served.log_text``.
     """
-    from common.models import build_tiny_model, load_scheduler_config
+    from hediff.common.models import build_tiny_model, load_scheduler_config
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -55,9 +55,9 @@ import tenseal as ts
 import torch
 
 from bench import paper_reference as ref
-from common import he
-from common.latent import EncryptedLatent, encrypt_latent, merge_values, pack_mask, unpack_mask, update_latent
-from common.selection import select_mask
+from hediff.common import he
+from hediff.common.latent import EncryptedLatent, encrypt_latent, merge_values, pack_mask, unpack_mask, update_latent
+from hediff.common.selection import select_mask
 
 DEFAULT_SIZES = (32, 64, 96, 128, 160)
 QUICK_SIZES = (32, 64)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.report import command_line, machine_info
-from common.attacks import (
+from hediff.common.attacks import (
     invert_by_gradient,
     invert_linear_conv,
     nearest_embedding_tokens,
@@ -87,7 +87,7 @@ class Setup:
 
 
 def load_setup(model: str, latent: int | None, workdir: Path) -> Setup:
-    from common import models
+    from hediff.common import models
 
     if model == "sd15":
         return _sd15_setup(latent or 32, workdir)
@@ -117,7 +117,7 @@ def _sd15_setup(size: int, workdir: Path) -> Setup:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from common import models
+    from hediff.common import models
 
     tiny = models.build_tiny_model(workdir / "tiny", seed=0)
     tokenizer = models.load_tokenizer(tiny)
@@ -167,7 +167,7 @@ class Sampler:
     """DDIM (eta 0) with classifier-free guidance, as the server can run it itself with the public model."""
 
     def __init__(self, setup: Setup, steps: int, guidance: float):
-        from common.schedulers import make_scheduler
+        from hediff.common.schedulers import make_scheduler
 
         self.setup, self.guidance = setup, guidance
         self.scheduler = make_scheduler("ddim", setup.scheduler_config)
@@ -222,7 +222,7 @@ def image_scores(setup: Setup, estimate: torch.Tensor, truth: torch.Tensor) -> d
 
 def u_view(setup: Setup, depth: int, t: int, ehs: torch.Tensor) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """What a U-shaped split sends: the output of ``down_blocks[depth-1]`` for both guidance branches."""
-    from common.split import _time_embed
+    from hediff.common.split import _time_embed
 
     unet = setup.unet
 
@@ -241,7 +241,7 @@ def u_view(setup: Setup, depth: int, t: int, ehs: torch.Tensor) -> Callable[[tor
 
 def resnet0_view(setup: Setup, t: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """``down_blocks[0].resnets[0](conv_in(x))`` alone: split down0.resnet0 if it did not also send skip0."""
-    from common.split import _time_embed
+    from hediff.common.split import _time_embed
 
     unet = setup.unet
 
@@ -334,7 +334,7 @@ def edge_map(setup: Setup, image: torch.Tensor) -> np.ndarray:
 
 
 def index_set_leakage(setup: Setup, traj: Trajectory, masks: list[np.ndarray], image: torch.Tensor) -> dict:
-    from common.selection import hill_cost
+    from hediff.common.selection import hill_cost
 
     edges = edge_map(setup, image)
     final = traj.final[0].double().numpy()
@@ -577,7 +577,7 @@ def run_heads_only(args, setup: Setup) -> dict:
 
 
 def run_model(args, setup: Setup) -> dict:
-    from common.selection import min_distortion_mask
+    from hediff.common.selection import min_distortion_mask
 
     sampler = Sampler(setup, args.steps, args.guidance)
     sampler.eval_steps = _eval_steps(len(sampler.timesteps), few=args.few_eval_steps)
@@ -590,7 +590,7 @@ def run_model(args, setup: Setup) -> dict:
     for p, prompt in enumerate(prompts):
         print(f"prompt {p + 1}/{len(prompts)}")
         with torch.no_grad():
-            from common.models import encode_prompt
+            from hediff.common.models import encode_prompt
 
             cond, uncond = encode_prompt(tok, te, prompt)
         ehs = torch.cat([uncond, cond]).float()

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from desktop.core.backend_client import BackendClient, BackendError
-from desktop.core.engine import GenerationParams, Generator
+from hediff.desktop.core.backend_client import BackendClient, BackendError
+from hediff.desktop.core.engine import GenerationParams, Generator
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle at the top left on a blue background"
@@ -109,7 +109,7 @@ def max_diff(runs: list[ClientRun], refs: dict, encryption: str) -> float:
 
 def session_burst(url: str, token: str, n: int, open_frame_bytes: bytes) -> tuple[Counter, list[dict]]:
     """``n`` session requests at once with one token: status counts and the 429 answers (Retry-After, detail)."""
-    from common.protocol import FRAME_CONTENT_TYPE
+    from hediff.common.protocol import FRAME_CONTENT_TYPE
 
     barrier = threading.Barrier(n)
     answers: list[httpx.Response] = []
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     from bench.fuzz import open_frame, served_target
     from bench.report import command_line, machine_info, save_report
-    from desktop.core.client_model import ClientModel
+    from hediff.desktop.core.client_model import ClientModel
 
     limit = args.clients
     with served_target(args.model, "--max-sessions-per-token", str(limit)) as (served, target, model):

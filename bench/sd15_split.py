@@ -32,11 +32,11 @@ def main(argv=None) -> int:
 
     from diffusers import UNet2DConditionModel
 
-    from common import he, protocol
-    from common.latent import encrypt_latent, pack_mask
-    from common.models import SD15_UNET_CONFIG
-    from common.selection import min_distortion_mask
-    from common.split import PAPER_SPLITS, UNetBody, UNetHead
+    from hediff.common import he, protocol
+    from hediff.common.latent import encrypt_latent, pack_mask
+    from hediff.common.models import SD15_UNET_CONFIG
+    from hediff.common.selection import min_distortion_mask
+    from hediff.common.split import PAPER_SPLITS, UNetBody, UNetHead
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

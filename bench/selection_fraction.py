@@ -43,9 +43,9 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    from common.models import guidance_for, resolve_model
-    from common.schedulers import make_scheduler
-    from common.selection import min_distortion_mask
+    from hediff.common.models import guidance_for, resolve_model
+    from hediff.common.schedulers import make_scheduler
+    from hediff.common.selection import min_distortion_mask
 
     model_dir = resolve_model(args.model)
     guidance = guidance_for(model_dir, args.guidance)

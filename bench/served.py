@@ -43,7 +43,7 @@ def free_port() -> int:
 def serve_subprocess(model: str, workdir: Path, *extra: str, timeout: float = 180.0) -> ServedBackend:
     """`hediff serve` in its own process with a fresh token; its stdout and stderr go to ``workdir/serve.log``."""
     env = dict(os.environ, HEDIFF_CONFIG_DIR=str(workdir))
-    hediff = [sys.executable, "-m", "desktop.cli"]
+    hediff = [sys.executable, "-m", "hediff.desktop.cli"]
     token = subprocess.run(
         hediff + ["token", "create", "--label", "bench"], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -53,7 +53,7 @@ def _median_time(fn, repeats: int):
 
 def unet_cost(unet, split_name: str, latent_hw: tuple[int, int], repeats: int) -> dict:
     """Seconds per step of the client's and the server's UNet layers (guidance batch 2), and what travels."""
-    from common.split import UNetBody, UNetHead, UNetHeadTail, is_u_shaped
+    from hediff.common.split import UNetBody, UNetHead, UNetHeadTail, is_u_shaped
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, int(unet.config.in_channels), *latent_hw, generator=g)
@@ -93,7 +93,7 @@ def unet_flops(unet_config, split_name: str, latent_hw: tuple[int, int]) -> dict
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from common.split import _meta_unet, is_u_shaped, split_unet
+    from hediff.common.split import _meta_unet, is_u_shaped, split_unet
 
     unet = _meta_unet(unet_config)
     x = torch.zeros(1, int(unet.config.in_channels), *latent_hw, device="meta")
@@ -119,9 +119,9 @@ def unet_flops(unet_config, split_name: str, latent_hw: tuple[int, int]) -> dict
 
 def he_cost(latent_shape: tuple[int, ...], encryption: str, repeats: int) -> dict:
     """Seconds per step of the client's and the server's latent handling (fast preset), and what travels."""
-    from common import he
-    from common.latent import decrypt_latent, encrypt_latent, pack_mask, update_latent
-    from common.selection import DEFAULT_MASK_FRACTION, min_distortion_mask, new_mask_seed, random_mask
+    from hediff.common import he
+    from hediff.common.latent import decrypt_latent, encrypt_latent, pack_mask, update_latent
+    from hediff.common.selection import DEFAULT_MASK_FRACTION, min_distortion_mask, new_mask_seed, random_mask
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(latent_shape)
@@ -165,14 +165,14 @@ def he_cost(latent_shape: tuple[int, ...], encryption: str, repeats: int) -> dic
 
 
 def frame_bytes(tensors: dict, blobs: dict, meta: dict) -> int:
-    from common import protocol
+    from hediff.common import protocol
 
     return len(protocol.Frame(meta=meta, tensors=dict(tensors), blobs=dict(blobs)).encode())
 
 
 def wire_bytes(unet_config, split_name: str, encryption: str, latent_shape, he_part: dict) -> dict:
     """Request and answer sizes per step for a latent of ``latent_shape`` (C, H, W), fp32 and fp16 activations."""
-    from common.split import activation_shapes, is_u_shaped, return_shape
+    from hediff.common.split import activation_shapes, is_u_shaped, return_shape
 
     u = is_u_shaped(split_name)
     batch = 2 if u else 1
@@ -195,7 +195,7 @@ def wire_bytes(unet_config, split_name: str, encryption: str, latent_shape, he_p
 
 
 def run_model(name: str, unet, timing_hw: tuple[int, int], byte_sizes: list[int], repeats: int) -> dict:
-    from common.split import UnsupportedUNetError
+    from hediff.common.split import UnsupportedUNetError
 
     channels = int(unet.config.in_channels)
     rows = {}
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
     from diffusers import UNet2DConditionModel
 
-    from common import models
+    from hediff.common import models
 
     torch.set_num_threads(args.threads)
     results = {}

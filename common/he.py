@@ -35,7 +35,7 @@ import numpy as np
 import tenseal as ts
 from tenseal import sealapi
 
-from common import flooding
+from hediff.common import flooding
 
 _KEYLESS = {"save_public_key": False, "save_secret_key": False, "save_galois_keys": False, "save_relin_keys": False}
 _SEAL_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError)

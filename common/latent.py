@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.he import ClientKey, EvaluationContext, RotatingKey
+from hediff.common.he import ClientKey, EvaluationContext, RotatingKey
 
 
 @dataclass

@@ -454,7 +454,7 @@ def _params_like(module: nn.Module) -> Tensor:
 
 def _load_partial(module: nn.Module, model_path: Path, device, dtype: torch.dtype, what: str) -> tuple[str, ...]:
     """Fill a meta-device ``module`` (UNet state-dict keys) with exactly its tensors from the UNet weights."""
-    from common.models import ModelFolderError, unet_weight_files
+    from hediff.common.models import ModelFolderError, unet_weight_files
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     tensors = _read_tensors(model_path, list(expected), unet_weight_files(model_path), ModelFolderError, what)
@@ -475,7 +475,7 @@ def _load_partial(module: nn.Module, model_path: Path, device, dtype: torch.dtyp
 
 def _config_for(model_path: Path, split: str) -> dict:
     """``unet/config.json``, checked for ``split``; errors name the file."""
-    from common.models import load_unet_config
+    from hediff.common.models import load_unet_config
 
     config = load_unet_config(model_path)
     try:

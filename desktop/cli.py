@@ -43,9 +43,9 @@ def _add_token(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    from common import he, protocol, selection
-    from common.schedulers import SCHEDULER_NAMES
-    from common.split import SPLIT_POINTS
+    from hediff.common import he, protocol, selection
+    from hediff.common.schedulers import SCHEDULER_NAMES
+    from hediff.common.split import SPLIT_POINTS
 
     p = sub.add_parser("generate", help="generate an image; the latent leaves this machine only encrypted")
     where = p.add_mutually_exclusive_group(required=True)
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from common.models import ModelFolderError, ModelNotFoundError
-    from desktop.core.backend_client import BackendError
-    from desktop.core.engine import GenerationCancelled
+    from hediff.common.models import ModelFolderError, ModelNotFoundError
+    from hediff.desktop.core.backend_client import BackendError
+    from hediff.desktop.core.engine import GenerationCancelled
 
     try:
         commands = {"gui": cmd_gui, "serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_gui(args) -> int:
     try:
-        from desktop.ui.app import run_gui
+        from hediff.desktop.ui.app import run_gui
     except ImportError as e:
         missing = e.name or "PySide6"
         raise ValueError(f"the desktop app needs {missing}: install the gui extra (./setup.sh does)") from None
@@ -162,7 +162,7 @@ def cmd_gui(args) -> int:
 
 
 def cmd_token(args) -> int:
-    from backend.auth import TokenStore, default_tokens_path
+    from hediff.backend.auth import TokenStore, default_tokens_path
 
     store = TokenStore.load(args.tokens_file or default_tokens_path())
     if args.token_cmd == "create":
@@ -180,11 +180,11 @@ def cmd_token(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from backend.app import create_app
-    from backend.auth import TokenStore, default_tokens_path
-    from backend.engine import Limits, ServerModel
-    from backend.serve import check_tls_files, serve_forever
-    from common.models import resolve_model
+    from hediff.backend.app import create_app
+    from hediff.backend.auth import TokenStore, default_tokens_path
+    from hediff.backend.engine import Limits, ServerModel
+    from hediff.backend.serve import check_tls_files, serve_forever
+    from hediff.common.models import resolve_model
 
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
     for flag, value in (
@@ -219,7 +219,7 @@ def cmd_serve(args) -> int:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     t0 = time.perf_counter()
     token = args.token if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
@@ -275,7 +275,7 @@ def cmd_generate(args) -> int:
 
 
 def _print_summary(result, load_s: float, out: Path) -> None:
-    from common.split import is_u_shaped
+    from hediff.common.split import is_u_shaped
 
     totals = result.timing_totals()
     n = len(result.step_timings)

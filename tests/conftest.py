@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Treat it as read-only: copy it (e.g. ``shutil.copytree``) before modifying anything.
     """
-    from common.models import build_tiny_model
+    from hediff.common.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
@@ -60,10 +60,10 @@ class Backend:
 
 
 def start_backend(server_model, **limits_kw):
-    from backend.app import create_app
-    from backend.auth import TokenStore
-    from backend.engine import Limits
-    from backend.serve import start_in_thread
+    from hediff.backend.app import create_app
+    from hediff.backend.auth import TokenStore
+    from hediff.backend.engine import Limits
+    from hediff.backend.serve import start_in_thread
 
     tokens, token = TokenStore.ephemeral("tests")
     app = create_app(server_model, tokens, Limits(**limits_kw))
@@ -74,7 +74,7 @@ def start_backend(server_model, **limits_kw):
 
 @pytest.fixture(scope="session")
 def server_model(tiny_model_dir):
-    from backend.engine import ServerModel
+    from hediff.backend.engine import ServerModel
 
     return ServerModel(tiny_model_dir, "tiny-test", device="cpu", dtype="float32")
 
@@ -88,15 +88,15 @@ def backend(server_model):
 
 @pytest.fixture(scope="session")
 def client_model(tiny_model_dir):
-    from desktop.core.client_model import ClientModel
+    from hediff.desktop.core.client_model import ClientModel
 
     return ClientModel(tiny_model_dir, "conv_in")
 
 
 @pytest.fixture
 def generator(client_model, backend):
-    from desktop.core.backend_client import BackendClient
-    from desktop.core.engine import Generator
+    from hediff.desktop.core.backend_client import BackendClient
+    from hediff.desktop.core.engine import Generator
 
     with BackendClient(backend.url, backend.token) as client:
         yield Generator(client_model, client)

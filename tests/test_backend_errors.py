@@ -7,10 +7,10 @@ import httpx
 import numpy as np
 import pytest
 
-from common import he, protocol
-from common.latent import encrypt_latent
-from common.schedulers import build_plan
-from desktop.core.backend_client import (
+from hediff.common import he, protocol
+from hediff.common.latent import encrypt_latent
+from hediff.common.schedulers import build_plan
+from hediff.desktop.core.backend_client import (
     BackendClient,
     BackendProtocolError,
     BackendRejected,
@@ -190,7 +190,7 @@ def test_oversized_payload_is_413(server_model):
 
 
 def test_expired_session_is_410_and_limits_per_token(server_model):
-    from backend.sessions import SessionStore
+    from hediff.backend.sessions import SessionStore
     from tests.conftest import start_backend
 
     running, b = start_backend(server_model, max_sessions_per_token=2, session_ttl_s=60)
@@ -315,7 +315,7 @@ def test_wrong_token_message(backend):
 
 
 def test_cli_reports_unreachable_server_without_traceback(tiny_model_dir, capsys):
-    from desktop.cli import main
+    from hediff.desktop.cli import main
 
     url = f"http://127.0.0.1:{_free_port()}"
     rc = main(

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench import paper_reference as ref
-from common.selection import distortion, hill_cost, min_distortion_mask
+from hediff.common.selection import distortion, hill_cost, min_distortion_mask
 
 SHAPE = (4, 8, 8)
 TAU = 0.01

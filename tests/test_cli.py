@@ -1,7 +1,7 @@
 import pytest
 
-from backend.auth import TokenStore
-from desktop.cli import main
+from hediff.backend.auth import TokenStore
+from hediff.desktop.cli import main
 
 
 def test_token_create_list_revoke(tmp_path, capsys, monkeypatch):
@@ -63,7 +63,7 @@ def test_generate_needs_a_token_for_a_remote_server(tiny_model_dir, capsys, monk
 
 
 def test_gui_without_a_display_says_so_instead_of_aborting():
-    from desktop.ui.app import display_problem
+    from hediff.desktop.ui.app import display_problem
 
     assert "QT_QPA_PLATFORM=offscreen" in display_problem(env={}, platform="linux")
     assert display_problem(env={"DISPLAY": ":0"}, platform="linux") is None

@@ -10,10 +10,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from common import protocol
-from common.he import ClientKey
-from common.schedulers import SCHEDULER_NAMES, make_scheduler
-from desktop.core.engine import GenerationCancelled, GenerationParams, Generator
+from hediff.common import protocol
+from hediff.common.he import ClientKey
+from hediff.common.schedulers import SCHEDULER_NAMES, make_scheduler
+from hediff.desktop.core.engine import GenerationCancelled, GenerationParams, Generator
 
 PROMPT = "a large red circle at the top left on a blue background"
 NEGATIVE = "blurry"
@@ -129,8 +129,8 @@ def test_guidance_one_runs_only_the_conditional_branch(pipe, generator):
 
 
 def test_deeper_split_matches_diffusers(pipe, tiny_model_dir, backend):
-    from desktop.core.backend_client import BackendClient
-    from desktop.core.client_model import ClientModel
+    from hediff.desktop.core.backend_client import BackendClient
+    from hediff.desktop.core.client_model import ClientModel
 
     ref_latent, _ = reference(pipe, "dpmpp-2m")
     model = ClientModel(tiny_model_dir, "down0.resnet0")
@@ -182,7 +182,7 @@ def test_same_seed_same_image_different_seed_different_image(generator):
 
 
 def test_cli_generate_with_local_backend(tmp_path, tiny_model_dir, pipe, capsys):
-    from desktop.cli import main
+    from hediff.desktop.cli import main
 
     ref_latent, _ = reference(pipe, "euler", steps=4)
     out, npy = tmp_path / "img.png", tmp_path / "lat.npy"
@@ -227,7 +227,7 @@ def test_cli_generate_with_local_backend(tmp_path, tiny_model_dir, pipe, capsys)
 
 
 def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     ref_latent, _ = reference(pipe, "ddim", steps=3)
     with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
@@ -269,7 +269,7 @@ def test_random_mask_is_drawn_once_per_generation(pipe, generator, backend):
 def test_cli_takes_guidance_and_steps_from_the_models_recommendation(tmp_path, tiny_model_dir, pipe, capsys):
     import shutil
 
-    from desktop.cli import main
+    from hediff.desktop.cli import main
 
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     (model / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 3.0, "steps": 2}}))
@@ -289,7 +289,7 @@ def test_cli_takes_guidance_and_steps_from_the_models_recommendation(tmp_path, t
 
 
 def test_cli_generate_u_shaped_split(tmp_path, tiny_model_dir, pipe, capsys):
-    from desktop.cli import main
+    from hediff.desktop.cli import main
 
     ref_latent, _ = reference(pipe, "ddim", steps=2)
     base = ["generate", "--local-backend", "--model", str(tiny_model_dir), "--prompt", PROMPT]

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.models import EMBEDDED_MODEL_DIR, REPO_ROOT, recommended_settings, resolve_model, validate_model_folder
-from desktop.core.preview import SD1_PREVIEW_MAP, latent_preview, load_preview_map
+from hediff.common.models import (
+    EMBEDDED_MODEL_DIR,
+    REPO_ROOT,
+    recommended_settings,
+    resolve_model,
+    validate_model_folder,
+)
+from hediff.desktop.core.preview import SD1_PREVIEW_MAP, latent_preview, load_preview_map
 from training.checker import check
 from training.evaluate import psnr
 from training.shapes import held_out_scenes
@@ -53,7 +59,7 @@ def test_embedded_folder_is_complete_small_and_documented():
 
 
 def test_the_model_recommends_the_guidance_it_was_evaluated_at(tiny_model_dir):
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     assert recommended_settings(EMBEDDED_MODEL_DIR) == {"guidance": GUIDANCE, "steps": STEPS}
     evaluation = json.loads((REPO_ROOT / "bench" / "results" / "embedded-eval.json").read_text())
@@ -77,7 +83,7 @@ def test_embedded_model_follows_held_out_prompts(pipe):
 
 
 def test_encrypted_generation_matches_diffusers_and_the_prompt(pipe):
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     scene = held_out_scenes()[7]
     seed = 1007

@@ -10,11 +10,11 @@ import httpx
 import numpy as np
 import pytest
 
-from backend.app import create_app
-from backend.auth import TokenStore
-from backend.serve import start_in_thread
 from bench import fuzz
-from common import protocol
+from hediff.backend.app import create_app
+from hediff.backend.auth import TokenStore
+from hediff.backend.serve import start_in_thread
+from hediff.common import protocol
 
 
 @pytest.fixture(scope="module")

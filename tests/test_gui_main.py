@@ -19,10 +19,10 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QObject, Qt, Slot
 
-from desktop.core.keystore import MemoryKeyring, SecretStore
-from desktop.core.services import AppServices
-from desktop.ui.main_window import MainWindow, format_eta
-from desktop.ui.timing_chart import TimingChart, nice_ceiling
+from hediff.desktop.core.keystore import MemoryKeyring, SecretStore
+from hediff.desktop.core.services import AppServices
+from hediff.desktop.ui.main_window import MainWindow, format_eta
+from hediff.desktop.ui.timing_chart import TimingChart, nice_ceiling
 
 TIMEOUT_MS = 60_000
 
@@ -333,7 +333,7 @@ def test_stored_device_key_is_used_when_chosen(qtbot, services, make_window):
 
 
 def test_gallery_load_settings_fills_the_form(qtbot, services, make_window):
-    from desktop.core.engine import GenerationParams
+    from hediff.desktop.core.engine import GenerationParams
 
     window = make_window(services)
     if not hasattr(window.gallery_panel, "loadSettingsRequested"):
@@ -429,7 +429,7 @@ def test_settings_persist_across_windows(qtbot, services, make_window):
 def test_run_gui_opens_the_window_and_shuts_it_down(qtbot, services, monkeypatch):
     from PySide6.QtWidgets import QApplication
 
-    from desktop.ui.app import run_gui
+    from hediff.desktop.ui.app import run_gui
 
     seen: list[MainWindow] = []
 

@@ -27,13 +27,13 @@ from PIL import Image
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDialogButtonBox, QLineEdit, QTabWidget
 
-from desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
-from desktop.core.services import AppServices
-from desktop.core.settings import Settings
-from desktop.ui.dialogs import PassphraseDialog, ServerDialog, ServerValues, passphrase_problem
-from desktop.ui.gallery_panel import GalleryPanel
-from desktop.ui.keys_panel import KeysPanel
-from desktop.ui.servers_panel import ServersPanel
+from hediff.desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
+from hediff.desktop.core.services import AppServices
+from hediff.desktop.core.settings import Settings
+from hediff.desktop.ui.dialogs import PassphraseDialog, ServerDialog, ServerValues, passphrase_problem
+from hediff.desktop.ui.gallery_panel import GalleryPanel
+from hediff.desktop.ui.keys_panel import KeysPanel
+from hediff.desktop.ui.servers_panel import ServersPanel
 
 TOKEN = "hdt_test-token-that-must-never-reach-a-file"
 PASSPHRASE = "correct horse battery staple"
@@ -53,7 +53,7 @@ def no_keyring(tmp_path):
 @pytest.fixture(scope="module")
 def results(tiny_model_dir):
     """Three real finished generations (tiny model, loopback backend)."""
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
         return [hd.generate("a red circle", steps=2, seed=seed) for seed in (11, 12, 13)]
@@ -527,9 +527,9 @@ def test_panel_screenshots(qtbot, tmp_path, results, backend):
 
 def test_privacy_panel_shows_the_measured_leakage(qtbot, tmp_path):
     """Each job shows what bench/leakage.py measured for its (split, encryption), from the shipped file."""
-    from desktop.core import leakage
-    from desktop.core.engine import GenerationParams
-    from desktop.ui.privacy_panel import PrivacyPanel
+    from hediff.desktop.core import leakage
+    from hediff.desktop.core.engine import GenerationParams
+    from hediff.desktop.ui.privacy_panel import PrivacyPanel
 
     panel = PrivacyPanel()
     qtbot.addWidget(panel)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from common import he
-from common.latent import (
+from hediff.common import he
+from hediff.common.latent import (
     decrypt_latent,
     encrypt_latent,
     merge_values,
@@ -12,7 +12,7 @@ from common.latent import (
     unpack_mask,
     update_latent,
 )
-from common.selection import min_distortion_mask
+from hediff.common.selection import min_distortion_mask
 
 
 def context_with_secret_key(preset: he.HEPreset) -> bytes:

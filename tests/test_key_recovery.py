@@ -16,11 +16,11 @@ import pytest
 import tenseal as ts
 from tenseal import sealapi
 
-from common import flooding, he
-from common.latent import decrypt_latent, encrypt_latent, update_latent
-from common.schedulers import SCHEDULER_NAMES, build_plan
-from desktop.core.engine import GenerationParams
-from desktop.core.keystore import CorruptKeyFile, DeviceKeys, MemoryKeyring, SecretStore
+from hediff.common import flooding, he
+from hediff.common.latent import decrypt_latent, encrypt_latent, update_latent
+from hediff.common.schedulers import SCHEDULER_NAMES, build_plan
+from hediff.desktop.core.engine import GenerationParams
+from hediff.desktop.core.keystore import CorruptKeyFile, DeviceKeys, MemoryKeyring, SecretStore
 from tests.toy_ckks import ToyCKKS, recover_secret
 
 # --- the attack on real TenSEAL ciphertexts ---------------------------------------------------------------------

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from keyring.backends import fail, null
 
-from common import he
-from desktop.core.keystore import (
+from hediff.common import he
+from hediff.desktop.core.keystore import (
     SCRYPT_N,
     CorruptKeyFile,
     DeviceKeys,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.attacks import (
+from hediff.common.attacks import (
     invert_by_gradient,
     invert_linear_conv,
     nearest_embedding_tokens,
@@ -28,14 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def unet(tiny_model_dir):
-    from common.models import load_unet
+    from hediff.common.models import load_unet
 
     return load_unet(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def text(tiny_model_dir):
-    from common.models import load_text_encoder, load_tokenizer
+    from hediff.common.models import load_text_encoder, load_tokenizer
 
     return load_text_encoder(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
@@ -87,7 +87,7 @@ def test_gradient_inversion_of_a_non_linear_head_beats_the_prior(unet):
 def test_gradient_inversion_of_the_u_shaped_split_beats_the_prior(unet, text):
     """u1 sends down_blocks[0]'s output (cross-attention, half resolution); Adam still gets a likeness back."""
     from bench.leakage import u_view
-    from common.models import encode_prompt
+    from hediff.common.models import encode_prompt
 
     te, tok = text
     cond, uncond = encode_prompt(tok, te, "a red circle")
@@ -110,8 +110,8 @@ class _Setup:
 def test_u_view_is_what_the_u_shaped_head_sends(unet, text):
     """Cross-check the bench's server view against the product's U-shaped head (helper C2's UNetHeadTail)."""
     from bench.leakage import u_view
-    from common.models import encode_prompt
-    from common.split import UNetHeadTail
+    from hediff.common.models import encode_prompt
+    from hediff.common.split import UNetHeadTail
 
     te, tok = text
     cond, uncond = encode_prompt(tok, te, "a blue square")
@@ -159,7 +159,7 @@ def test_plaintext_shares_give_the_start_noise_back():
 def test_shipped_numbers_are_the_bench_results():
     """desktop/core/data/leakage.json is exactly what --update-app makes of bench/results/leakage-*.json."""
     from bench.leakage import app_entry
-    from desktop.core.leakage import DATA_FILE, FORMAT, load_table
+    from hediff.desktop.core.leakage import DATA_FILE, FORMAT, load_table
 
     shipped = load_table(DATA_FILE)
     assert shipped["format"] == FORMAT and shipped["models"]
@@ -169,7 +169,7 @@ def test_shipped_numbers_are_the_bench_results():
 
 
 def test_app_lookup_per_mode(tmp_path):
-    from desktop.core.leakage import DATA_FILE, LeakageDataError, describe, lookup
+    from hediff.desktop.core.leakage import DATA_FILE, LeakageDataError, describe, lookup
 
     conv = lookup("conv_in", "full")
     assert conv is not None and conv.final_psnr > 40 and "leaks the image" in conv.verdict

@@ -4,11 +4,11 @@ the session limits hold under a burst with clear 429s (never a crash). bench/loa
 import httpx
 import pytest
 
-from backend.app import create_app
-from backend.auth import TokenStore
-from backend.engine import Limits
-from backend.serve import start_in_thread
 from bench import fuzz, load
+from hediff.backend.app import create_app
+from hediff.backend.auth import TokenStore
+from hediff.backend.engine import Limits
+from hediff.backend.serve import start_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.app import create_app
-from backend.auth import TokenStore
-from backend.serve import start_in_thread
-from common import he, protocol
-from desktop.core.backend_client import BackendClient, BackendRejected
-from desktop.core.engine import GenerationParams, Generator
+from hediff.backend.app import create_app
+from hediff.backend.auth import TokenStore
+from hediff.backend.serve import start_in_thread
+from hediff.common import he, protocol
+from hediff.desktop.core.backend_client import BackendClient, BackendRejected
+from hediff.desktop.core.engine import GenerationParams, Generator
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "quokka marzipan lighthouse beneath violet aurora"
@@ -85,7 +85,16 @@ def test_served_process_and_cli_generation_log_nothing_secret(tiny_model_dir, tm
     try:
         env = dict(os.environ, HEDIFF_TOKEN=served.token)
         cli = subprocess.run(
-            [sys.executable, "-m", "desktop.cli", "generate", "--server", served.url, "--model", str(tiny_model_dir)]
+            [
+                sys.executable,
+                "-m",
+                "hediff.desktop.cli",
+                "generate",
+                "--server",
+                served.url,
+                "--model",
+                str(tiny_model_dir),
+            ]
             + ["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--steps", "2", "--width", "32", "--height", "32"]
             + ["--out", str(tmp_path / "out.png"), "--quiet"],
             env=env,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import models
-from common.models import ModelFolderError, ModelNotFoundError
+from hediff.common import models
+from hediff.common.models import ModelFolderError, ModelNotFoundError
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from common import protocol
-from common.protocol import Frame, ProtocolError, decode_frame
+from hediff.common import protocol
+from hediff.common.protocol import Frame, ProtocolError, decode_frame
 
 
 def _frame():

@@ -14,7 +14,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from common.schedulers import (
+from hediff.common.schedulers import (
     SCHEDULER_NAMES,
     AffinePlan,
     AffineStep,

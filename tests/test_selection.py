@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.selection import (
+from hediff.common.selection import (
     DEFAULT_MASK_FRACTION,
     distortion,
     hill_cost,

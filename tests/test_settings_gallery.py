@@ -13,14 +13,14 @@ import pytest
 from keyring.backends import fail
 from PIL import Image
 
-from desktop.core import services as services_module
-from desktop.core.appdata import default_data_dir
-from desktop.core.backend_client import BackendRejected, BackendUnreachable
-from desktop.core.engine import GenerationParams
-from desktop.core.gallery import Gallery, GalleryError
-from desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
-from desktop.core.services import AppServices, NoServerToken
-from desktop.core.settings import ServerEntry, Settings
+from hediff.desktop.core import services as services_module
+from hediff.desktop.core.appdata import default_data_dir
+from hediff.desktop.core.backend_client import BackendRejected, BackendUnreachable
+from hediff.desktop.core.engine import GenerationParams
+from hediff.desktop.core.gallery import Gallery, GalleryError
+from hediff.desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
+from hediff.desktop.core.services import AppServices, NoServerToken
+from hediff.desktop.core.settings import ServerEntry, Settings
 
 PROMPT = "a red circle"
 TOKEN = "hdt_TOPSECRET_token_value"
@@ -29,7 +29,7 @@ TOKEN = "hdt_TOPSECRET_token_value"
 @pytest.fixture(scope="module")
 def results(tiny_model_dir):
     """Two real results (encrypted and plaintext baseline) from a tiny local generation."""
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     hd = HEDiffusion(tiny_model_dir, local_backend=True)
     try:

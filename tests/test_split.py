@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import models, split
-from common.split import (
+from hediff.common import models, split
+from hediff.common.split import (
     PAPER_SPLITS,
     SPLIT_POINTS,
     UNetBody,

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from backend.app import create_app
-from backend.auth import TokenStore
-from backend.serve import check_tls_files, start_in_thread, warn_if_exposed
-from desktop.core.backend_client import BackendClient, BackendTLSError
-from desktop.core.engine import GenerationParams, Generator
+from hediff.backend.app import create_app
+from hediff.backend.auth import TokenStore
+from hediff.backend.serve import check_tls_files, start_in_thread, warn_if_exposed
+from hediff.desktop.core.backend_client import BackendClient, BackendTLSError
+from hediff.desktop.core.engine import GenerationParams, Generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_server_tls_files_are_checked(certs, tmp_path):
 
 
 def test_cli_serve_refuses_half_a_tls_setup_before_loading_anything(certs, capsys):
-    from desktop.cli import main
+    from hediff.desktop.cli import main
 
     rc = main(["serve", "--model", "/nonexistent-model", "--tls-cert", str(certs["server"][0])])
     err = capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_serving_a_public_address_without_tls_is_loud(certs, capsys, caplog):
 
 def _served(args: list[str], env: dict, until: str, timeout: float = 120.0) -> str:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "desktop.cli", "serve", *args],
+        [sys.executable, "-m", "hediff.desktop.cli", "serve", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -167,7 +167,11 @@ def test_hediff_serve_over_tls_and_in_the_clear(tiny_model_dir, certs, tmp_path)
 
     env = dict(os.environ, HEDIFF_CONFIG_DIR=str(tmp_path))
     token = subprocess.run(
-        [sys.executable, "-m", "desktop.cli", "token", "create"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "hediff.desktop.cli", "token", "create"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     cert, key = certs["server"]
     port = free_port()

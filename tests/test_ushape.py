@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import models, protocol, split
-from common.schedulers import build_plan
-from common.split import UNetBody, UNetHeadTail, UnsupportedUNetError, client_parameter_names, split_unet
-from desktop.core.backend_client import BackendClient, BackendRejected
-from desktop.core.client_model import ClientModel
-from desktop.core.engine import GenerationParams, Generator
+from hediff.common import models, protocol, split
+from hediff.common.schedulers import build_plan
+from hediff.common.split import UNetBody, UNetHeadTail, UnsupportedUNetError, client_parameter_names, split_unet
+from hediff.desktop.core.backend_client import BackendClient, BackendRejected
+from hediff.desktop.core.client_model import ClientModel
+from hediff.desktop.core.engine import GenerationParams, Generator
 from tests.conftest import start_backend
 from tests.test_e2e import NEGATIVE, PROMPT, SIZE, reference
 
@@ -154,7 +154,7 @@ def _params(**kw) -> GenerationParams:
 
 @pytest.fixture(scope="module")
 def deep_backend(deep_model_dir):
-    from backend.engine import ServerModel
+    from hediff.backend.engine import ServerModel
 
     running, info = start_backend(ServerModel(deep_model_dir, "deep-test", device="cpu", dtype="float32"))
     yield info
@@ -269,7 +269,7 @@ def test_u_body_needs_the_latent_size(deep_unet):
 
 
 def test_params_form_offers_the_new_choices(qtbot):
-    from desktop.ui.params_form import ParamsForm
+    from hediff.desktop.ui.params_form import ParamsForm
 
     form = ParamsForm()
     qtbot.addWidget(form)

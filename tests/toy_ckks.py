@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import flooding
+from hediff.common import flooding
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.models import REPO_ROOT, guidance_for, resolve_model
+from hediff.common.models import REPO_ROOT, guidance_for, resolve_model
 from training.checker import check
 from training.shapes import Scene, held_out_scenes, training_scene
 
@@ -56,7 +56,7 @@ def plaintext_images(model_dir: Path, prompts: list[str], seeds: list[int], step
 
 
 def encrypted_images(model: str, prompts: list[str], seeds: list[int], steps: int, guidance: float, encryption: str):
-    from desktop.core.api import HEDiffusion
+    from hediff.desktop.core.api import HEDiffusion
 
     images = []
     with HEDiffusion(model, local_backend=True) as hd:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.models import tiny_clip_vocab, write_clip_tokenizer
+from hediff.common.models import tiny_clip_vocab, write_clip_tokenizer
 
 
 def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.models import EMBEDDED_MODEL_DIR, RECOMMENDED_SETTINGS_FILE, REPO_ROOT, SD15_SCHEDULER_CONFIG
+from hediff.common.models import EMBEDDED_MODEL_DIR, RECOMMENDED_SETTINGS_FILE, REPO_ROOT, SD15_SCHEDULER_CONFIG
 from training.model import build_components, parameter_count
 from training.shapes import IMAGE_SIZE, training_scene, vocabulary_words
 from training.tokenizer import build_vocab, write_tokenizer

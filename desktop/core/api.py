@@ -1,6 +1,6 @@
 """The headless Python API: the client's local models plus a connection to a backend (or a loopback one).
 
-from desktop.core.api import HEDiffusion
+from hediff.desktop.core.api import HEDiffusion
 
 with HEDiffusion("embedded", local_backend=True) as hd:
     result = hd.generate("a red circle", steps=20, seed=1)
@@ -13,12 +13,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from common.he import ClientKey
-from common.models import resolve_model
-from common.split import DEFAULT_SPLIT
-from desktop.core.backend_client import BackendClient
-from desktop.core.client_model import ClientModel
-from desktop.core.engine import GenerationParams, GenerationResult, Generator, StepUpdate
+from hediff.common.he import ClientKey
+from hediff.common.models import resolve_model
+from hediff.common.split import DEFAULT_SPLIT
+from hediff.desktop.core.backend_client import BackendClient
+from hediff.desktop.core.client_model import ClientModel
+from hediff.desktop.core.engine import GenerationParams, GenerationResult, Generator, StepUpdate
 
 
 class HEDiffusion:
@@ -40,10 +40,10 @@ class HEDiffusion:
         self.client_model = ClientModel(self.model_path, split)
         self._local = None
         if local_backend:
-            from backend.app import create_app
-            from backend.auth import TokenStore
-            from backend.engine import ServerModel
-            from backend.serve import start_in_thread
+            from hediff.backend.app import create_app
+            from hediff.backend.auth import TokenStore
+            from hediff.backend.engine import ServerModel
+            from hediff.backend.serve import start_in_thread
 
             tokens, token = TokenStore.ephemeral()
             server_model = ServerModel(self.model_path, str(model), device=backend_device, dtype="float32")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from common import protocol
+from hediff.common import protocol
 
 _UPLOAD_CHUNK = 1 << 20
 

@@ -12,10 +12,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
 
-from common import models
-from common.schedulers import make_scheduler
-from common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped
-from desktop.core.preview import load_preview_map
+from hediff.common import models
+from hediff.common.schedulers import make_scheduler
+from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped
+from hediff.desktop.core.preview import load_preview_map
 
 
 def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import he, protocol, split
-from common.latent import EncryptedLatent, decrypt_latent, encrypt_latent, pack_mask
-from common.schedulers import apply_step, build_plan, client_finish
-from common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU, new_mask_seed, random_mask, select_mask
-from desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError
-from desktop.core.client_model import ClientModel
-from desktop.core.preview import latent_preview
+from hediff.common import he, protocol, split
+from hediff.common.latent import EncryptedLatent, decrypt_latent, encrypt_latent, pack_mask
+from hediff.common.schedulers import apply_step, build_plan, client_finish
+from hediff.common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU, new_mask_seed, random_mask, select_mask
+from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError
+from hediff.desktop.core.client_model import ClientModel
+from hediff.desktop.core.preview import latent_preview
 
 # "head" is all UNet work on this machine: in a U-shaped split it includes the tail, guidance and scheduler step
 TIMING_KEYS = ("head", "select", "encrypt", "upload", "server_body", "server_he", "download", "decrypt")

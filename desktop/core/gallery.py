@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from desktop.core.appdata import atomic_write, ensure_private_dir
-from desktop.core.engine import GenerationParams, GenerationResult
-from desktop.core.settings import params_from_dict
+from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.desktop.core.engine import GenerationParams, GenerationResult
+from hediff.desktop.core.settings import params_from_dict
 
 SIDECAR_FORMAT = "hediff-gallery/1"
 _ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{6}$")

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from keyring.backends import fail as _fail_backend
 from keyring.backends import null as _null_backend
 
-from common import he
-from desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.common import he
+from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
 
 DEFAULT_SERVICE = "hediff"
 WRAP_NAME = "device-key-wrap:{preset}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import he, protocol
-from desktop.core.api import HEDiffusion
-from desktop.core.appdata import default_data_dir, ensure_private_dir
-from desktop.core.backend_client import BackendClient, BackendProtocolError
-from desktop.core.engine import GenerationParams
-from desktop.core.gallery import Gallery
-from desktop.core.keystore import DeviceKeys, SecretStore
-from desktop.core.settings import TOKEN_NAME, ServerEntry, Settings
+from hediff.common import he, protocol
+from hediff.desktop.core.api import HEDiffusion
+from hediff.desktop.core.appdata import default_data_dir, ensure_private_dir
+from hediff.desktop.core.backend_client import BackendClient, BackendProtocolError
+from hediff.desktop.core.engine import GenerationParams
+from hediff.desktop.core.gallery import Gallery
+from hediff.desktop.core.keystore import DeviceKeys, SecretStore
+from hediff.desktop.core.settings import TOKEN_NAME, ServerEntry, Settings
 
 TEST_TIMEOUT_S = 15.0
 TEST_CONNECT_TIMEOUT_S = 5.0

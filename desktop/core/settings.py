@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from desktop.core.appdata import atomic_write, ensure_private_dir
-from desktop.core.engine import GenerationParams
-from desktop.core.keystore import KeyringUnavailable, SecretStore
+from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.desktop.core.engine import GenerationParams
+from hediff.desktop.core.keystore import KeyringUnavailable, SecretStore
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_VERSION = 1

@@ -1,4 +1,4 @@
-"""Start the desktop app: ``run_gui()`` (``hediff gui``, or ``python -m desktop.ui.app``)."""
+"""Start the desktop app: ``run_gui()`` (``hediff gui``, or ``python -m hediff.desktop.ui.app``)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run_gui(argv: list[str] | None = None, services=None) -> int:
 
     if services is None:
         try:
-            from desktop.core.services import AppServices
+            from hediff.desktop.core.services import AppServices
 
             services = AppServices(data_dir=args.data_dir)
         except Exception as e:  # noqa: BLE001 - nothing works without settings and keys: say why, stop
@@ -63,7 +63,7 @@ def run_gui(argv: list[str] | None = None, services=None) -> int:
             QMessageBox.critical(None, APP_NAME, f"HE-Diffusion could not start:\n\n{e}")
             return 1
 
-    from desktop.ui.main_window import MainWindow
+    from hediff.desktop.ui.main_window import MainWindow
 
     window = MainWindow(services)
     app.aboutToQuit.connect(window.shutdown)

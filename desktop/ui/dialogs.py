@@ -21,8 +21,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.core.backend_client import BackendError
-from desktop.core.keystore import KeyringUnavailable, KeyStoreError
+from hediff.desktop.core.backend_client import BackendError
+from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError
 
 PASSPHRASE_MIN_LENGTH = 8
 

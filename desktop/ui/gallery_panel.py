@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
+from hediff.desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
 
 THUMB = 128
 _ID_ROLE = Qt.ItemDataRole.UserRole

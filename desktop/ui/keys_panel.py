@@ -25,8 +25,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from common.he import PRESETS
-from desktop.ui.dialogs import (
+from hediff.common.he import PRESETS
+from hediff.desktop.ui.dialogs import (
     MessageLabel,
     PanelMessages,
     PassphraseDialog,

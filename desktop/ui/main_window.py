@@ -23,15 +23,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.ui.gallery_panel import GalleryPanel
-from desktop.ui.keys_panel import KeysPanel
-from desktop.ui.params_form import ParamsForm
-from desktop.ui.preview import PreviewWidget
-from desktop.ui.privacy_panel import PrivacyPanel
-from desktop.ui.queue_view import QueueView
-from desktop.ui.servers_panel import ServersPanel
-from desktop.ui.timing_chart import TimingChart, format_seconds
-from desktop.ui.worker import GenerationWorker
+from hediff.desktop.ui.gallery_panel import GalleryPanel
+from hediff.desktop.ui.keys_panel import KeysPanel
+from hediff.desktop.ui.params_form import ParamsForm
+from hediff.desktop.ui.preview import PreviewWidget
+from hediff.desktop.ui.privacy_panel import PrivacyPanel
+from hediff.desktop.ui.queue_view import QueueView
+from hediff.desktop.ui.servers_panel import ServersPanel
+from hediff.desktop.ui.timing_chart import TimingChart, format_seconds
+from hediff.desktop.ui.worker import GenerationWorker
 
 log = logging.getLogger(__name__)
 

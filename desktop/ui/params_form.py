@@ -39,21 +39,21 @@ SPLIT_TIPS = {
 
 
 def _choices():
-    from common import he
-    from common.schedulers import SCHEDULER_NAMES
-    from common.split import SPLIT_POINTS
+    from hediff.common import he
+    from hediff.common.schedulers import SCHEDULER_NAMES
+    from hediff.common.split import SPLIT_POINTS
 
     return SCHEDULER_NAMES, {name: p.description for name, p in he.PRESETS.items()}, SPLIT_POINTS
 
 
 def _u_shaped(split: str) -> bool:
-    from common.split import U_SPLITS
+    from hediff.common.split import U_SPLITS
 
     return split in U_SPLITS
 
 
 def _defaults():
-    from desktop.core.engine import GenerationParams
+    from hediff.desktop.core.engine import GenerationParams
 
     return GenerationParams(prompt="")
 
@@ -287,7 +287,7 @@ class ParamsForm(QWidget):
 
     def params(self):
         """The fields as a GenerationParams (not validated: call ``.validate()``)."""
-        from desktop.core.engine import GenerationParams
+        from hediff.desktop.core.engine import GenerationParams
 
         return GenerationParams(
             prompt=self.prompt_edit.toPlainText().strip(),
@@ -321,7 +321,7 @@ class ParamsForm(QWidget):
     @staticmethod
     def model_defaults(model: str) -> dict:
         """The settings a model folder recommends (its hediff.json), e.g. the embedded model's guidance 2."""
-        from common.models import recommended_settings_for
+        from hediff.common.models import recommended_settings_for
 
         return recommended_settings_for(model)
 

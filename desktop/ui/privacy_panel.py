@@ -16,9 +16,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from common.split import is_u_shaped
-from desktop.core import leakage
-from desktop.ui.timing_chart import format_bytes
+from hediff.common.split import is_u_shaped
+from hediff.desktop.core import leakage
+from hediff.desktop.ui.timing_chart import format_bytes
 
 NOT_MEASURED = leakage.NOT_MEASURED
 

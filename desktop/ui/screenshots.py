@@ -1,6 +1,6 @@
 """Screenshots of the main window for the docs: one mid-generation, one after it finished.
 
-    python -m desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
+    python -m hediff.desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
 
 Runs offscreen (QT_QPA_PLATFORM=offscreen unless set) with a local backend, a throw-away data directory and an
 in-memory keyring, so it touches none of the user's settings, keys or gallery.
@@ -67,9 +67,9 @@ class _Shooter(QObject):
 
 
 def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, size: int = 64) -> list[Path]:
-    from desktop.core.keystore import MemoryKeyring, SecretStore
-    from desktop.core.services import AppServices
-    from desktop.ui.main_window import MainWindow
+    from hediff.desktop.core.keystore import MemoryKeyring, SecretStore
+    from hediff.desktop.core.services import AppServices
+    from hediff.desktop.ui.main_window import MainWindow
 
     out_dir.mkdir(parents=True, exist_ok=True)
     app = QApplication.instance() or QApplication(["hediff-screenshots"])
@@ -125,7 +125,9 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, si
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m desktop.ui.screenshots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hediff.desktop.ui.screenshots", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", default="embedded", help="model folder or 'embedded' (default)")
     parser.add_argument("--steps", type=int, default=20)

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from desktop.ui.dialogs import (
+from hediff.desktop.ui.dialogs import (
     MessageLabel,
     PanelMessages,
     ServerDialog,

@@ -9,7 +9,7 @@ from PySide6.QtGui import QColor, QFontMetrics, QPainter, QPalette, QPen
 from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
 
 try:
-    from desktop.core.engine import TIMING_KEYS
+    from hediff.desktop.core.engine import TIMING_KEYS
 except ImportError:  # pragma: no cover - the engine always exists in this repo
     TIMING_KEYS = ("head", "select", "encrypt", "upload", "server_body", "server_he", "download", "decrypt")
 

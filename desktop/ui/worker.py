@@ -46,12 +46,12 @@ class Job:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is written for the user (shown as is); anything else is reported generically."""
-    from common.models import ModelFolderError, ModelNotFoundError
-    from desktop.core.backend_client import BackendError
+    from hediff.common.models import ModelFolderError, ModelNotFoundError
+    from hediff.desktop.core.backend_client import BackendError
 
     types: list[type[BaseException]] = [BackendError, ValueError, ModelFolderError, ModelNotFoundError]
     try:
-        from desktop.core.keystore import KeyringUnavailable, KeyStoreError
+        from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError
 
         types += [KeyringUnavailable, KeyStoreError]
     except ImportError:  # the key store is optional for the worker
@@ -200,7 +200,7 @@ class GenerationWorker(QObject):
                 thread.quit()
 
     def _process(self, job: Job) -> None:
-        from desktop.core.engine import GenerationCancelled
+        from hediff.desktop.core.engine import GenerationCancelled
 
         self.jobStarted.emit(job.id)
         server_name = job.server_id

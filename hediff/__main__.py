@@ -1,0 +1,3 @@
+from hediff.desktop.cli import main
+
+raise SystemExit(main())
