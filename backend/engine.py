@@ -131,11 +131,7 @@ class ServerModel:
             acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
             batch = embeddings.shape[0]
             acts = {k: v.expand(batch, *v.shape[1:]) for k, v in acts.items()}
-            noise = self.bodies[split_name](acts, timestep, embeddings)
-            if batch == 2:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
-            return noise[0].float().cpu().numpy().astype(np.float64)
+            return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance)
 
     @torch.no_grad()
     def middle(

@@ -59,14 +59,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_SPLIT",
+    "PAPER_FAMILY",
     "PAPER_SPLITS",
     "RETURN_NAME",
     "SPLIT_POINTS",
+    "U_SHAPED_FAMILY",
     "U_SPLITS",
     "UNetBody",
     "UNetHead",
@@ -79,7 +82,9 @@ __all__ = [
     "client_parameter_names",
     "head_parameter_names",
     "is_u_shaped",
+    "mix_guidance",
     "return_shape",
+    "split_family",
     "split_unet",
     "u_depth",
 ]
@@ -90,6 +95,9 @@ U_SPLITS: dict[str, int] = {"u1": 1, "u2": 2}
 SPLIT_POINTS: tuple[str, ...] = (*PAPER_SPLITS, *U_SPLITS)
 DEFAULT_SPLIT = "conv_in"
 RETURN_NAME = "hidden"  # the server's answer in a U-shaped split: the input of the client's first up block
+# How client and server share a step: the family decides the client's step strategy and the server's step.
+PAPER_FAMILY = "paper"  # the latent travels (encrypted, or in plaintext as a baseline); the server returns x_{t-1}
+U_SHAPED_FAMILY = "u-shaped"  # the latent stays on the client; the server returns the client tail's input
 
 _ACTIVATION_NAMES: dict[str, tuple[str, ...]] = {
     "conv_in": ("h",),
@@ -118,6 +126,23 @@ def _check_split(split: str) -> str:
 def is_u_shaped(split: str) -> bool:
     """True for the U-shaped splits, in which the latent and the noise prediction stay on the client."""
     return _check_split(split) in U_SPLITS
+
+
+def split_family(split: str) -> str:
+    """:data:`PAPER_FAMILY` or :data:`U_SHAPED_FAMILY`: which side keeps the latent in ``split``."""
+    return U_SHAPED_FAMILY if is_u_shaped(split) else PAPER_FAMILY
+
+
+def mix_guidance(noise: Tensor, guidance: float) -> np.ndarray:
+    """One image's guided noise prediction (float64) from the UNet's output on the prompt batch.
+
+    A batch of 2 is (unconditional, conditional), mixed in diffusers' pipeline's order and arithmetic so that the
+    result is bit-identical to it; a batch of 1 is the conditional branch alone (guidance <= 1 runs no other).
+    """
+    if noise.shape[0] == 2:
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance * (cond - uncond)
+    return noise[0].float().cpu().numpy().astype(np.float64)
 
 
 def u_depth(split: str) -> int:

@@ -46,7 +46,6 @@ class Exchange:
 
     frame: protocol.Frame
     upload_s: float
-    wait_s: float  # from the last byte sent to the response headers: server time plus latency
     download_s: float
     bytes_sent: int
     bytes_received: int
@@ -137,7 +136,6 @@ class BackendClient:
         return Exchange(
             frame=answer,
             upload_s=uploaded - t0,
-            wait_s=t_headers - uploaded,
             download_s=t_end - t_headers,
             bytes_sent=len(body),
             bytes_received=len(data),

@@ -13,8 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from hediff.common import models
-from hediff.common.schedulers import make_scheduler
-from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped
+from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped, mix_guidance
 from hediff.desktop.core.preview import load_preview_map
 
 
@@ -63,9 +62,6 @@ class ClientModel:
         self.recommended = models.recommended_settings(self.path)
         self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor
 
-    def make_scheduler(self, name: str):
-        return make_scheduler(name, self.scheduler_config)
-
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
         cond, uncond = models.encode_prompt(self.tokenizer, self.text_encoder, prompt, negative_prompt)
@@ -94,11 +90,7 @@ class ClientModel:
         """U-shaped split: the guided noise prediction (float64) from the server's hidden state."""
         ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
         h = torch.from_numpy(np.array(hidden, dtype=np.float32)).to(self.device, self.dtype)
-        noise = self.head.tail(h, kept, ehs)
-        if noise.shape[0] == 2:  # the same combination (and order: negative first) as diffusers' pipeline
-            uncond, cond = noise.chunk(2)
-            noise = uncond + guidance * (cond - uncond)
-        return noise[0].float().cpu().numpy().astype(np.float64)
+        return mix_guidance(self.head.tail(h, kept, ehs), guidance)
 
     @torch.no_grad()
     def decode(self, latent: np.ndarray) -> Image.Image:
