@@ -471,3 +471,20 @@ def test_sd15_unet_parity_random_weights():
             sent, kept = client.head(x, t, ehs)
             out = client.tail(body(sent, t, ehs, latent_size=(64, 64)), kept, ehs)
             assert torch.equal(out, full), f"{sp}: max diff {(out - full).abs().max().item()}"
+
+
+def test_split_family_says_which_side_keeps_the_latent():
+    assert [split.split_family(name) for name in split.PAPER_SPLITS] == [split.PAPER_FAMILY] * len(split.PAPER_SPLITS)
+    assert {split.split_family(name) for name in split.U_SPLITS} == {split.U_SHAPED_FAMILY}
+    with pytest.raises(ValueError, match="Unknown split point 'down1'; choose one of conv_in"):
+        split.split_family("down1")
+
+
+def test_mix_guidance_weights_the_conditional_branch_and_keeps_a_lone_one():
+    uncond = torch.full((1, 4, 2, 3), 1.0)
+    cond = torch.full((1, 4, 2, 3), 3.0)
+    mixed = split.mix_guidance(torch.cat([uncond, cond]), 2.5)  # negative first, as diffusers' pipeline
+    assert mixed.dtype == "float64" and mixed.shape == (4, 2, 3)
+    assert (mixed == 1.0 + 2.5 * (3.0 - 1.0)).all()
+    alone = split.mix_guidance(cond, 2.5)  # guidance <= 1 runs the conditional branch only
+    assert (alone == 3.0).all() and alone.shape == (4, 2, 3)

@@ -2,6 +2,7 @@
 
 In a U-shaped split the latent does not leave at all: the client runs the first and last UNet blocks, the
 guidance and the scheduler step; the server gets the first blocks' output and returns the last blocks' input.
+What each step runs and sends is the split family's step strategy (step_strategies.py); this module drives them.
 
 Qt-free: the CLI, the Python API and the desktop UI all drive ``Generator.generate``.
 """
