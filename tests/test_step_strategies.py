@@ -36,6 +36,12 @@ def test_the_splits_family_picks_the_strategy(client_model, split_name, expected
     assert strategy.key is None  # nothing is encrypted with encryption=none
 
 
+def test_a_family_without_a_strategy_is_named(client_model, monkeypatch):
+    monkeypatch.delitem(STRATEGIES, split.U_SHAPED_FAMILY)
+    with pytest.raises(ValueError, match="no client step strategy for split 'u1' \\(family 'u-shaped'\\)"):
+        strategy_for(client_model, _params(split="u1"), key=None)
+
+
 def test_a_registered_strategy_is_what_generate_runs_and_what_the_server_receives(generator, backend, monkeypatch):
     class RecordingSteps(PlaintextLatentSteps):
         def __init__(self, model, params):
