@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from hediff.common import he, protocol, split
-from hediff.common.schedulers import build_plan
+from hediff.common.schedulers import AffinePlan, build_plan
 from hediff.common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
@@ -243,7 +243,12 @@ class Generator:
         return result
 
     def _open_session(
-        self, params: GenerationParams, plan, cond: np.ndarray, uncond: np.ndarray, strategy: StepStrategy
+        self,
+        params: GenerationParams,
+        plan: AffinePlan,
+        cond: np.ndarray,
+        uncond: np.ndarray,
+        strategy: StepStrategy,
     ) -> tuple[str, tuple[int, ...]]:
         """Open the session on the server; its id and the latent shape both sides agreed on."""
         settings = protocol.SessionSettings(
