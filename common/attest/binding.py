@@ -23,7 +23,9 @@ def tls_key_digest(certificate_der: bytes) -> bytes:
 
 def check_nonce(nonce: bytes) -> bytes:
     if len(nonce) != NONCE_LEN:
-        raise ValueError(f"the attestation nonce must be {NONCE_LEN} bytes ({2 * NONCE_LEN} hex digits), got {len(nonce)}")
+        raise ValueError(
+            f"the attestation nonce must be {NONCE_LEN} bytes ({2 * NONCE_LEN} hex digits), got {len(nonce)}"
+        )
     return nonce
 
 

@@ -103,7 +103,9 @@ class Policy:
             try:
                 value = bytes.fromhex(text.strip().removeprefix("0x"))
             except ValueError:
-                raise ValueError(f"measurement {text!r} is not hex: give the 96 hex digits of the launch digest") from None
+                raise ValueError(
+                    f"measurement {text!r} is not hex: give the 96 hex digits of the launch digest"
+                ) from None
             if len(value) != 48:
                 raise ValueError(f"measurement {text!r} is {len(value)} bytes; an SEV-SNP launch digest is 48 (96 hex)")
             out.add(value)
@@ -252,7 +254,9 @@ def verify_snp_report(
         raise AttestationError("format", str(e)) from None
     if report.signing_key != SIGNING_KEY_VCEK:
         name = SIGNING_KEY_NAMES.get(report.signing_key, str(report.signing_key))
-        raise AttestationError("format", f"the report is signed by the {name} key; only VCEK-signed reports are verified")
+        raise AttestationError(
+            "format", f"the report is signed by the {name} key; only VCEK-signed reports are verified"
+        )
 
     vcek = load_certificate(vcek_der, "VCEK")
     key = vcek.public_key()
@@ -335,4 +339,3 @@ def _check_policy(report: SnpReport, policy: Policy) -> list[str]:
             )
         passed.append("report_data")
     return passed
-
