@@ -53,7 +53,7 @@ def _der(cert: x509.Certificate) -> bytes:
 
 
 @dataclass
-class TestChain:
+class FakeAmdChain:
     """A test ARK -> ASK -> VCEK chain; ``vcek_for`` makes more VCEKs (other chips, other TCBs) under the same ASK."""
 
     name: str = "TestAMD"
