@@ -167,7 +167,7 @@ class ConfidentialPipeline:
             self.model_path,
             safety_checker=None,
             requires_safety_checker=False,
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=True,
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)

@@ -392,14 +392,17 @@ def cmd_attest(args) -> int:
 
 
 def _check_confidential_serve(args, tls) -> None:
-    from hediff.backend.confidential import ConfigfsTsm
+    from hediff.backend.confidential import ConfigfsTsm, EvidenceError
 
     if tls is None:
         raise ValueError(
             "--confidential needs --tls-cert/--tls-key: the evidence binds the TLS key, so make the key inside this "
             "confidential VM and serve HTTPS with it"
         )
-    ConfigfsTsm(args.tsm_dir).check()
+    try:
+        ConfigfsTsm(args.tsm_dir).check()
+    except EvidenceError as e:
+        raise ValueError(str(e)) from None
 
 
 def cmd_generate_confidential(args) -> int:
