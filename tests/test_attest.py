@@ -14,7 +14,14 @@ from cryptography.hazmat.primitives import serialization
 from hediff.common.attest.binding import BINDING_TAG, report_data_for, tls_key_digest
 from hediff.common.attest.roots import AMD_PRODUCTS, ARK_SHA256
 from hediff.common.attest.snp import SnpReport, Tcb
-from hediff.common.attest.verify import AttestationError, Policy, amd_roots, load_certificate, verify_snp_report
+from hediff.common.attest.verify import (
+    AttestationError,
+    Policy,
+    amd_roots,
+    load_certificate,
+    verify_snp_report,
+    verify_vcek_chain,
+)
 from hediff.desktop.cli import main
 from tests.attest_evidence import CHIP_ID, TCB, FakeAmdChain
 
@@ -48,6 +55,24 @@ def test_pinned_roots_are_amds_published_certificates():
         assert ask.issuer == ark.subject and ask.subject.rfc4514_string().startswith(f"CN=SEV-{product.name},")
     assert roots["Milan"].ark_der == (DATA / "milan-ark.der").read_bytes()
     assert roots["Milan"].ask_der == (DATA / "milan-ask.der").read_bytes()
+
+
+@pytest.mark.parametrize("vcek, product", [(GOOD_VCEK, "Milan"), (DATA / "virtee-turin-vcek.der", "Turin")])
+def test_real_vceks_chain_to_their_pinned_root(vcek, product):
+    now = datetime.datetime.now(datetime.UTC)
+    cert = load_certificate(vcek.read_bytes(), "VCEK")
+    assert verify_vcek_chain(cert, None, None, amd_roots(), now) == product
+    others = tuple(r for r in amd_roots() if r.name != product)
+    with pytest.raises(AttestationError, match="none of the pinned AMD ASKs"):
+        verify_vcek_chain(cert, None, None, others, now)
+
+
+def test_turin_tcb_layout():
+    # Turin's TCB_VERSION: FMC, boot loader, TEE, SNP, 3 reserved, microcode (Milan/Genoa: BL, TEE, 4 reserved, SNP,
+    # microcode)
+    raw = bytes([1, 2, 3, 4, 0, 0, 0, 9])
+    assert Tcb.decode(raw, zen5=True) == Tcb(boot_loader=2, tee=3, snp=4, microcode=9, fmc=1)
+    assert Tcb.decode(raw, zen5=False) == Tcb(boot_loader=1, tee=2, snp=0, microcode=9)
 
 
 def test_real_milan_report_verifies_under_the_default_policy():

@@ -230,6 +230,23 @@ def _select_root(
     return root.name, ask, load_certificate(root.ark_der, "ARK")
 
 
+def verify_vcek_chain(
+    vcek: x509.Certificate,
+    ask_der: bytes | None,
+    ark_der: bytes | None,
+    roots: tuple[TrustedRoot, ...],
+    now: datetime.datetime,
+) -> str:
+    """VCEK <- ASK <- ARK (RSA-PSS), each valid at ``now``, up to a pinned root; returns the root's product name."""
+    product, ask, ark = _select_root(vcek, ask_der, ark_der, roots)
+    _verify_pss(ark, ark, "ARK (self-signature)")
+    _verify_pss(ask, ark, "ASK (signed by the ARK)")
+    _verify_pss(vcek, ask, "VCEK (signed by the ASK)")
+    for cert, what in ((ark, "ARK"), (ask, "ASK"), (vcek, "VCEK")):
+        _check_validity(cert, what, now)
+    return product
+
+
 def verify_snp_report(
     report_bytes: bytes,
     vcek_der: bytes,
@@ -273,12 +290,7 @@ def verify_snp_report(
             "signature", "the report's signature does not verify under this VCEK (altered report or another key)"
         ) from None
 
-    product, ask, ark = _select_root(vcek, ask_der, ark_der, roots)
-    _verify_pss(ark, ark, "ARK (self-signature)")
-    _verify_pss(ask, ark, "ASK (signed by the ARK)")
-    _verify_pss(vcek, ask, "VCEK (signed by the ASK)")
-    for cert, what in ((ark, "ARK"), (ask, "ASK"), (vcek, "VCEK")):
-        _check_validity(cert, what, now)
+    product = verify_vcek_chain(vcek, ask_der, ark_der, roots, now)
 
     hw_id = _extension(vcek, OID_HW_ID)  # raw octets: the extension value is the chip id itself
     # Turin VCEKs carry an 8-byte hwID; the report's 64-byte chip_id holds it followed by zeros
