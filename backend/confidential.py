@@ -242,6 +242,19 @@ def tls_key_sha256_of(cert_pem_path: Path) -> bytes:
     return tls_key_digest(der)
 
 
+MAX_BODY_BYTES = 64 * 1024  # a prompt and a few numbers, or a nonce
+
+
+async def _small_body(request: Request) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "payload_too_large", f"request exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def add_confidential_routes(
     app: FastAPI, tokens: TokenStore, tsm: ConfigfsTsm, pipeline: ConfidentialPipeline, tls_key_sha256: bytes
 ) -> None:
@@ -254,7 +267,7 @@ def add_confidential_routes(
     @app.post(EVIDENCE_PATH)
     async def evidence(request: Request):
         try:
-            body = await request.json()
+            body = json.loads(await _small_body(request))
             nonce = check_nonce(bytes.fromhex(body["nonce"]))
         except (ValueError, KeyError, TypeError):
             raise ApiError(
@@ -282,7 +295,7 @@ def add_confidential_routes(
         if scheme.lower() != "bearer" or tokens.verify(token.strip()) is None:
             raise ApiError(401, "unauthorized", "send a valid API token: 'Authorization: Bearer <token>'")
         try:
-            req = GenerateRequest.model_validate_json(await request.body())
+            req = GenerateRequest.model_validate_json(await _small_body(request))
             pipeline.check(req)
         except ValidationError as e:
             first = e.errors()[0]

@@ -224,6 +224,8 @@ def test_generation_route_checks_token_and_fields(fresh):
     assert status == 400 and "unknown scheduler 'nope'" in body["detail"]
     status, body = post(EVIDENCE_PATH, {"nonce": "abcd"})
     assert status == 400 and body["error"] == "bad_nonce" and "64 hex digits" in body["detail"]
+    status, body = post(GENERATE_PATH, {"prompt": "x" * 70_000}, fresh["token"])
+    assert status == 413 and body["error"] == "payload_too_large"
     status, body = post(EVIDENCE_PATH, {"nonce": "11" * 32})
     assert status == 200 and body["tee"] == "sev-snp" and body["gpu"] is None
     assert base64.b64decode(body["vcek"]) == fresh["chain"].vcek

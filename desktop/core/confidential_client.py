@@ -123,26 +123,24 @@ class ConfidentialClient:
         try:
             conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
             return conn.getresponse()
-        except ssl.SSLCertVerificationError as e:
-            raise ConfidentialError(
+        except (OSError, http.client.HTTPException) as e:
+            raise self._unreachable(e) from None
+
+    def _unreachable(self, e: Exception) -> ConfidentialError:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return ConfidentialError(
                 f"the TLS certificate of {self.url} does not verify ({e.verify_message}); pass the server's CA or "
                 "self-signed certificate with --tls-ca"
-            ) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise ConfidentialError(f"{self.url} could not be reached ({type(e).__name__}: {e})") from None
+            )
+        return ConfidentialError(f"{self.url} could not be reached ({type(e).__name__}: {e})")
 
     def attest(self, conn: http.client.HTTPSConnection) -> Attestation:
         """Connect, read the live peer key, ask for evidence on a fresh nonce, verify. AttestationError if any
         check fails."""
         try:
             conn.connect()
-        except ssl.SSLCertVerificationError as e:
-            raise ConfidentialError(
-                f"the TLS certificate of {self.url} does not verify ({e.verify_message}); pass the server's CA or "
-                "self-signed certificate with --tls-ca"
-            ) from None
         except OSError as e:
-            raise ConfidentialError(f"{self.url} could not be reached ({e})") from None
+            raise self._unreachable(e) from None
         peer = conn.sock.getpeercert(binary_form=True)
         key_sha256 = tls_key_digest(peer)
         nonce = os.urandom(NONCE_LEN)
