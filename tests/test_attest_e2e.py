@@ -167,6 +167,45 @@ def test_bad_evidence_is_refused_and_the_prompt_never_reaches_the_server(fresh, 
     assert prompt_bodies(fresh) == [] and len(fresh["tsm"].seen) == 1
 
 
+class _CloseAfterEvidence:
+    """Answers the evidence request with 'Connection: close', as a server (or a middlebox) that drops the attested
+    connection before the prompt would follow."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def closing_send(message):
+            if message["type"] == "http.response.start" and scope["path"] == EVIDENCE_PATH:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, receive, closing_send)
+
+
+def test_the_prompt_never_goes_over_a_new_connection(fresh, server_model):
+    tokens, token = TokenStore.ephemeral("tests")
+    app = create_app(server_model, tokens)
+    cert, key = fresh["ca"], fresh["ca"].with_name("server-key.pem")
+    add_confidential_routes(app, tokens, ConfigfsTsm(fresh["dir"] / "tsm"), fresh["pipeline"], tls_key_sha256_of(cert))
+    recorded: list = []
+    running = start_in_thread(_CloseAfterEvidence(_RecordingASGI(app, recorded)), tls=check_tls_files(cert, key))
+    try:
+        c = ConfidentialClient(
+            running.url,
+            token,
+            ConfidentialPolicy(frozenset({MEASUREMENT}), allow_cpu_only_tee=True),
+            tls_ca=cert,
+            roots=(fresh["chain"].root,),
+        )
+        with pytest.raises(AttestationError) as err:
+            c.generate(PROMPT, steps=1, width=32, height=32)
+    finally:
+        running.stop()
+    assert err.value.check == "tls_binding" and "nothing was sent" in str(err.value)
+    assert [path for path, _ in recorded] == [EVIDENCE_PATH]
+
+
 def test_unverified_gpu_evidence_fails_closed_unless_a_cpu_only_tee_is_allowed(fresh):
     with pytest.raises(AttestationError) as err:
         client(fresh, allow_cpu_only_tee=False).generate(PROMPT, steps=2, width=32, height=32)

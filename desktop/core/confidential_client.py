@@ -134,13 +134,21 @@ class ConfidentialClient:
             )
         return ConfidentialError(f"{self.url} could not be reached ({type(e).__name__}: {e})")
 
-    def attest(self, conn: http.client.HTTPSConnection) -> Attestation:
-        """Connect, read the live peer key, ask for evidence on a fresh nonce, verify. AttestationError if any
-        check fails."""
+    def _connect(self, conn: http.client.HTTPSConnection) -> ssl.SSLSocket:
         try:
             conn.connect()
         except OSError as e:
             raise self._unreachable(e) from None
+        # http.client reconnects silently when the server has closed the connection; a new connection could reach
+        # an endpoint nobody attested, so a closed connection must be an error instead
+        conn.auto_open = 0
+        return conn.sock
+
+    def attest(self, conn: http.client.HTTPSConnection) -> Attestation:
+        """Read the live peer key (connecting first if needed), ask for evidence on a fresh nonce, verify.
+        AttestationError if any check fails."""
+        if conn.sock is None:
+            self._connect(conn)
         peer = conn.sock.getpeercert(binary_form=True)
         key_sha256 = tls_key_digest(peer)
         nonce = os.urandom(NONCE_LEN)
@@ -191,20 +199,15 @@ class ConfidentialClient:
     ) -> ConfidentialResult:
         conn = _connection(self.url, self.tls_ca, self.timeout_s)
         try:
+            attested_socket = self._connect(conn)
             attestation = self.attest(conn)
             if on_attested:
                 on_attested(attestation)
-            attested_socket = conn.sock
-            # http.client reconnects silently when the server closed the connection: the prompt would then go to
-            # an endpoint nobody attested, so insist on the same socket and the same peer key
-            if (
-                attested_socket is None
-                or tls_key_digest(attested_socket.getpeercert(True)) != attestation.tls_key_sha256
-            ):
+            if conn.sock is not attested_socket:
                 raise AttestationError(
-                    "tls_binding", "the attested TLS connection was closed before the prompt was sent"
+                    "tls_binding",
+                    "the server closed the attested TLS connection before the prompt was sent; nothing was sent",
                 )
-            conn.auto_open = 0  # never reconnect behind our back: a closed socket is an error, not a new peer
             body = json.dumps(
                 {
                     "prompt": prompt,
