@@ -16,6 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hediff.common.attest.roots import AMD_PRODUCTS
 from hediff.common.attest.snp import SIGNING_KEY_NAMES, SIGNING_KEY_VCEK, ReportFormatError, SnpReport, Tcb
@@ -79,8 +80,6 @@ def amd_roots() -> tuple[TrustedRoot, ...]:
 
 
 def _der(cert: x509.Certificate) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     return cert.public_bytes(Encoding.DER)
 
 
