@@ -140,6 +140,8 @@ def test_good_evidence_then_the_whole_pipeline_matches_diffusers(fresh, tiny_mod
     latents = pipe(**kw, generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images[0].numpy()
     assert [s.index for s in steps] == [0, 1, 2] and all(s.total == 3 for s in steps)
     assert np.abs(steps[-1].latent - latents).max() < 1e-2  # float16 on the wire
+    factor = 32 // steps[0].latent.shape[-1]  # the tiny model's VAE scale factor
+    assert steps[0].preview(upscale=factor).size == (32, 32) and steps[0].preview() != steps[-1].preview()
     # what the user is told, and that the server's evidence request came first, then exactly one prompt
     summary = "\n".join(attested[0].summary())
     assert MEASUREMENT.hex() in summary and "TestAMD" in summary and "GPU evidence: not verified" in summary

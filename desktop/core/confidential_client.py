@@ -26,6 +26,7 @@ from PIL import Image
 from hediff.common.attest.binding import NONCE_LEN, report_data_for, tls_key_digest
 from hediff.common.attest.snp import Tcb
 from hediff.common.attest.verify import AttestationError, Policy, TrustedRoot, VerifiedReport, verify_snp_report
+from hediff.desktop.core.preview import SD1_PREVIEW_MAP, PreviewMap, latent_preview
 
 EVIDENCE_PATH = "/v1/attestation/evidence"
 GENERATE_PATH = "/v1/confidential/generate"
@@ -85,7 +86,11 @@ class Attestation:
 class ConfidentialStep:
     index: int
     total: int
-    latent: np.ndarray
+    latent: np.ndarray  # (C, H, W), the server's latent after this step (float16 on the wire)
+
+    def preview(self, preview_map: PreviewMap = SD1_PREVIEW_MAP, upscale: int = 1) -> Image.Image:
+        """The latent as a small RGB image, with the same linear map as the split modes' previews."""
+        return latent_preview(self.latent, preview_map, upscale)
 
 
 @dataclass
