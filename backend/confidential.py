@@ -168,7 +168,7 @@ class ConfidentialPipeline:
             safety_checker=None,
             requires_safety_checker=False,
             dtype=dtype,
-            local_files_only=True,
+            **models._diffusers_load_kwargs(),
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.base_scheduler_config = dict(self.pipe.scheduler.config)
@@ -191,9 +191,10 @@ class ConfidentialPipeline:
     def run(self, req: GenerateRequest, on_step) -> bytes:
         """Generate; ``on_step(index, total, latent)`` per step; returns the final image as PNG bytes."""
         kwargs = self.check(req)
-        total = kwargs["num_inference_steps"]
 
-        def callback(_pipe, index, _timestep, tensors):
+        def callback(pipe, index, _timestep, tensors):
+            # the loop's length, which is not always num_inference_steps (PLMS adds a warm-up step)
+            total = len(pipe.scheduler.timesteps)
             on_step(index, total, tensors["latents"][0].float().cpu().numpy())
             return {}
 

@@ -217,8 +217,10 @@ def test_unverified_gpu_evidence_fails_closed_unless_a_cpu_only_tee_is_allowed(f
 
 def test_a_debug_guest_is_accepted_only_when_the_user_allows_it(fresh):
     fresh["firmware"].mode = "debug"
-    result = client(fresh, allow_debug=True).generate(PROMPT, steps=1, width=32, height=32)
+    result = client(fresh, allow_debug=True).generate(PROMPT, steps=2, width=32, height=32, scheduler="plms")
     assert result.attestation.report.fields()["debug_allowed"] is True and result.image.size == (32, 32)
+    # PLMS runs a warm-up step: the stream counts the loop's real length
+    assert [(s.index, s.total) for s in result.steps] == [(0, 3), (1, 3), (2, 3)]
 
 
 def test_the_products_roots_refuse_the_test_root_and_the_cli_sends_nothing(fresh, capsys, monkeypatch):
