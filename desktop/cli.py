@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_token(sub)
     _add_generate(sub)
+    _add_attest(sub)
+    _add_confidential_options(sub.choices["generate"], sub.choices["serve"])
     return parser
 
 
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"gui": cmd_gui, "serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}
+        commands["attest"] = cmd_attest
+        if args.cmd == "generate" and args.confidential:
+            return cmd_generate_confidential(args)
         return commands[args.cmd](args)
     except (BackendError, ModelFolderError, ModelNotFoundError, ValueError, OSError) as e:
         print(f"hediff: error: {e}", file=sys.stderr)
@@ -187,6 +192,8 @@ def cmd_serve(args) -> int:
     from hediff.common.models import resolve_model
 
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
+    if args.confidential:
+        _check_confidential_serve(args, tls)
     for flag, value in (
         ("--max-sessions", args.max_sessions),
         ("--max-sessions-per-token", args.max_sessions_per_token),
@@ -212,7 +219,13 @@ def cmd_serve(args) -> int:
         f"hediff backend: model {args.model} on {model.device} ({model.dtype}), {scheme}://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    serve_forever(create_app(model, tokens, limits), args.host, args.port, tls=tls)
+    app = create_app(model, tokens, limits)
+    if args.confidential:
+        from hediff.backend import confidential
+
+        confidential.enable(app, tokens, model_path, args.device, tls.cert, args.tsm_dir, args.vcek)
+        print("hediff backend: confidential mode, evidence from " + str(args.tsm_dir), file=sys.stderr)
+    serve_forever(app, args.host, args.port, tls=tls)
     return 0
 
 
@@ -294,6 +307,146 @@ def _print_summary(result, load_s: float, out: Path) -> None:
         lines.append(f"encrypted fraction of the latent: mean {sum(result.encrypted_fractions) / n:.3f}")
     print("\n".join(lines), file=sys.stderr)
     print(json.dumps({"out": str(out), "total_s": round(result.total_s, 3)}))
+
+
+# --- confidential servers and attestation (docs/attestation.md) -------------------------------------------------
+
+EXIT_REFUSED = 1
+
+
+def _add_attest(sub) -> None:
+    p = sub.add_parser("attest", help="verify attestation evidence of a confidential backend")
+    asub = p.add_subparsers(dest="attest_cmd", required=True)
+    v = asub.add_parser(
+        "verify",
+        help="verify an SEV-SNP report: exit 0 and the verified fields, or non-zero and the reason in one line",
+    )
+    v.add_argument("--report", type=Path, required=True, help="the raw 1,184-byte ATTESTATION_REPORT")
+    v.add_argument("--vcek", type=Path, required=True, help="the chip's VCEK certificate (DER or PEM)")
+    v.add_argument("--ask", type=Path, default=None, help="AMD ASK (default: the built-in one of the VCEK's product)")
+    v.add_argument("--ark", type=Path, default=None, help="AMD ARK; refused unless it is one of the pinned AMD roots")
+    v.add_argument("--measurement", action="append", default=[], help="an allowed launch measurement (96 hex digits)")
+    v.add_argument("--report-data", default=None, help="the expected report_data (128 hex digits)")
+    v.add_argument("--min-tcb", default=None, help="TCB floor BOOT_LOADER:TEE:SNP:MICROCODE, e.g. 3:0:8:115")
+    v.add_argument("--allow-debug", action="store_true", help="accept a guest whose policy allows debugging")
+
+
+def _add_confidential_options(generate, serve) -> None:
+    g = generate.add_argument_group("confidential server (the whole pipeline runs in an attested TEE)")
+    g.add_argument(
+        "--confidential",
+        action="store_true",
+        help="verify the https:// --server's SEV-SNP evidence (bound to this TLS connection and a fresh nonce) and "
+        "send the prompt only if it holds",
+    )
+    g.add_argument("--measurement", action="append", default=[], help="an allowed launch measurement (96 hex digits)")
+    g.add_argument("--min-tcb", default=None, help="TCB floor BOOT_LOADER:TEE:SNP:MICROCODE")
+    g.add_argument("--allow-debug", action="store_true", help="accept a debuggable guest (testing only)")
+    g.add_argument(
+        "--allow-cpu-only-tee",
+        action="store_true",
+        help="accept the server although its GPU evidence is not verified (this client cannot verify it yet)",
+    )
+    s = serve.add_argument_group("confidential mode")
+    s.add_argument("--confidential", action="store_true", help="serve attestation evidence and whole-pipeline runs")
+    s.add_argument("--tsm-dir", type=Path, default=Path("/sys/kernel/config/tsm/report"), help="configfs-tsm reports")
+    s.add_argument("--vcek", type=Path, default=None, help="this chip's VCEK, if the host does not supply it")
+
+
+def _read_evidence_file(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be read ({e.strerror or e})") from None
+
+
+def cmd_attest(args) -> int:
+    from hediff.common.attest.snp import Tcb
+    from hediff.common.attest.verify import AttestationError, Policy, verify_snp_report
+
+    try:
+        expected = bytes.fromhex(args.report_data) if args.report_data is not None else None
+    except ValueError:
+        raise ValueError(f"--report-data {args.report_data!r} is not hex") from None
+    if expected is not None and len(expected) != 64:
+        raise ValueError(f"--report-data is {len(expected)} bytes; report_data is 64 (128 hex digits)")
+    policy = Policy(
+        measurements=Policy.parse_measurements(args.measurement),
+        report_data=expected,
+        allow_debug=args.allow_debug,
+        min_tcb=Tcb.parse(args.min_tcb) if args.min_tcb else None,
+    )
+    try:
+        verified = verify_snp_report(
+            _read_evidence_file(args.report, "--report"),
+            _read_evidence_file(args.vcek, "--vcek"),
+            ask_der=_read_evidence_file(args.ask, "--ask") if args.ask else None,
+            ark_der=_read_evidence_file(args.ark, "--ark") if args.ark else None,
+            policy=policy,
+        )
+    except AttestationError as e:
+        print(f"hediff attest: REFUSED ({e.check}): {e.reason}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(json.dumps({"verified": True, **verified.fields()}, indent=2))
+    return 0
+
+
+def _check_confidential_serve(args, tls) -> None:
+    from hediff.backend.confidential import ConfigfsTsm, EvidenceError
+
+    if tls is None:
+        raise ValueError(
+            "--confidential needs --tls-cert/--tls-key: the evidence binds the TLS key, so make the key inside this "
+            "confidential VM and serve HTTPS with it"
+        )
+    try:
+        ConfigfsTsm(args.tsm_dir).check()
+    except EvidenceError as e:
+        raise ValueError(str(e)) from None
+
+
+def cmd_generate_confidential(args) -> int:
+    from hediff.common.attest.verify import AttestationError
+    from hediff.desktop.core.confidential_client import ConfidentialClient, ConfidentialError, ConfidentialPolicy
+
+    if not args.server:
+        raise ValueError("--confidential needs --server https://...: a local backend is not a confidential one")
+    token = args.token or os.environ.get("HEDIFF_TOKEN")
+    if not token:
+        raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+    policy = ConfidentialPolicy.from_options(args.measurement, args.allow_debug, args.min_tcb, args.allow_cpu_only_tee)
+    client = ConfidentialClient(args.server, token, policy, tls_ca=args.tls_ca, timeout_s=args.timeout)
+
+    def attested(attestation) -> None:
+        print("\n".join(attestation.summary()), file=sys.stderr)
+
+    def step(s) -> None:
+        if not args.quiet:
+            print(f"step {s.index + 1}/{s.total}", file=sys.stderr)
+
+    try:
+        result = client.generate(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            scheduler=args.scheduler,
+            on_attested=attested,
+            on_step=step,
+        )
+    except AttestationError as e:
+        print(f"hediff: REFUSED, nothing was sent ({e.check}): {e.reason}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ConfidentialError as e:
+        print(f"hediff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(args.out)
+    print(json.dumps({"out": str(args.out), "steps": len(result.steps)}))
+    return 0
 
 
 if __name__ == "__main__":
