@@ -1,0 +1,119 @@
+"""The whole Stable Diffusion pipeline in one process: nothing is split, encrypted or sent anywhere.
+
+This is what runs where the data may be seen in the clear: on the user's own device ("Private: this device")
+and inside an attested confidential VM. It is diffusers' own ``StableDiffusionPipeline`` with our scheduler
+factory, so the same seed gives exactly diffusers' image; a per-step callback reports the latent and the time
+the UNet took, and can cancel between steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hediff.common import models
+from hediff.common.schedulers import make_scheduler
+
+
+class PipelineCancelled(Exception):
+    """The caller's cancel event was set; raised between two steps."""
+
+
+@dataclass(frozen=True)
+class LocalStep:
+    index: int  # 0-based model evaluation
+    total: int  # model evaluations in this run (PLMS counts its warm-up evaluation)
+    timestep: int
+    latent: np.ndarray  # (C, h, w) float64 after this step
+    step_s: float  # wall time of this step (UNet on both guidance branches + scheduler)
+
+
+@dataclass(frozen=True)
+class LocalOutput:
+    latent: np.ndarray  # (C, h, w) float64: the final latent, before VAE scaling (as --latents-out)
+    image: Image.Image
+    decode_s: float
+
+
+class LocalPipeline:
+    """A loaded model folder, ready to generate in process."""
+
+    def __init__(self, model_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import StableDiffusionPipeline
+
+        self.path = Path(model_path)
+        models.validate_model_folder(self.path)
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            self.path,
+            safety_checker=None,
+            requires_safety_checker=False,
+            dtype=dtype,
+            **models._diffusers_load_kwargs(),
+        ).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.vae_scale_factor = int(self.pipe.vae_scale_factor)
+        self.native_size = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+        self.latent_channels = int(self.pipe.unet.config.in_channels)
+
+    def generate(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        guidance: float,
+        seed: int,
+        width: int,
+        height: int,
+        scheduler: str,
+        on_step: Callable[[LocalStep], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> LocalOutput:
+        self.pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
+        self.pipe.scheduler.set_timesteps(steps)
+        total = len(self.pipe.scheduler.timesteps)
+        last = time.perf_counter()
+
+        def callback(_pipe, i: int, t, tensors: dict) -> dict:
+            nonlocal last
+            now = time.perf_counter()
+            latent = tensors["latents"][0].double().cpu().numpy()
+            if on_step is not None:
+                on_step(LocalStep(index=i, total=total, timestep=int(t), latent=latent, step_s=now - last))
+            if cancel is not None and cancel.is_set() and i + 1 < total:
+                raise PipelineCancelled(f"cancelled after step {i + 1} of {total}")
+            last = time.perf_counter()
+            return {}
+
+        if cancel is not None and cancel.is_set():
+            raise PipelineCancelled(f"cancelled before step 1 of {total}")
+        with torch.no_grad():
+            latents = self.pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="latent",
+                callback_on_step_end=callback,
+            ).images
+            t = time.perf_counter()
+            image = self.decode(latents)
+        return LocalOutput(latent=latents[0].double().cpu().numpy(), image=image, decode_s=time.perf_counter() - t)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """Exactly the pipeline's own decode and post-processing of one image."""
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]

@@ -1,0 +1,107 @@
+"""Private on this device: the whole generation in this process, no server, no HE, nothing sent anywhere.
+
+The same interface as the split client (:class:`~hediff.desktop.core.engine.Generator`): ``generate(params,
+on_step, cancel)`` returns a :class:`GenerationResult` and reports a :class:`StepUpdate` per step, so the CLI,
+the Python API and the app drive both alike. Every step's update says that nothing left the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hediff.common.local_pipeline import LocalPipeline, LocalStep, PipelineCancelled
+from hediff.desktop.core.engine import (
+    TIMING_KEYS,
+    GenerationCancelled,
+    GenerationParams,
+    GenerationResult,
+    StepUpdate,
+)
+from hediff.desktop.core.preview import latent_preview, load_preview_map
+
+#: What the result and the UI show where a split generation shows its server's URL.
+ON_DEVICE_LOCATION = "this device"
+
+
+class OnDeviceGenerator:
+    """The whole pipeline of one model folder, loaded once, generating in process."""
+
+    def __init__(self, model_path: Path, device: str = "cpu"):
+        self.pipeline = LocalPipeline(model_path, device=device)
+        self.preview_map = load_preview_map(Path(model_path), self.pipeline.latent_channels)
+        self.native_size = self.pipeline.native_size
+
+    def generate(
+        self,
+        params: GenerationParams,
+        on_step: Callable[[StepUpdate], None] | None = None,
+        cancel: threading.Event | None = None,
+        key=None,
+    ) -> GenerationResult:
+        """Run one generation on this device. ``key`` is accepted for interface parity and must be None:
+        nothing is encrypted here."""
+        if key is not None:
+            raise ValueError("a generation on this device encrypts nothing: do not pass a key")
+        params.validate()
+        native = self.native_size
+        params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
+        result = GenerationResult(params=params, image=None, latent=None, server_url=ON_DEVICE_LOCATION)  # type: ignore[arg-type]
+        t_start = time.perf_counter()
+        loop_start = t_start
+
+        def report(step: LocalStep) -> None:
+            nonlocal loop_start
+            if step.index == 0:
+                loop_start = time.perf_counter() - step.step_s
+            timings = dict.fromkeys(TIMING_KEYS, 0.0)
+            timings["head"] = step.step_s  # all UNet work ran here
+            result.step_timings.append(timings)
+            result.bytes_sent.append(0)
+            result.bytes_received.append(0)
+            if on_step is None:
+                return
+            done = step.index + 1
+            elapsed = time.perf_counter() - loop_start
+            on_step(
+                StepUpdate(
+                    index=step.index,
+                    total=step.total,
+                    timestep=step.timestep,
+                    latent=step.latent,
+                    preview=latent_preview(step.latent, self.preview_map, upscale=self.pipeline.vae_scale_factor),
+                    timings=timings,
+                    bytes_sent=0,
+                    bytes_received=0,
+                    encrypted_fraction=0.0,
+                    elapsed_s=elapsed,
+                    eta_s=elapsed / done * (step.total - done),
+                    sent=[],
+                    key_fingerprint=None,
+                )
+            )
+
+        try:
+            out = self.pipeline.generate(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                steps=params.steps,
+                guidance=params.guidance,
+                seed=params.seed,
+                width=params.width,
+                height=params.height,
+                scheduler=params.scheduler,
+                on_step=report,
+                cancel=cancel,
+            )
+        except PipelineCancelled as e:
+            raise GenerationCancelled(str(e)) from None
+        result.latent = out.latent
+        result.image = out.image
+        result.decode_s = out.decode_s
+        result.setup_s = loop_start - t_start
+        result.total_s = time.perf_counter() - t_start
+        return result
