@@ -35,7 +35,8 @@ from hediff.backend.app import ApiError
 from hediff.backend.auth import TokenStore
 from hediff.common import models
 from hediff.common.attest.binding import NONCE_LEN, check_nonce, report_data_for, tls_key_digest
-from hediff.common.schedulers import SCHEDULER_NAMES, make_scheduler
+from hediff.common.local_pipeline import LocalPipeline
+from hediff.common.schedulers import SCHEDULER_NAMES
 
 log = logging.getLogger("hediff.backend")
 
@@ -156,58 +157,37 @@ class GenerateRequest(BaseModel):
 
 
 class ConfidentialPipeline:
-    """diffusers' own StableDiffusionPipeline over the whole model, one generation at a time."""
+    """The whole pipeline in this (attested) process, one generation at a time: the same in-process pipeline
+    that runs "on this device" for a user without a server."""
 
     def __init__(self, model_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import StableDiffusionPipeline
-
         self.model_path = Path(model_path)
-        self.device = device
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            self.model_path,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=dtype,
-            **models._diffusers_load_kwargs(),
-        ).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.base_scheduler_config = dict(self.pipe.scheduler.config)
+        self.local = LocalPipeline(self.model_path, device=device, dtype=dtype)
         self.lock = threading.Lock()
 
     def check(self, req: GenerateRequest) -> dict:
         """The pipeline's arguments, defaults filled from the model folder; ValueError names a bad field."""
         if req.scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler {req.scheduler!r}; valid names are: {', '.join(SCHEDULER_NAMES)}")
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        size = self.local.native_size
         return dict(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
-            num_inference_steps=req.steps or int(models.recommended_settings(self.model_path).get("steps", 20)),
-            guidance_scale=models.guidance_for(self.model_path, req.guidance),
+            steps=req.steps or int(models.recommended_settings(self.model_path).get("steps", 20)),
+            guidance=models.guidance_for(self.model_path, req.guidance),
+            seed=req.seed,
             width=req.width or size,
             height=req.height or size,
+            scheduler=req.scheduler,
         )
 
     def run(self, req: GenerateRequest, on_step) -> bytes:
         """Generate; ``on_step(index, total, latent)`` per step; returns the final image as PNG bytes."""
         kwargs = self.check(req)
-
-        def callback(pipe, index, _timestep, tensors):
-            # the loop's length, which is not always num_inference_steps (PLMS adds a warm-up step)
-            total = len(pipe.scheduler.timesteps)
-            on_step(index, total, tensors["latents"][0].float().cpu().numpy())
-            return {}
-
         with self.lock:
-            self.pipe.scheduler = make_scheduler(req.scheduler, self.base_scheduler_config)
-            image = self.pipe(
-                **kwargs,
-                generator=torch.Generator("cpu").manual_seed(req.seed),
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["latents"],
-            ).images[0]
+            out = self.local.generate(**kwargs, on_step=lambda s: on_step(s.index, s.total, s.latent))
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        out.image.save(buf, format="PNG")
         return buf.getvalue()
 
 

@@ -27,13 +27,21 @@ def test_on_device_equals_diffusers_pipeline(on_device, tiny_model_dir, schedule
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    kw = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5, height=SIZE, width=SIZE)
+    kw = dict(
+        prompt=PROMPT, negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5, height=SIZE, width=SIZE
+    )
     ref_latent = pipe(**kw, generator=torch.Generator("cpu").manual_seed(3), output_type="latent").images[0]
     ref_image = pipe(**kw, generator=torch.Generator("cpu").manual_seed(3), output_type="pil").images[0]
 
     updates = []
     params = GenerationParams(
-        prompt=PROMPT, negative_prompt="blurry", steps=5, guidance=7.5, seed=3, width=SIZE, height=SIZE,
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        steps=5,
+        guidance=7.5,
+        seed=3,
+        width=SIZE,
+        height=SIZE,
         scheduler=scheduler,
     )
     result = on_device.generate(params, on_step=updates.append)
