@@ -238,10 +238,10 @@ def generation_settings(args):
 
 def check_writable(path: Path, option: str, suffix: str) -> None:
     """UsageError unless ``path`` can be written (its folder exists or can be made) and ends in ``suffix``."""
-    if path.suffix.lower() != suffix:
-        raise UsageError(f"{option} must be a {suffix} file, got {str(path)!r}")
     if path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a folder; give a file name ending in {suffix}")
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{option} must be a {suffix} file, got {str(path)!r}")
     existing = path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -274,9 +274,9 @@ def cmd_generate(args) -> int:
         timeout_s=args.timeout,
         tls_ca=args.tls_ca,
     ) as hd:
-        try:  # the model's limits and recommendations are read from its config, no weights yet
-            settings = hd.settings(**given)
+        try:  # the given values against the model's config or the server's capabilities: no torch, no weights
             hd.check(settings)
+            settings = hd.settings(**given)  # the model's recommendations for what was not given
         except SettingsError as e:
             raise UsageError(e.for_option()) from None
         from tqdm import tqdm
