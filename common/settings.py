@@ -80,7 +80,6 @@ SIZE_MULTIPLE = 8  # diffusers' pipeline insists on multiples of 8
 MAX_SIDE = 2048
 MAX_SIDE_FACTOR = 2
 SERVER_MAX_STEPS = 500  # a server's default cap on steps per session
-MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; anything far longer is a mistake, not a prompt
 
 _NATIVE = "0: the model's native size"
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description="denoising steps")]
@@ -93,7 +92,7 @@ Guidance = Annotated[
         description="classifier-free guidance scale; 1 or less runs only the prompt branch",
     ),
 ]
-Side = Annotated[int, Field(ge=0, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE, description="pixels; " + _NATIVE)]
+Side = Annotated[int, Field(ge=0, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE, description="image side in pixels")]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 EncryptionMode = Literal[ENCRYPTION_MODES]  # type: ignore[valid-type]
@@ -125,10 +124,9 @@ class GenerationSettings:
     ``dataclasses.replace``); a bad value raises :class:`SettingsError` naming the field and the allowed range,
     an unknown field a ``TypeError``."""
 
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS, description="what to draw")] = ""
-    negative_prompt: Annotated[
-        str, Field(max_length=MAX_PROMPT_CHARS, description="what to avoid (the unconditional branch)")
-    ] = ""
+    # no length bound: the text encoder reads the first 77 tokens, and the prompts never leave this machine
+    prompt: Annotated[str, Field(description="what to draw")] = ""
+    negative_prompt: Annotated[str, Field(description="what to avoid (the unconditional branch)")] = ""
     steps: Steps = DEFAULT_STEPS
     guidance: Guidance = SD_GUIDANCE
     seed: Annotated[int, Field(ge=0, le=SEED_MAX, description="seed of the initial noise (as diffusers draws it)")] = 0
@@ -173,11 +171,6 @@ class GenerationSettings:
         """The rules construction cannot check because stored settings legitimately lack them: a prompt."""
         if not self.prompt.strip():
             raise SettingsError("the prompt is empty", field="prompt", allowed="non-empty text", value=self.prompt)
-
-    @property
-    def u_shaped(self) -> bool:
-        """True when the latent and the noise prediction stay on this machine."""
-        return self.split in U_SPLITS
 
     # --- serialisations ---
 
@@ -252,7 +245,7 @@ def _clear_error(e: ValidationError) -> Exception:
 def _bounds(name: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in GenerationSettings.__pydantic_fields__[name].metadata:
-        for attr in ("ge", "le", "multiple_of", "max_length"):
+        for attr in ("ge", "le", "multiple_of"):
             if getattr(m, attr, None) is not None:
                 out[attr] = getattr(m, attr)
     return out
@@ -278,11 +271,12 @@ def allowed(name: str) -> str:
     kind = GenerationSettings.__pydantic_fields__[name].annotation
     b = _bounds(name)
     if kind is str:
-        return f"text of at most {b['max_length']} characters"
+        return "text"
     if "multiple_of" in b:
         return f"a multiple of {b['multiple_of']} in [{b['ge']}, {b['le']}] ({_NATIVE})"
-    what = "an integer" if kind is int else "a finite number"
-    return f"{what} in [{b['ge']:g}, {b['le']:g}]"
+    if kind is int:
+        return f"an integer in [{b['ge']}, {b['le']}]"
+    return f"a finite number in [{b['ge']:g}, {b['le']:g}]"
 
 
 def help_text(name: str) -> str:

@@ -44,6 +44,7 @@ def _add_token(sub) -> None:
 
 # how a setting's default is chosen when the option is not given, where it is not simply the model's default
 _DEFAULT_HELP = {
+    "prompt": "none, required",
     "steps": "the model's recommendation (hediff.json), else {default}",
     "guidance": "the model's recommendation (hediff.json), else {default}",
     "width": "the model's native size",
@@ -71,7 +72,7 @@ def _add_generate(sub) -> None:
     for name, info in settings.GenerationSettings.__pydantic_fields__.items():
         options = settings.choices(name)
         kind = str if options is not None else info.annotation
-        when_absent = _DEFAULT_HELP.get(name, "{default}").format(default=info.default)
+        when_absent = _DEFAULT_HELP.get(name, "{default!r}").format(default=info.default)
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,

@@ -194,6 +194,8 @@ def test_form_ranges_and_choices_are_the_models(qtbot, tiny_model_dir):
         assert tuple(combo.itemData(i) for i in range(combo.count())) == gs.choices(name)
     form.width_spin.setValue(4096)
     assert form.width_spin.value() == gs.MAX_SIDE  # the form cannot hold what every server refuses
+    form.width_spin.setValue(36)
+    assert form.width_spin.value() == 40  # nor a size that is not a multiple of 8
     form.set_model(str(tiny_model_dir))  # its config caps the size at twice its native 32 px
     form.width_spin.setValue(4096)
     assert form.width_spin.value() == 64 and form.height_spin.maximum() == 64

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,7 +26,7 @@ from hediff.common.settings import GenerationSettings, SettingsError, SizeLimits
         ("steps", "5", "steps must be an integer in [1, 1000], got '5'"),
         ("width", 4096, "width must be a multiple of 8 in [0, 2048] (0: the model's native size), got 4096"),
         ("height", 30, "height must be a multiple of 8 in [0, 2048] (0: the model's native size), got 30"),
-        ("seed", -1, f"seed must be an integer in [0, {gs.SEED_MAX:g}], got -1"),
+        ("seed", -1, f"seed must be an integer in [0, {gs.SEED_MAX}], got -1"),
         ("tau", 1.5, "tau must be a finite number in [0, 1], got 1.5"),
         ("scheduler", "lms", "scheduler must be one of ddim, plms, euler, dpmpp-2m, got 'lms'"),
         ("encryption", "partial", "encryption must be one of full, min-distortion, random-mask, none, got 'partial'"),
@@ -45,7 +44,7 @@ def test_a_bad_value_names_the_field_and_what_is_allowed(field, value, message):
 def test_rules_across_fields_and_unknown_fields():
     with pytest.raises(SettingsError, match="encryption 'random-mask' only applies to the paper's splits"):
         GenerationSettings(split="u1", encryption="random-mask")
-    assert GenerationSettings(split="u1", encryption="none").u_shaped
+    assert GenerationSettings(split="u1", encryption="none").split == "u1"
     with pytest.raises(TypeError, match="unknown setting 'sampler'; the settings are: prompt, negative_prompt"):
         GenerationSettings(sampler="ddim")
     base = GenerationSettings(prompt="x")
@@ -129,22 +128,15 @@ def test_size_limits_come_from_the_model_config_and_the_server(tiny_model_dir, t
 
 def test_the_server_advertises_its_limits_and_refuses_what_exceeds_them(backend, server_model):
     from hediff.backend.engine import Limits
-    from hediff.common.schedulers import build_plan
     from hediff.desktop.core.backend_client import BackendClient
+    from tests.test_ushape import _open
 
     with BackendClient(backend.url, backend.token) as client:
         advertised = SizeLimits.from_capabilities(client.capabilities())
     assert advertised == server_model.size_limits(Limits()) == SizeLimits(32, 64, 500, 8)
 
     def open_session(**meta):
-        header = dict(scheduler="ddim", steps=2, guidance=7.5, height=32, width=32, split="conv_in")
-        header.update(encryption="none", he_preset=None, activation_dtype="float32")
-        header.update(meta)
-        header["plan_digest"] = build_plan("ddim", server_model.scheduler_config, 2).digest()
-        emb = np.zeros((1, 77, server_model.cross_attention_dim), dtype=np.float32)
-        frame = protocol.Frame(meta=header, tensors={"cond": emb, "uncond": emb})
-        headers = {"Authorization": f"Bearer {backend.token}", "content-type": protocol.FRAME_CONTENT_TYPE}
-        return httpx.post(backend.url + "/v1/sessions", content=frame.encode(), headers=headers, timeout=60)
+        return _open(backend, server_model, split="conv_in", **meta)
 
     refused = {
         "width": (dict(width=72), "'width' must be at most 64 for this model (2x its native 32 px), got 72"),

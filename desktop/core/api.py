@@ -107,7 +107,7 @@ class HEDiffusion:
     def _config_folder(self) -> Path:
         # a folder given by path is read as it is: its configs answer the cheap checks before torch is imported
         given = Path(self.model_spec).expanduser()
-        return given if self._model_path is None and given.is_dir() else self.model_path
+        return given if self.model_spec != "embedded" and given.is_dir() else self.model_path
 
     @property
     def native_size(self) -> int:

@@ -253,7 +253,6 @@ class Settings:
 
     def token_for(self, id: str, secrets: SecretStore) -> str | None:
         """The server's API token from the keyring (None if none stored); KeyringUnavailable if unreadable."""
-        self.server(id)
         return secrets.get(TOKEN_NAME.format(id=id))
 
 

@@ -226,7 +226,16 @@ class ParamsForm(QWidget):
         spin.setSingleStep(gs.SIZE_MULTIPLE)
         spin.setSpecialValueText("native")  # 0: the model's own size
         spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        spin.setKeyboardTracking(False)  # snap once the number is typed, not at every digit
+        spin.valueChanged.connect(lambda value: ParamsForm._snap(spin, value))
         return spin
+
+    @staticmethod
+    def _snap(spin: QSpinBox, value: int) -> None:
+        # a size the model cannot use is never held: it moves to the nearest multiple the server accepts
+        multiple = spin.singleStep()
+        if value % multiple:
+            spin.setValue((value + multiple // 2) // multiple * multiple)
 
     def set_size_limits(self, limits: gs.SizeLimits) -> None:
         """Cap the size fields at what this model on this server accepts (e.g. from the server's capabilities)."""
