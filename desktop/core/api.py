@@ -29,10 +29,10 @@ from hediff.common.settings import (
     SettingsError,
     SizeLimits,
 )
-from hediff.desktop.core.backend_client import BackendClient
 
-if TYPE_CHECKING:  # torch and TenSEAL load with the models, not with this module: checks come first and fast
+if TYPE_CHECKING:  # torch, TenSEAL and httpx load when needed, not with this module: checks come first and fast
     from hediff.common.he import ClientKey
+    from hediff.desktop.core.backend_client import BackendClient
     from hediff.desktop.core.engine import GenerationResult, StepUpdate
 
 __all__ = ["GenerationSettings", "HEDiffusion", "SettingsError", "SizeLimits", "__version__", "quiet_libraries"]
@@ -89,9 +89,11 @@ class HEDiffusion:
         self._client_models: dict[str, Any] = {}
         self._local = None
         self._limits: SizeLimits | None = None
-        self.client: BackendClient | None = (
-            None if local_backend else BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
-        )
+        self.client: BackendClient | None = None
+        if not local_backend:
+            from hediff.desktop.core.backend_client import BackendClient
+
+            self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
 
     # --- what the model and the server accept (no weights loaded) ---
 
@@ -184,6 +186,7 @@ class HEDiffusion:
             from hediff.backend.auth import TokenStore
             from hediff.backend.engine import ServerModel
             from hediff.backend.serve import start_in_thread
+            from hediff.desktop.core.backend_client import BackendClient
 
             quiet_libraries()
             tokens, token = TokenStore.ephemeral()
