@@ -52,6 +52,10 @@ _DEFAULT_HELP = {
 }
 
 
+# None when not given: the model's recommendation or native size applies, or --plaintext may set encryption
+_UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
+
+
 def _add_generate(sub) -> None:
     from hediff.common import settings
 
@@ -78,7 +82,7 @@ def _add_generate(sub) -> None:
             dest=name,
             type=kind,
             choices=options,
-            default=None,
+            default=None if name in _UNSET_BY_DEFAULT else info.default,
             required=name == "prompt",
             metavar=None if options is not None else kind.__name__.upper(),
             help=f"{settings.help_text(name)}; {settings.allowed(name)} (default: {when_absent})",
