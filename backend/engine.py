@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hediff.backend.sessions import Session, SessionError, SessionStore
-from hediff.common import he, models, protocol, split
+from hediff.common import he, models, protocol, settings, split
 from hediff.common.latent import EncryptedLatent, unpack_mask, update_latent
 from hediff.common.protocol import Frame, ProtocolError, SessionSettings
 from hediff.common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
@@ -30,8 +30,8 @@ class StepOrderError(SessionError):
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 64 << 20
-    max_steps: int = 500
-    max_side: int = 2048
+    max_steps: int = settings.SERVER_MAX_STEPS
+    max_side: int = settings.MAX_SIDE  # a model's own cap may be lower: ServerModel.size_limits
     session_ttl_s: float = 600.0
     max_sessions: int = 64
     max_sessions_per_token: int = 8
@@ -79,18 +79,29 @@ class ServerModel:
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as StableDiffusionPipeline
         self.latent_channels = int(self.unet.config.in_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
+        self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
         self.lock = threading.Lock()  # one forward pass at a time on this device
 
     def plan(self, scheduler: str, steps: int):
         return _cached_plan(scheduler, _freeze(self.scheduler_config), steps)
 
+    def size_limits(self, limits: Limits) -> settings.SizeLimits:
+        """This model's size cap under the server's configuration (what capabilities advertise)."""
+        return settings.SizeLimits.for_model(self.native_side, self.vae_scale_factor, limits.max_side, limits.max_steps)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
-        multiple = max(8, f)  # diffusers' pipeline insists on multiples of 8
-        if height % multiple or width % multiple:
+        size = settings.SizeLimits.for_model(self.native_side, f)
+        if height % size.multiple or width % size.multiple:
             raise ProtocolError(
-                f"height and width must be multiples of {multiple} for this model, got {height}x{width}"
+                f"height and width must be multiples of {size.multiple} for this model, got {height}x{width}"
             )
+        for name, side in (("height", height), ("width", width)):
+            if side > size.max_side:
+                raise ProtocolError(
+                    f"{name!r} must be at most {size.max_side} for this model ({settings.MAX_SIDE_FACTOR}x its "
+                    f"native {self.native_side} px), got {side}"
+                )
         return (self.latent_channels, height // f, width // f)
 
     @property
@@ -120,7 +131,7 @@ class ServerModel:
             "encryption": list(protocol.ENCRYPTION_CHOICES),
             "he_presets": {name: p.description for name, p in he.PRESETS.items()},
             "activation_dtypes": list(protocol.ACTIVATION_DTYPES),
-            "limits": limits.__dict__,
+            "limits": {**limits.__dict__, **self.size_limits(limits).to_dict()},
         }
 
     @torch.no_grad()

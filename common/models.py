@@ -590,8 +590,7 @@ def recommended_settings(path: Path) -> dict[str, float | int]:
     return out
 
 
-#: Stable Diffusion's usual classifier-free guidance: the default for a model that recommends none.
-SD_GUIDANCE = 7.5
+from hediff.common.settings import SD_GUIDANCE  # noqa: E402  (the settings own the defaults)
 
 
 def guidance_for(path: Path, explicit: float | None = None) -> float:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from hediff.common import settings
 
 PROTOCOL_VERSION = 1
 MAGIC = b"HEDF"
@@ -25,7 +29,7 @@ MAX_DIMS = 6
 DEFAULT_MAX_FRAME_BYTES = 256 << 20
 
 TENSOR_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "uint8": np.uint8}
-ACTIVATION_DTYPES = ("float32", "float16")
+ACTIVATION_DTYPES = settings.ACTIVATION_DTYPES
 
 
 class ProtocolError(ValueError):
@@ -184,69 +188,93 @@ def meta_int(meta: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
-def meta_float(meta: dict, key: str, lo: float, hi: float) -> float:
-    v = meta.get(key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or not lo <= v <= hi:
-        raise ProtocolError(f"{key!r} must be a number in [{lo}, {hi}], got {v!r}")
-    return float(v)
-
-
-def meta_choice(meta: dict, key: str, choices) -> str:
-    v = meta.get(key)
-    if v not in tuple(choices):
-        raise ProtocolError(f"{key!r} must be one of {', '.join(map(str, choices))}, got {v!r}")
-    return v
-
-
 # --- session settings ------------------------------------------------------------------------------
 
-# "none": the same split protocol in plaintext. The index set is an encryption choice, not a split choice: it is
-# orthogonal to where the UNet is split, and only matters for the paper's splits, which send the latent.
-ENCRYPTION_CHOICES = ("full", "min-distortion", "random-mask", "none")
-PARTIAL_ENCRYPTION = ("min-distortion", "random-mask")  # a mask bitmap and a plaintext remainder travel
+# The encryption modes and activation dtypes are the settings' vocabulary; named here too for the wire code.
+ENCRYPTION_CHOICES = settings.ENCRYPTION_MODES
+PARTIAL_ENCRYPTION = settings.PARTIAL_ENCRYPTION
 
 
-@dataclass(frozen=True)
+_WireSide = Annotated[int, Field(ge=settings.SIZE_MULTIPLE, le=settings.MAX_SIDE)]
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(strict=True, extra="ignore"))
 class SessionSettings:
-    scheduler: str
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    split: str
-    encryption: str
-    he_preset: str | None
-    activation_dtype: str
-    plan_digest: str
+    """The session-open header: the generation settings the server needs, in the settings model's own types
+    (same bounds and choices), plus the digest of the client's step plan. The prompt, seed and index-set
+    choices never travel."""
+
+    scheduler: settings.Scheduler
+    steps: settings.Steps
+    guidance: settings.Guidance
+    height: _WireSide  # the multiple a side must be depends on the model: the server checks it with the model
+    width: _WireSide
+    split: settings.SplitPoint
+    encryption: settings.EncryptionMode
+    he_preset: settings.HEPreset | None
+    activation_dtype: settings.ActivationDtype
+    plan_digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 
     def to_meta(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
     @classmethod
     def from_meta(
-        cls, meta: dict, *, schedulers, splits, presets, max_steps: int, max_side: int, u_splits=()
+        cls,
+        meta: dict,
+        *,
+        schedulers=settings.SCHEDULER_NAMES,
+        splits=settings.SPLIT_POINTS,
+        presets=settings.HE_PRESET_NAMES,
+        max_steps: int = settings.MAX_STEPS,
+        max_side: int = settings.MAX_SIDE,
+        u_splits=tuple(settings.U_SPLITS),
     ) -> SessionSettings:
-        """``u_splits``: the U-shaped splits among ``splits``; their latent never travels, so no HE is allowed."""
-        encryption = meta_choice(meta, "encryption", ENCRYPTION_CHOICES)
-        split = meta_choice(meta, "split", splits)
-        if split in tuple(u_splits) and encryption != "none":
+        """The header validated by the settings' types, then against this server: the splits, schedulers and
+        presets it runs, its step and size caps. ProtocolError names the field and what is allowed."""
+        if not isinstance(meta, dict):
+            raise ProtocolError("the session header must be an object")
+        if meta.get("encryption") == "none":
+            meta = {**meta, "he_preset": None}  # a plaintext session has no HE parameters, whatever was sent
+        try:
+            header = cls(**{k: meta[k] for k in _HEADER_FIELDS if k in meta})
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            name = str(err["loc"][0])
+            if err["type"] == "missing":
+                raise ProtocolError(f"{name!r} is missing: it {_rule(name)}") from None
+            raise ProtocolError(f"{name!r} {_rule(name)}, got {err.get('input')!r}") from None
+        for name, options in (("scheduler", schedulers), ("split", splits), ("he_preset", presets)):
+            value = getattr(header, name)
+            if value is not None and value not in tuple(options):
+                raise ProtocolError(f"{name!r} must be one of {', '.join(options)} on this server, got {value!r}")
+        if header.steps > max_steps:
+            raise ProtocolError(f"'steps' must be an integer in [1, {max_steps}] on this server, got {header.steps}")
+        for name in ("height", "width"):
+            if getattr(header, name) > max_side:
+                raise ProtocolError(
+                    f"{name!r} must be in [{settings.SIZE_MULTIPLE}, {max_side}] on this server, "
+                    f"got {getattr(header, name)}"
+                )
+        if header.split in tuple(u_splits) and header.encryption != "none":
             raise ProtocolError(
-                f"split {split!r} keeps the latent on the client, so nothing is encrypted: 'encryption' must be "
-                f"'none', got {encryption!r}"
+                f"split {header.split!r} keeps the latent on the client, so nothing is encrypted: 'encryption' must "
+                f"be 'none', got {header.encryption!r}"
             )
-        he_preset = None if encryption == "none" else meta_choice(meta, "he_preset", presets)
-        digest = meta.get("plan_digest")
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise ProtocolError("'plan_digest' must be the 64-character hex digest of the client's step plan")
-        return cls(
-            scheduler=meta_choice(meta, "scheduler", schedulers),
-            steps=meta_int(meta, "steps", 1, max_steps),
-            guidance=meta_float(meta, "guidance", 0.0, 100.0),
-            height=meta_int(meta, "height", 8, max_side),
-            width=meta_int(meta, "width", 8, max_side),
-            split=split,
-            encryption=encryption,
-            he_preset=he_preset,
-            activation_dtype=meta_choice(meta, "activation_dtype", ACTIVATION_DTYPES),
-            plan_digest=digest,
-        )
+        if header.encryption != "none" and header.he_preset is None:
+            raise ProtocolError(f"'he_preset' must be one of {', '.join(presets)} for an encrypted session")
+        return header
+
+
+_HEADER_FIELDS = ("scheduler", "steps", "guidance", "height", "width", "split", "encryption", "he_preset")
+_HEADER_FIELDS += ("activation_dtype", "plan_digest")
+
+
+def _rule(name: str) -> str:
+    if name == "plan_digest":
+        return "must be the 64-character hex digest of the client's step plan"
+    if name in ("height", "width"):
+        return f"must be an integer in [{settings.SIZE_MULTIPLE}, {settings.MAX_SIDE}]"
+    if name == "he_preset":
+        return "must be one of " + ", ".join(settings.HE_PRESET_NAMES)
+    return "must be " + settings.allowed(name)

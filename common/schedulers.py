@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 #: Supported scheduler names, in a stable order.
-SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "plms", "euler", "dpmpp-2m")
+from hediff.common.settings import SCHEDULER_NAMES  # noqa: E402  (the settings own the names; this module the plans)
 
 # name -> (diffusers class, keyword overrides passed to from_config)
 _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {

@@ -16,10 +16,8 @@ import secrets
 import numpy as np
 from scipy import ndimage
 
-ENCRYPTION_MODES = ("full", "min-distortion", "random-mask")
-DEFAULT_TAU = 0.01
-# the paper's encrypted share at tau 0.01 on Gaussian latents (tests/test_selection.py reproduces it)
-DEFAULT_MASK_FRACTION = 0.886
+from hediff.common.settings import DEFAULT_MASK_FRACTION, DEFAULT_TAU, Encryption  # noqa: F401 (re-exported)
+
 MASK_SEED_BYTES = 32
 
 HILL_HIGHPASS = np.array([[-1.0, 2.0, -1.0], [2.0, -4.0, 2.0], [-1.0, 2.0, -1.0]])
@@ -95,10 +93,10 @@ def select_mask(latent: np.ndarray, mode: str, tau: float = DEFAULT_TAU) -> np.n
 
     ``random-mask`` is not chosen per step: draw it once per generation with :func:`random_mask`.
     """
-    if mode == "full":
+    if mode == Encryption.FULL:
         return None
-    if mode == "min-distortion":
+    if mode == Encryption.MIN_DISTORTION:
         return min_distortion_mask(latent, tau)
-    if mode == "random-mask":
+    if mode == Encryption.RANDOM_MASK:
         raise ValueError("the random mask does not depend on the latent: draw it once with random_mask()")
-    raise ValueError(f"unknown encryption mode {mode!r}; choose one of: {', '.join(ENCRYPTION_MODES)}")
+    raise ValueError(f"encryption mode {mode!r} selects no index set; choose full, min-distortion or random-mask")

@@ -89,11 +89,9 @@ __all__ = [
     "u_depth",
 ]
 
-PAPER_SPLITS: tuple[str, ...] = ("conv_in", "down0.resnet0")
-# U-shaped split -> how many down blocks (and, mirrored, up blocks) run on the client
-U_SPLITS: dict[str, int] = {"u1": 1, "u2": 2}
-SPLIT_POINTS: tuple[str, ...] = (*PAPER_SPLITS, *U_SPLITS)
-DEFAULT_SPLIT = "conv_in"
+# the split names (and how many blocks a U-shaped split keeps on the client) are a settings vocabulary
+from hediff.common.settings import DEFAULT_SPLIT, PAPER_SPLITS, SPLIT_POINTS, U_SPLITS  # noqa: E402
+
 RETURN_NAME = "hidden"  # the server's answer in a U-shaped split: the input of the client's first up block
 # How client and server share a step: the family decides the client's step strategy and the server's step.
 PAPER_FAMILY = "paper"  # the latent travels (encrypted, or in plaintext as a baseline); the server returns x_{t-1}

@@ -42,10 +42,22 @@ def _add_token(sub) -> None:
     r.add_argument("token_id")
 
 
+# how a setting's default is chosen when the option is not given, where it is not simply the model's default
+_DEFAULT_HELP = {
+    "prompt": "none, required",
+    "steps": "the model's recommendation (hediff.json), else {default}",
+    "guidance": "the model's recommendation (hediff.json), else {default}",
+    "width": "the model's native size",
+    "height": "the model's native size",
+}
+
+
+# None when not given: the model's recommendation or native size applies, or --plaintext may set encryption
+_UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
+
+
 def _add_generate(sub) -> None:
-    from hediff.common import he, protocol, selection
-    from hediff.common.schedulers import SCHEDULER_NAMES
-    from hediff.common.split import SPLIT_POINTS
+    from hediff.common import settings
 
     p = sub.add_parser("generate", help="generate an image; the latent leaves this machine only encrypted")
     where = p.add_mutually_exclusive_group(required=True)
@@ -58,46 +70,25 @@ def _add_generate(sub) -> None:
         default=None,
         help="CA bundle or self-signed certificate to verify an https:// --server with (default: system CAs)",
     )
-    p.add_argument("--model", default="embedded")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation (hediff.json), else 20")
-    p.add_argument(
-        "--guidance", type=float, default=None, help="default: the model's recommendation (hediff.json), else 7.5"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="plms")
-    p.add_argument(
-        "--encryption",
-        choices=selection.ENCRYPTION_MODES,
-        default="full",
-        help="which latent elements are encrypted: all; the paper's min-distortion selection (its index set is a "
-        "saliency map of the image); or random-mask, a data-independent set drawn once per generation from a "
-        "secret seed. Only matters with the paper's splits: a U-shaped --split never sends the latent",
-    )
-    p.add_argument(
-        "--tau", type=float, default=selection.DEFAULT_TAU, help="min-distortion budget (smaller encrypts more)"
-    )
-    p.add_argument(
-        "--mask-fraction",
-        type=float,
-        default=selection.DEFAULT_MASK_FRACTION,
-        help="random-mask: share of the latent encrypted (default: the paper's share at tau 0.01)",
-    )
-    p.add_argument("--he-preset", choices=tuple(he.PRESETS), default=he.DEFAULT_PRESET)
-    p.add_argument(
-        "--split",
-        choices=SPLIT_POINTS,
-        default=SPLIT_POINTS[0],
-        help="where the UNet is split: the paper's conv_in / down0.resnet0 send a linear, invertible function of "
-        "the latent; U-shaped u1 / u2 keep the first and last 1 / 2 UNet blocks, the latent and the noise "
-        "prediction on this machine (no HE needed)",
-    )
-    p.add_argument("--activation-dtype", choices=protocol.ACTIVATION_DTYPES, default="float32")
-    p.add_argument("--plaintext", action="store_true", help="same split protocol without HE (comparison baseline)")
-    p.add_argument("--out", type=Path, default=Path("out.png"))
+    p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
+    # one option per field of the settings model: its help, choices and range come from there
+    group = p.add_argument_group("generation settings")
+    for name, info in settings.GenerationSettings.__pydantic_fields__.items():
+        options = settings.choices(name)
+        kind = str if options is not None else info.annotation
+        when_absent = _DEFAULT_HELP.get(name, "{default!r}").format(default=info.default)
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            choices=options,
+            default=None if name in _UNSET_BY_DEFAULT else info.default,
+            required=name == "prompt",
+            metavar=None if options is not None else kind.__name__.upper(),
+            help=f"{settings.help_text(name)}; {settings.allowed(name)} (default: {when_absent})",
+        )
+    p.add_argument("--plaintext", action="store_true", help="same as --encryption none: the split without HE")
+    p.add_argument("--out", type=Path, default=Path("out.png"), help="the PNG to write (default out.png)")
     p.add_argument("--embed-prompt", action="store_true", help="also write the prompts into the PNG metadata")
     p.add_argument("--latents-out", type=Path, default=None, help="save the final latent (before VAE scaling) as .npy")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one server answer")
@@ -106,9 +97,8 @@ def _add_generate(sub) -> None:
 
 
 def _add_gui(sub) -> None:
-    p = sub.add_parser("gui", help="open the desktop app")
-    p.add_argument("--data-dir", type=Path, default=None, help="app data (settings, wrapped keys, gallery)")
-    p.add_argument("--screenshot", type=Path, default=None, help="save the window as PNG once it is up, then quit")
+    # listed for `hediff --help` only: main() hands everything after "gui" to the app, which parses its options
+    sub.add_parser("gui", help="open the desktop app (its options: hediff gui --help)", add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,38 +122,49 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gui"]:
+        return cmd_gui(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from hediff.common.models import ModelFolderError, ModelNotFoundError
-    from hediff.desktop.core.backend_client import BackendError
-    from hediff.desktop.core.engine import GenerationCancelled
-
     try:
-        commands = {"gui": cmd_gui, "serve": cmd_serve, "token": cmd_token, "generate": cmd_generate}
-        commands["attest"] = cmd_attest
+        commands = {"serve": cmd_serve, "token": cmd_token, "generate": cmd_generate, "attest": cmd_attest}
         if args.cmd == "generate" and args.confidential:
             return cmd_generate_confidential(args)
         return commands[args.cmd](args)
-    except (BackendError, ModelFolderError, ModelNotFoundError, ValueError, OSError) as e:
-        print(f"hediff: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (KeyboardInterrupt, GenerationCancelled):
+    except KeyboardInterrupt:
         print("hediff: cancelled", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, _loaded_errors("hediff.desktop.core.engine", "GenerationCancelled")):
+            print("hediff: cancelled", file=sys.stderr)
+            return 130
+        usage = (ValueError, OSError)
+        usage += _loaded_errors("hediff.common.models", "ModelFolderError", "ModelNotFoundError")
+        usage += _loaded_errors("hediff.desktop.core.backend_client", "BackendError")
+        if not isinstance(e, usage):
+            raise
+        print(f"hediff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
-def cmd_gui(args) -> int:
+def _loaded_errors(module: str, *names: str) -> tuple[type, ...]:
+    # an error of a module that was never imported cannot have been raised; importing it (torch, diffusers)
+    # only to compare would make every early error slow
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name) for name in names) if loaded is not None else ()
+
+
+def cmd_gui(gui_args: list[str]) -> int:
     try:
         from hediff.desktop.ui.app import run_gui
     except ImportError as e:
         missing = e.name or "PySide6"
-        raise ValueError(f"the desktop app needs {missing}: install the gui extra (./setup.sh does)") from None
-    argv = [sys.argv[0]]
-    if args.data_dir is not None:
-        argv += ["--data-dir", str(args.data_dir)]
-    if args.screenshot is not None:
-        argv += ["--screenshot", str(args.screenshot)]
-    return run_gui(argv)
+        print(
+            f"hediff: error: the desktop app needs {missing}: install the gui extra (./setup.sh does)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return run_gui(["hediff gui", *gui_args])
 
 
 def cmd_token(args) -> int:
@@ -229,42 +230,74 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from tqdm import tqdm
+class UsageError(ValueError):
+    """A command line that cannot work, found before anything is loaded."""
 
+
+def generation_settings(args):
+    """The generation settings the options ask for (the model's recommendations fill what is not given later).
+    UsageError naming the option and its allowed range."""
+    from hediff.common.settings import GenerationSettings, SettingsError
+
+    given = {name: getattr(args, name) for name in GenerationSettings.__pydantic_fields__}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.plaintext:
+        if given.get("encryption", "none") != "none":
+            raise UsageError(f"--plaintext means --encryption none, but --encryption {given['encryption']} was given")
+        given["encryption"] = "none"
+    try:
+        settings = GenerationSettings(**given)
+        settings.validate()
+    except SettingsError as e:
+        raise UsageError(e.for_option()) from None
+    return settings, given
+
+
+def check_writable(path: Path, option: str, suffix: str) -> None:
+    """UsageError unless ``path`` can be written (its folder exists or can be made) and ends in ``suffix``."""
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a folder; give a file name ending in {suffix}")
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{option} must be a {suffix} file, got {str(path)!r}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    target = path if path.exists() else existing
+    if not existing.is_dir() or not os.access(target, os.W_OK):
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is not a writable folder")
+
+
+def cmd_generate(args) -> int:
+    settings, given = generation_settings(args)
+    check_writable(args.out, "--out", ".png")
+    if args.latents_out is not None:
+        check_writable(args.latents_out, "--latents-out", ".npy")
+    if args.local_backend and args.token:
+        raise UsageError("--token is for --server; --local-backend makes its own")
+    from hediff.common.settings import SettingsError
     from hediff.desktop.core.api import HEDiffusion
 
     t0 = time.perf_counter()
-    token = args.token if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
+    token = None if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
     if not args.local_backend and not token:
-        raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+        raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
     with HEDiffusion(
         args.model,
         server=None if args.local_backend else args.server,
         token=token,
         local_backend=args.local_backend,
-        split=args.split,
+        split=settings.split,
         backend_device=args.device,
         timeout_s=args.timeout,
         tls_ca=args.tls_ca,
     ) as hd:
-        params = hd.params(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            width=args.width or 0,
-            height=args.height or 0,
-            scheduler=args.scheduler,
-            encryption="none" if args.plaintext else args.encryption,
-            tau=args.tau,
-            mask_fraction=args.mask_fraction,
-            he_preset=args.he_preset,
-            activation_dtype=args.activation_dtype,
-        )
-        params.validate()
-        load_s = time.perf_counter() - t0
+        try:  # the given values against the model's config or the server's capabilities: no torch, no weights
+            hd.check(settings)
+            settings = hd.settings(**given)  # the model's recommendations for what was not given
+        except SettingsError as e:
+            raise UsageError(e.for_option()) from None
+        from tqdm import tqdm
+
         bar = tqdm(total=None, unit="step", disable=args.quiet, file=sys.stderr, desc="denoising")
 
         def on_step(update):
@@ -273,10 +306,10 @@ def cmd_generate(args) -> int:
             bar.update(1)
 
         try:
-            result = hd.generate(params, on_step=on_step)
+            result = hd.generate(settings, on_step=on_step)
         finally:
             bar.close()
-
+    load_s = time.perf_counter() - t0 - result.total_s  # the models load on the first generation
     result.save(args.out, include_prompt=args.embed_prompt)
     if args.latents_out:
         import numpy as np

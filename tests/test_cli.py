@@ -39,9 +39,9 @@ def test_corrupt_token_file_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--prompt", " "], "prompt is empty"),
-        (["--prompt", "x", "--width", "30"], "multiples of 8"),
-        (["--prompt", "x", "--tau", "2"], "tau"),
+        (["--prompt", " "], "--prompt must be non-empty text"),
+        (["--prompt", "x", "--width", "30"], "--width must be a multiple of 8 in [0, 2048]"),
+        (["--prompt", "x", "--tau", "2"], "--tau must be a finite number in [0, 1], got 2.0"),
     ],
 )
 def test_generate_rejects_bad_parameters_before_any_network(tiny_model_dir, capsys, args, message):

@@ -65,11 +65,12 @@ def test_the_model_recommends_the_guidance_it_was_evaluated_at(tiny_model_dir):
     evaluation = json.loads((REPO_ROOT / "bench" / "results" / "embedded-eval.json").read_text())
     assert evaluation["guidance"] == GUIDANCE and evaluation["steps"] == STEPS
     with HEDiffusion("embedded", local_backend=True) as hd:
-        assert (hd.params("a red circle").guidance, hd.params("a red circle").steps) == (GUIDANCE, STEPS)
-        assert hd.params("a red circle", guidance=4.0, steps=None).guidance == 4.0
+        assert (hd.settings("a red circle").guidance, hd.settings("a red circle").steps) == (GUIDANCE, STEPS)
+        explicit = hd.settings("a red circle", guidance=4.0)
+        assert (explicit.guidance, explicit.steps) == (4.0, STEPS)
     # a model without a recommendation keeps SD's defaults
     with HEDiffusion(tiny_model_dir, local_backend=True) as hd:
-        assert (hd.params("a red circle").guidance, hd.params("a red circle").steps) == (7.5, 20)
+        assert (hd.settings("a red circle").guidance, hd.settings("a red circle").steps) == (7.5, 20)
 
 
 def test_embedded_model_follows_held_out_prompts(pipe):

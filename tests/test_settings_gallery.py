@@ -20,7 +20,7 @@ from hediff.desktop.core.engine import GenerationParams
 from hediff.desktop.core.gallery import Gallery, GalleryError
 from hediff.desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
 from hediff.desktop.core.services import AppServices, NoServerToken
-from hediff.desktop.core.settings import ServerEntry, Settings
+from hediff.desktop.core.settings import ServerEntry, Settings, params_from_dict
 
 PROMPT = "a red circle"
 TOKEN = "hdt_TOPSECRET_token_value"
@@ -145,23 +145,23 @@ def test_url_validation(tmp_path, store, url):
     assert store.get("server-token:anything") is None
 
 
-def test_last_params_without_and_with_prompt(tmp_path):
+def test_last_used_settings_without_and_with_prompt(tmp_path):
     s = Settings.load(tmp_path)
     params = GenerationParams(prompt=PROMPT, negative_prompt="blurry", steps=7, seed=3, guidance=5.0, tau=0.25)
-    s.remember_params(params)
+    s.params = params.to_dict(include_prompt=True)
     s.save()
     assert "red circle" not in (tmp_path / "settings.json").read_text()
     assert "blurry" not in (tmp_path / "settings.json").read_text()
-    back = Settings.load(tmp_path).last_params()
+    back = params_from_dict(Settings.load(tmp_path).params)
     assert back == replace(params, prompt="", negative_prompt="")
     s.params["prompt"] = "sneaked in"  # save() drops prompts whatever is in params
     s.save()
     assert "sneaked" not in (tmp_path / "settings.json").read_text()
 
     s.remember_prompt = True
-    s.remember_params(params)
+    s.params = params.to_dict(include_prompt=True)
     s.save()
-    assert Settings.load(tmp_path).last_params() == params
+    assert params_from_dict(Settings.load(tmp_path).params) == params
 
 
 # --- gallery -------------------------------------------------------------------------------------------------

@@ -1,27 +1,64 @@
 """The headless Python API: the client's local models plus a connection to a backend (or a loopback one).
 
-from hediff.desktop.core.api import HEDiffusion
+from hediff import HEDiffusion
 
 with HEDiffusion("embedded", local_backend=True) as hd:
     result = hd.generate("a red circle", steps=20, seed=1)
     result.save("circle.png")
+
+Settings are :class:`~hediff.common.settings.GenerationSettings`; every keyword of :meth:`HEDiffusion.generate`
+is one of its fields. Whatever can be checked cheaply (bounds, the model's and the server's size limits) is
+checked before any model loads; models load on the first generation that needs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from hediff.common.he import ClientKey
-from hediff.common.models import resolve_model
-from hediff.common.split import DEFAULT_SPLIT
-from hediff.desktop.core.backend_client import BackendClient
-from hediff.desktop.core.client_model import ClientModel
-from hediff.desktop.core.engine import GenerationParams, GenerationResult, Generator, StepUpdate
+from hediff import __version__
+from hediff.common.settings import (
+    DEFAULT_SPLIT,
+    MAX_SIDE,
+    SERVER_MAX_STEPS,
+    SPLIT_POINTS,
+    GenerationSettings,
+    SettingsError,
+    SizeLimits,
+)
+
+if TYPE_CHECKING:  # torch, TenSEAL and httpx load when needed, not with this module: checks come first and fast
+    from hediff.common.he import ClientKey
+    from hediff.desktop.core.backend_client import BackendClient
+    from hediff.desktop.core.engine import GenerationResult, StepUpdate
+
+__all__ = ["GenerationSettings", "HEDiffusion", "SettingsError", "SizeLimits", "__version__", "quiet_libraries"]
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' loading logs and progress bars (they would hide ours)."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 class HEDiffusion:
+    """A client for one model on one backend: a remote ``server`` or a backend started on loopback.
+
+    ``split``: the split used when a generation does not name one (a generation may name any split; the local
+    models for it load on first use). ``token``: the remote server's API token (default ``$HEDIFF_TOKEN``); a
+    loopback backend makes its own, so giving one with ``local_backend=True`` is an error.
+    """
+
     def __init__(
         self,
         model: str | Path = "embedded",
@@ -36,60 +73,132 @@ class HEDiffusion:
     ):
         if local_backend == (server is not None):
             raise ValueError("give either a server URL or local_backend=True")
-        self.model_path = resolve_model(str(model))
-        self.client_model = ClientModel(self.model_path, split)
-        self._local = None
-        if local_backend:
-            from hediff.backend.app import create_app
-            from hediff.backend.auth import TokenStore
-            from hediff.backend.engine import ServerModel
-            from hediff.backend.serve import start_in_thread
-
-            tokens, token = TokenStore.ephemeral()
-            server_model = ServerModel(self.model_path, str(model), device=backend_device, dtype="float32")
-            self._local = start_in_thread(create_app(server_model, tokens))
-            server = self._local.url
-        else:
+        if local_backend and token is not None:
+            raise ValueError("local_backend=True starts its own backend with its own token: do not pass token=...")
+        if split not in SPLIT_POINTS:
+            raise SettingsError(f"split must be one of {', '.join(SPLIT_POINTS)}, got {split!r}", "split")
+        if not local_backend:
             token = token or os.environ.get("HEDIFF_TOKEN")
             if not token:
                 raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
-        self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
-        self._generator = Generator(self.client_model, self.client)
+        self.model_spec = str(model)
+        self._model_path: Path | None = None
+        self.split = split
+        self._backend_device = backend_device
+        self._timeout_s, self._tls_ca = timeout_s, tls_ca
+        self._client_models: dict[str, Any] = {}
+        self._local = None
+        self._limits: SizeLimits | None = None
+        self.client: BackendClient | None = None
+        if not local_backend:
+            from hediff.desktop.core.backend_client import BackendClient
+
+            self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
+
+    # --- what the model and the server accept (no weights loaded) ---
+
+    @property
+    def model_path(self) -> Path:
+        """The model folder (``"embedded"`` and hub ids are resolved, built or downloaded on first use)."""
+        if self._model_path is None:
+            from hediff.common.models import resolve_model
+
+            self._model_path = resolve_model(self.model_spec)
+        return self._model_path
+
+    def _config_folder(self) -> Path:
+        # a folder given by path is read as it is: its configs answer the cheap checks before torch is imported
+        given = Path(self.model_spec).expanduser()
+        return given if self.model_spec != "embedded" and given.is_dir() else self.model_path
 
     @property
     def native_size(self) -> int:
-        return self.client_model.native_size
+        """The model's native image side in pixels (from its config)."""
+        return SizeLimits.from_model_folder(self._config_folder()).native_side
 
     @property
     def recommended(self) -> dict[str, float | int]:
-        """The model's recommended settings (its ``hediff.json``): the defaults of :meth:`params`."""
-        return dict(self.client_model.recommended)
+        """The model's recommended settings (its ``hediff.json``): the defaults of :meth:`settings`."""
+        from hediff.common.models import recommended_settings
 
-    def params(self, prompt: str, **settings) -> GenerationParams:
-        """Generation settings: the model's recommended guidance and steps unless given; width/height default to
-        0, the model's native size."""
-        settings.setdefault("split", self.client_model.split)
-        for name, value in self.client_model.recommended.items():
-            if settings.get(name) is None:
-                settings[name] = value
-        settings = {k: v for k, v in settings.items() if v is not None}
-        return GenerationParams(prompt=prompt, **settings)
+        return recommended_settings(self.model_path)
+
+    @property
+    def limits(self) -> SizeLimits:
+        """The largest size and most steps this model on this backend accepts: the remote server's advertised
+        capabilities, or the model's config and the loopback backend's default configuration."""
+        if self._limits is None:
+            if self.client is not None:
+                self._limits = SizeLimits.from_capabilities(self.client.capabilities())
+            else:  # the loopback backend runs with the server's default configuration
+                self._limits = SizeLimits.from_model_folder(self._config_folder(), MAX_SIDE, SERVER_MAX_STEPS)
+        return self._limits
+
+    def settings(self, prompt: str, **overrides: Any) -> GenerationSettings:
+        """Settings for ``prompt``: the model's recommended guidance and steps and this client's split unless
+        ``overrides`` say otherwise. Width and height 0 mean the model's native size. Unknown names are a
+        TypeError, bad values a SettingsError."""
+        base: dict[str, Any] = {"split": self.split, **self.recommended}
+        return GenerationSettings(prompt=prompt, **{**base, **overrides})
+
+    def check(self, settings: GenerationSettings) -> None:
+        """Everything that can be checked without loading a model: a prompt, the model's and server's limits."""
+        settings.validate()
+        self.limits.check(settings)
+
+    # --- generating ---
 
     def generate(
         self,
-        prompt: str | GenerationParams,
+        prompt: str | GenerationSettings,
         *,
         on_step: Callable[[StepUpdate], None] | None = None,
         cancel=None,
         key: ClientKey | None = None,
-        **settings,
+        **overrides: Any,
     ) -> GenerationResult:
-        """``key``: a stored device key to use; by default every generation gets a fresh key."""
-        params = prompt if isinstance(prompt, GenerationParams) else self.params(prompt, **settings)
-        return self._generator.generate(params, on_step=on_step, cancel=cancel, key=key)
+        """Generate one image from a prompt (plus setting ``overrides``) or from complete settings (``overrides``
+        then replace some of them). ``key``: a stored device key to use; by default every generation gets a
+        fresh key. ``cancel``: a ``threading.Event`` that stops the generation between steps."""
+        if isinstance(prompt, GenerationSettings):
+            settings = dataclasses.replace(prompt, **overrides) if overrides else prompt
+        elif isinstance(prompt, str):
+            settings = self.settings(prompt, **overrides)
+        else:
+            raise TypeError(f"generate() takes a prompt or GenerationSettings, not {type(prompt).__name__}")
+        self.check(settings)
+        from hediff.desktop.core.engine import Generator
+
+        generator = Generator(self._client_model(settings.split), self._backend())
+        return generator.generate(settings, on_step=on_step, cancel=cancel, key=key)
+
+    def _client_model(self, split: str):
+        if split not in self._client_models:
+            from hediff.desktop.core.client_model import ClientModel
+
+            quiet_libraries()
+            self._client_models[split] = ClientModel(self.model_path, split)
+        return self._client_models[split]
+
+    def _backend(self) -> BackendClient:
+        if self.client is None:
+            from hediff.backend.app import create_app
+            from hediff.backend.auth import TokenStore
+            from hediff.backend.engine import ServerModel
+            from hediff.backend.serve import start_in_thread
+            from hediff.desktop.core.backend_client import BackendClient
+
+            quiet_libraries()
+            tokens, token = TokenStore.ephemeral()
+            server_model = ServerModel(self.model_path, self.model_spec, device=self._backend_device, dtype="float32")
+            self._local = start_in_thread(create_app(server_model, tokens))
+            self.client = BackendClient(self._local.url, token, timeout_s=self._timeout_s, tls_ca=self._tls_ca)
+        return self.client
 
     def close(self) -> None:
-        self.client.close()
+        """Close the connection and stop the loopback backend, if one was started."""
+        if self.client is not None:
+            self.client.close()
         if self._local is not None:
             self._local.stop()
             self._local = None

@@ -13,7 +13,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from PIL import Image
 
 from hediff.common import he, protocol, split
 from hediff.common.schedulers import AffinePlan, build_plan
-from hediff.common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU
+from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
 from hediff.desktop.core.preview import latent_preview
@@ -35,51 +35,8 @@ class GenerationCancelled(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance: float = 7.5
-    seed: int = 0
-    width: int = 0  # 0: the model's native size
-    height: int = 0
-    scheduler: str = "plms"
-    encryption: str = "full"  # full | min-distortion | random-mask | none (plaintext split baseline)
-    tau: float = DEFAULT_TAU
-    mask_fraction: float = DEFAULT_MASK_FRACTION  # random-mask: the encrypted share
-    he_preset: str = he.DEFAULT_PRESET
-    split: str = "conv_in"
-    activation_dtype: str = "float32"
-
-    def validate(self) -> None:
-        if not self.prompt.strip():
-            raise ValueError("the prompt is empty")
-        if self.encryption not in protocol.ENCRYPTION_CHOICES:
-            raise ValueError(f"encryption must be one of {', '.join(protocol.ENCRYPTION_CHOICES)}")
-        if self.encryption != "none":
-            he.get_preset(self.he_preset)
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
-        if not 0.0 <= self.mask_fraction <= 1.0:
-            raise ValueError(f"mask fraction must be in [0, 1], got {self.mask_fraction}")
-        if self.split not in split.SPLIT_POINTS:
-            raise ValueError(f"split must be one of {', '.join(split.SPLIT_POINTS)}, got {self.split!r}")
-        if split.is_u_shaped(self.split) and self.encryption in protocol.PARTIAL_ENCRYPTION:
-            raise ValueError(
-                f"split {self.split!r} keeps the latent on this machine, so there is no index set to choose: "
-                f"encryption {self.encryption!r} only applies to the paper's splits "
-                f"({', '.join(split.PAPER_SPLITS)})"
-            )
-        if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
-            raise ValueError(
-                "width and height must be multiples of 8 (0 for the model's native size), "
-                f"got {self.width}x{self.height}"
-            )
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if self.activation_dtype not in protocol.ACTIVATION_DTYPES:
-            raise ValueError(f"activation dtype must be one of {', '.join(protocol.ACTIVATION_DTYPES)}")
+# the settings model under the name the engine has always used; one definition in common.settings
+GenerationParams = GenerationSettings
 
 
 @dataclass
@@ -131,8 +88,7 @@ class GenerationResult:
 
     def metadata(self, include_prompt: bool = False) -> dict[str, str]:
         """Generation parameters for PNG text chunks; the prompts only when the user asks for them."""
-        hidden = () if include_prompt else ("prompt", "negative_prompt")
-        meta = {f"hediff:{k}": str(v) for k, v in asdict(self.params).items() if k not in hidden}
+        meta = self.params.to_text(include_prompt)
         meta["hediff:mean_encrypted_fraction"] = (
             f"{np.mean(self.encrypted_fractions) if self.encrypted_fractions else 0:.4f}"
         )

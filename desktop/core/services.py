@@ -12,7 +12,7 @@ from hediff.desktop.core.backend_client import BackendClient, BackendProtocolErr
 from hediff.desktop.core.engine import GenerationParams
 from hediff.desktop.core.gallery import Gallery
 from hediff.desktop.core.keystore import DeviceKeys, SecretStore
-from hediff.desktop.core.settings import TOKEN_NAME, ServerEntry, Settings
+from hediff.desktop.core.settings import ServerEntry, Settings
 
 TEST_TIMEOUT_S = 15.0
 TEST_CONNECT_TIMEOUT_S = 5.0
@@ -39,7 +39,7 @@ class AppServices:
 
     def token(self, server: ServerEntry) -> str:
         """The remote server's API token from the keyring: KeyringUnavailable or NoServerToken if there is none."""
-        token = self.secrets.get(TOKEN_NAME.format(id=server.id))
+        token = self.settings.token_for(server.id, self.secrets)
         if not token:
             raise NoServerToken(
                 f"no API token stored for server {server.name!r} ({server.url}); edit the server on the Servers "

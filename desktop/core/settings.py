@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import secrets as _random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
-from hediff.desktop.core.engine import GenerationParams
 from hediff.desktop.core.keystore import KeyringUnavailable, SecretStore
 
 SETTINGS_FILE = "settings.json"
@@ -23,7 +23,6 @@ TOKEN_NAME = "server-token:{id}"
 LOCAL_SERVER_ID = "local"
 KEY_POLICIES = ("fresh", "device")
 _PROMPT_FIELDS = ("prompt", "negative_prompt")
-_PARAM_FIELDS = {f.name: f for f in fields(GenerationParams)}
 
 
 @dataclass
@@ -32,10 +31,6 @@ class ServerEntry:
     name: str
     url: str
     local: bool = False  # start a backend on loopback with the chosen model (url is ignored)
-
-    @property
-    def display_url(self) -> str:
-        return "local" if self.local else self.url
 
 
 def validate_url(url: str) -> str:
@@ -66,31 +61,10 @@ def _default_servers() -> list[ServerEntry]:
     return [ServerEntry(id=LOCAL_SERVER_ID, name="Local backend", url="", local=True)]
 
 
-def params_to_dict(params: GenerationParams, include_prompt: bool) -> dict:
-    data = asdict(params)
-    if not include_prompt:
-        for k in _PROMPT_FIELDS:
-            data.pop(k, None)
-    return data
-
-
-def params_from_dict(data: dict, prompt: str = "") -> GenerationParams:
-    """GenerationParams from stored fields: unknown or ill-typed fields are dropped (their defaults apply)."""
-    kwargs = {"prompt": prompt}
-    for name, value in data.items():
-        f = _PARAM_FIELDS.get(name)
-        if f is None:
-            continue
-        default = f.default if name != "prompt" else ""
-        if isinstance(default, bool) or isinstance(value, bool):
-            continue
-        if isinstance(default, float) and isinstance(value, (int, float)):
-            kwargs[name] = float(value)
-        elif isinstance(default, int) and isinstance(value, int):
-            kwargs[name] = value
-        elif isinstance(default, str) and isinstance(value, str):
-            kwargs[name] = value
-    return GenerationParams(**kwargs)
+def params_from_dict(data: dict, prompt: str = "") -> GenerationSettings:
+    """Stored settings (``GenerationSettings.to_dict``) with ``prompt`` unless they hold one. SettingsError for a
+    bad value, TypeError for an unknown field: stored settings are validated like any other."""
+    return GenerationSettings.from_dict({"prompt": prompt, **data})
 
 
 @dataclass
@@ -98,7 +72,7 @@ class Settings:
     path: Path
     servers: list[ServerEntry] = field(default_factory=_default_servers)
     selected_server: str = LOCAL_SERVER_ID
-    params: dict = field(default_factory=dict)  # last-used GenerationParams fields; prompts only if remember_prompt
+    params: dict = field(default_factory=dict)  # GenerationSettings.to_dict() of the last use; prompts only if asked
     model: str = "embedded"
     remember_prompt: bool = False
     embed_prompt_in_png: bool = False
@@ -169,11 +143,13 @@ class Settings:
             notes.append(f"unknown key policy {data['key_policy']!r} was ignored")
         if isinstance(data.get("window_geometry"), str):
             s.window_geometry = data["window_geometry"]
-        if isinstance(data.get("params"), dict):
-            s.params = {k: v for k, v in data["params"].items() if k in _PARAM_FIELDS}
-            if not s.remember_prompt:
-                for k in _PROMPT_FIELDS:
-                    s.params.pop(k, None)
+        if "params" in data:
+            try:
+                stored = {k: v for k, v in data["params"].items() if s.remember_prompt or k not in _PROMPT_FIELDS}
+                params_from_dict(stored)  # validated; only what was stored is kept (the model's defaults fill the rest)
+                s.params = stored
+            except (AttributeError, TypeError, ValueError) as e:  # not a dict, unknown or bad fields
+                notes.append(f"the last-used generation settings were ignored ({e})")
         if s.servers and s.selected_server not in {e.id for e in s.servers}:
             s.selected_server = s.servers[0].id
         if notes:
@@ -203,21 +179,6 @@ class Settings:
             raise ValueError(f"key_policy must be one of {', '.join(KEY_POLICIES)}, got {self.key_policy!r}")
         ensure_private_dir(self.path.parent)
         atomic_write(self.path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"), mode=0o600)
-
-    # --- last-used parameters ---
-
-    def remember_params(self, params: GenerationParams) -> None:
-        """Keep ``params`` as the last used ones (without the prompts unless ``remember_prompt``); call save()."""
-        self.params = params_to_dict(params, include_prompt=self.remember_prompt)
-
-    def last_params(self, prompt: str = "") -> GenerationParams:
-        """The last-used parameters (defaults where unknown); the stored prompt if any, else ``prompt``."""
-        data = dict(self.params)
-        stored_prompt = data.pop("prompt", None)
-        use = stored_prompt if self.remember_prompt and isinstance(stored_prompt, str) else prompt
-        if not self.remember_prompt:
-            data.pop("negative_prompt", None)
-        return params_from_dict(data, prompt=use)
 
     # --- servers ---
 
@@ -292,7 +253,6 @@ class Settings:
 
     def token_for(self, id: str, secrets: SecretStore) -> str | None:
         """The server's API token from the keyring (None if none stored); KeyringUnavailable if unreadable."""
-        self.server(id)
         return secrets.get(TOKEN_NAME.format(id=id))
 
 

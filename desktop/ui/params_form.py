@@ -1,9 +1,14 @@
-"""The generation settings form: prompt, sampling, size, encryption, split, model and server."""
+"""The generation settings form: prompt, sampling, size, encryption, split, model and server.
+
+Ranges, choices, defaults and tooltips come from the settings model (common.settings), so the form cannot
+produce settings that the model, or the server whose limits it was given, refuses.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -23,12 +28,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-SEED_MAX = 2**31 - 1
+from hediff.common import settings as gs
+
 ENCRYPTION_LABELS = {
-    "full": "Full: encrypt the whole latent",
-    "min-distortion": "Min-distortion: encrypt a selection",
-    "random-mask": "Random mask: encrypt a fixed random share",
-    "none": "None: plaintext baseline",
+    gs.Encryption.FULL: "Full: encrypt the whole latent",
+    gs.Encryption.MIN_DISTORTION: "Min-distortion: encrypt a selection",
+    gs.Encryption.RANDOM_MASK: "Random mask: encrypt a fixed random share",
+    gs.Encryption.NONE: "None: plaintext baseline",
 }
 SPLIT_TIPS = {
     "conv_in": "The paper's split: only conv_in runs here; the server can invert its output to the latent",
@@ -38,24 +44,18 @@ SPLIT_TIPS = {
 }
 
 
-def _choices():
+def _preset_descriptions() -> dict[str, str]:
     from hediff.common import he
-    from hediff.common.schedulers import SCHEDULER_NAMES
-    from hediff.common.split import SPLIT_POINTS
 
-    return SCHEDULER_NAMES, {name: p.description for name, p in he.PRESETS.items()}, SPLIT_POINTS
+    return {name: he.PRESETS[name].description for name in gs.choices("he_preset")}
 
 
-def _u_shaped(split: str) -> bool:
-    from hediff.common.split import U_SPLITS
-
-    return split in U_SPLITS
-
-
-def _defaults():
-    from hediff.desktop.core.engine import GenerationParams
-
-    return GenerationParams(prompt="")
+def _spin(name: str, spin: QSpinBox | QDoubleSpinBox) -> QSpinBox | QDoubleSpinBox:
+    """A spin box with the field's range, default and help."""
+    spin.setRange(*gs.bounds(name))
+    spin.setValue(gs.default(name))
+    spin.setToolTip(gs.help_text(name)[:1].upper() + gs.help_text(name)[1:])
+    return spin
 
 
 class _PromptEdit(QPlainTextEdit):
@@ -87,8 +87,7 @@ class ParamsForm(QWidget):
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        schedulers, presets, splits = _choices()
-        d = _defaults()
+        d = gs.GenerationSettings()
         self._activation_dtype = d.activation_dtype
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -110,26 +109,21 @@ class ParamsForm(QWidget):
         # sampling
         sampling = QGroupBox("Sampling")
         sf = self._form(sampling)
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 1000)
-        self.steps_spin.setValue(d.steps)
+        self.steps_spin = _spin("steps", QSpinBox())
         self.guidance_spin = QDoubleSpinBox()
-        self.guidance_spin.setRange(0.0, 50.0)
         self.guidance_spin.setSingleStep(0.5)
         self.guidance_spin.setDecimals(1)
-        self.guidance_spin.setValue(d.guidance)
+        _spin("guidance", self.guidance_spin)
         row = QHBoxLayout()
         row.addWidget(self.steps_spin, 1)
         row.addWidget(QLabel("Guidance"))
         row.addWidget(self.guidance_spin, 1)
         sf.addRow("Steps", row)
         self.scheduler_combo = QComboBox()
-        self.scheduler_combo.addItems(list(schedulers))
+        self.scheduler_combo.addItems(list(gs.choices("scheduler")))
         self._set_combo_text(self.scheduler_combo, d.scheduler)
         sf.addRow("Scheduler", self.scheduler_combo)
-        self.seed_spin = QSpinBox()
-        self.seed_spin.setRange(0, SEED_MAX)
-        self.seed_spin.setValue(d.seed)
+        self.seed_spin = _spin("seed", QSpinBox())
         self.seed_random_button = QToolButton()
         self.seed_random_button.setText("New")
         self.seed_random_button.setToolTip("Pick a new random seed")
@@ -141,8 +135,8 @@ class ParamsForm(QWidget):
         row.addWidget(self.seed_random_button)
         row.addWidget(self.seed_lock_check)
         sf.addRow("Seed", row)
-        self.width_spin = self._size_spin(d.width)
-        self.height_spin = self._size_spin(d.height)
+        self.width_spin = self._size_spin("width")
+        self.height_spin = self._size_spin("height")
         row = QHBoxLayout()
         row.addWidget(self.width_spin, 1)
         row.addWidget(QLabel("×"))
@@ -155,27 +149,24 @@ class ParamsForm(QWidget):
         privacy = QGroupBox("Encryption")
         ef = self._form(privacy)
         self.encryption_combo = QComboBox()
-        for mode, label in ENCRYPTION_LABELS.items():
-            self.encryption_combo.addItem(label, mode)
+        for mode in gs.choices("encryption"):
+            self.encryption_combo.addItem(ENCRYPTION_LABELS[mode], mode)
+        self.encryption_combo.setToolTip(gs.help_text("encryption"))
         self.encryption_combo.currentIndexChanged.connect(self._encryption_changed)
         ef.addRow("Mode", self.encryption_combo)
         self.tau_spin = QDoubleSpinBox()
-        self.tau_spin.setRange(0.0, 1.0)
         self.tau_spin.setDecimals(3)
         self.tau_spin.setSingleStep(0.05)
-        self.tau_spin.setValue(d.tau)
-        self.tau_spin.setToolTip("Min-distortion budget: smaller encrypts more of the latent")
+        _spin("tau", self.tau_spin)
         self.preset_combo = QComboBox()
-        for name, description in presets.items():
+        for name, description in _preset_descriptions().items():
             self.preset_combo.addItem(name, name)
             self.preset_combo.setItemData(self.preset_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
         self._set_combo_data(self.preset_combo, d.he_preset)
         self.fraction_spin = QDoubleSpinBox()
-        self.fraction_spin.setRange(0.0, 1.0)
         self.fraction_spin.setDecimals(3)
         self.fraction_spin.setSingleStep(0.05)
-        self.fraction_spin.setValue(d.mask_fraction)
-        self.fraction_spin.setToolTip("Random mask: the share of the latent that is encrypted")
+        _spin("mask_fraction", self.fraction_spin)
         row = QHBoxLayout()
         row.addWidget(QLabel("τ"))
         row.addWidget(self.tau_spin, 1)
@@ -185,7 +176,7 @@ class ParamsForm(QWidget):
         row.addWidget(self.preset_combo, 1)
         ef.addRow("", row)
         self.split_combo = QComboBox()
-        for name in splits:
+        for name in gs.choices("split"):
             self.split_combo.addItem(name)
             self.split_combo.setItemData(
                 self.split_combo.count() - 1, SPLIT_TIPS.get(name, ""), Qt.ItemDataRole.ToolTipRole
@@ -230,14 +221,30 @@ class ParamsForm(QWidget):
         return form
 
     @staticmethod
-    def _size_spin(value: int) -> QSpinBox:
-        spin = QSpinBox()
-        spin.setRange(0, 4096)
-        spin.setSingleStep(8)
+    def _size_spin(name: str) -> QSpinBox:
+        spin = _spin(name, QSpinBox())
+        spin.setSingleStep(gs.SIZE_MULTIPLE)
         spin.setSpecialValueText("native")  # 0: the model's own size
-        spin.setValue(value)
         spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        spin.setKeyboardTracking(False)  # snap once the number is typed, not at every digit
+        spin.valueChanged.connect(lambda value: ParamsForm._snap(spin, value))
         return spin
+
+    @staticmethod
+    def _snap(spin: QSpinBox, value: int) -> None:
+        # a size the model cannot use is never held: it moves to the nearest multiple the server accepts
+        multiple = spin.singleStep()
+        if value % multiple:
+            spin.setValue((value + multiple // 2) // multiple * multiple)
+
+    def set_size_limits(self, limits: gs.SizeLimits) -> None:
+        """Cap the size fields at what this model on this server accepts (e.g. from the server's capabilities)."""
+        for spin in (self.width_spin, self.height_spin):
+            spin.setMaximum(limits.max_side)
+            spin.setSingleStep(limits.multiple)
+            spin.setToolTip(
+                f"Pixels, a multiple of {limits.multiple} up to {limits.max_side}; 'native': {limits.native_side}"
+            )
 
     @staticmethod
     def _set_combo_text(combo: QComboBox, text: str) -> bool:
@@ -255,7 +262,7 @@ class ParamsForm(QWidget):
 
     def _encryption_changed(self, *_args) -> None:
         # a U-shaped split never sends the latent: there is nothing to encrypt or select
-        latent_sent = not _u_shaped(self.split_combo.currentText())
+        latent_sent = self.split_combo.currentText() not in gs.U_SPLITS
         mode = self.encryption_combo.currentData()
         self.encryption_combo.setEnabled(latent_sent)
         self.tau_spin.setEnabled(latent_sent and mode == "min-distortion")
@@ -274,7 +281,7 @@ class ParamsForm(QWidget):
         return self.seed_lock_check.isChecked()
 
     def randomise_seed(self) -> int:
-        seed = random.randrange(SEED_MAX)
+        seed = random.randrange(gs.SEED_MAX)
         self.seed_spin.setValue(seed)
         return seed
 
@@ -285,11 +292,9 @@ class ParamsForm(QWidget):
 
     # --- params ---
 
-    def params(self):
-        """The fields as a GenerationParams (not validated: call ``.validate()``)."""
-        from hediff.desktop.core.engine import GenerationParams
-
-        return GenerationParams(
+    def params(self) -> gs.GenerationSettings:
+        """The fields as GenerationSettings (``.validate()`` checks that there is a prompt)."""
+        return gs.GenerationSettings(
             prompt=self.prompt_edit.toPlainText().strip(),
             negative_prompt=self.negative_edit.toPlainText().strip(),
             steps=self.steps_spin.value(),
@@ -298,7 +303,7 @@ class ParamsForm(QWidget):
             width=self.width_spin.value(),
             height=self.height_spin.value(),
             scheduler=self.scheduler_combo.currentText(),
-            encryption="none" if _u_shaped(self.split_combo.currentText()) else self.encryption_combo.currentData(),
+            encryption="none" if self.split_combo.currentText() in gs.U_SPLITS else self.encryption_combo.currentData(),
             tau=float(self.tau_spin.value()),
             mask_fraction=float(self.fraction_spin.value()),
             he_preset=self.preset_combo.currentData(),
@@ -306,17 +311,14 @@ class ParamsForm(QWidget):
             activation_dtype=self._activation_dtype,
         )
 
-    def set_params(self, params) -> None:
-        """Fill every field from a GenerationParams (e.g. "load settings" from the gallery); keeps its seed."""
-        self.load_dict(dataclasses.asdict(params))
+    def set_params(self, params: gs.GenerationSettings) -> None:
+        """Fill every field from settings (e.g. "load settings" from the gallery); keeps their seed."""
+        self._fill(params)
         self.seed_lock_check.setChecked(True)
 
     def to_dict(self, include_prompt: bool = False) -> dict:
-        d = dataclasses.asdict(self.params())
-        if not include_prompt:
-            d.pop("prompt", None)
-            d.pop("negative_prompt", None)
-        return d
+        """The settings' stored form (GenerationSettings.to_dict)."""
+        return self.params().to_dict(include_prompt)
 
     @staticmethod
     def model_defaults(model: str) -> dict:
@@ -326,42 +328,36 @@ class ParamsForm(QWidget):
         return recommended_settings_for(model)
 
     def load_dict(self, d: dict) -> None:
-        """Fill the fields present in ``d``; unknown keys and unusable values are ignored."""
+        """Fill the fields present in ``d`` (stored settings); unknown fields and values the settings model
+        refuses are skipped, keeping what the form holds."""
         if not isinstance(d, dict):
             return
-
-        def num(key, cast):
+        current = self.params()
+        for name, value in d.items():
             try:
-                return cast(d[key])
-            except (KeyError, TypeError, ValueError):
-                return None
+                current = dataclasses.replace(current, **{name: value})
+            except (TypeError, ValueError):
+                continue
+        self._fill(current)
 
-        if isinstance(d.get("prompt"), str):
-            self.prompt_edit.setPlainText(d["prompt"])
-        if isinstance(d.get("negative_prompt"), str):
-            self.negative_edit.setPlainText(d["negative_prompt"])
-        for key, spin, cast in (
-            ("steps", self.steps_spin, int),
-            ("seed", self.seed_spin, int),
-            ("width", self.width_spin, int),
-            ("height", self.height_spin, int),
-            ("guidance", self.guidance_spin, float),
-            ("tau", self.tau_spin, float),
-            ("mask_fraction", self.fraction_spin, float),
+    def _fill(self, p: gs.GenerationSettings) -> None:
+        self.prompt_edit.setPlainText(p.prompt)
+        self.negative_edit.setPlainText(p.negative_prompt)
+        for spin, value in (
+            (self.steps_spin, p.steps),
+            (self.seed_spin, p.seed),
+            (self.width_spin, p.width),
+            (self.height_spin, p.height),
+            (self.guidance_spin, p.guidance),
+            (self.tau_spin, p.tau),
+            (self.fraction_spin, p.mask_fraction),
         ):
-            value = num(key, cast)
-            if value is not None:
-                spin.setValue(value)
-        if isinstance(d.get("scheduler"), str):
-            self._set_combo_text(self.scheduler_combo, d["scheduler"])
-        if isinstance(d.get("encryption"), str):
-            self._set_combo_data(self.encryption_combo, d["encryption"])
-        if isinstance(d.get("he_preset"), str):
-            self._set_combo_data(self.preset_combo, d["he_preset"])
-        if isinstance(d.get("split"), str):
-            self._set_combo_text(self.split_combo, d["split"])
-        if isinstance(d.get("activation_dtype"), str):
-            self._activation_dtype = d["activation_dtype"]
+            spin.setValue(value)
+        self._set_combo_text(self.scheduler_combo, p.scheduler)
+        self._set_combo_data(self.encryption_combo, p.encryption)
+        self._set_combo_data(self.preset_combo, p.he_preset)
+        self._set_combo_text(self.split_combo, p.split)
+        self._activation_dtype = p.activation_dtype
         self._encryption_changed()
 
     # --- model and server ---
@@ -370,7 +366,17 @@ class ParamsForm(QWidget):
         return self.model_combo.currentText().strip() or "embedded"
 
     def set_model(self, model: str) -> None:
+        """Choose ``model``; a folder's config (no weights) caps the size fields at what its server accepts."""
         model = str(model)
+        folder = Path(model).expanduser() if model != "embedded" else None
+        if folder is None:
+            from hediff.common.models import EMBEDDED_MODEL_DIR
+
+            folder = EMBEDDED_MODEL_DIR
+        try:
+            self.set_size_limits(gs.SizeLimits.from_model_folder(folder))
+        except gs.SettingsError:
+            pass  # a hub id or a tiny model built later: the server's limits apply when it answers
         if self.model_combo.findText(model) < 0:
             self.model_combo.addItem(model)
         self._set_combo_text(self.model_combo, model)
