@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hediff.common import he, protocol, split
+from hediff.common import he, protocol
 from hediff.common.schedulers import AffinePlan, build_plan
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
