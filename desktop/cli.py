@@ -59,10 +59,33 @@ _UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
 def _add_generate(sub) -> None:
     from hediff.common import settings
 
-    p = sub.add_parser("generate", help="generate an image; the latent leaves this machine only encrypted")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", help="backend URL, e.g. http://127.0.0.1:8470 (token from --token or $HEDIFF_TOKEN)")
-    where.add_argument("--local-backend", action="store_true", help="start a backend on loopback for this run")
+    p = sub.add_parser(
+        "generate",
+        help="generate an image: on this device (default, private), through a loopback backend, or a server",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--on-device",
+        action="store_true",
+        help="the whole pipeline in this process; nothing leaves this machine (the default without --server or "
+        "--local-backend)",
+    )
+    where.add_argument(
+        "--server",
+        help="backend URL, e.g. https://gpu-box:8470 (token from --token or $HEDIFF_TOKEN); a server that proves "
+        "nothing needs --accept-not-private, an attested one --confidential",
+    )
+    where.add_argument(
+        "--local-backend",
+        action="store_true",
+        help="the paper's encrypted split through a backend started on loopback for this run (still this machine)",
+    )
+    p.add_argument(
+        "--accept-not-private",
+        action="store_true",
+        help="send to a --server that proves nothing about what it runs: it can rebuild your images and read your "
+        "prompts (measured; see docs/threat-model.md)",
+    )
     p.add_argument("--token", default=None, help="API token (prefer $HEDIFF_TOKEN: arguments show up in process lists)")
     p.add_argument(
         "--tls-ca",
@@ -272,24 +295,34 @@ def cmd_generate(args) -> int:
     check_writable(args.out, "--out", ".png")
     if args.latents_out is not None:
         check_writable(args.latents_out, "--latents-out", ".npy")
-    if args.local_backend and args.token:
-        raise UsageError("--token is for --server; --local-backend makes its own")
     from hediff.common.settings import SettingsError
     from hediff.desktop.core.api import HEDiffusion
+    from hediff.desktop.core.privacy import Where, label_for
 
     t0 = time.perf_counter()
-    token = None if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
-    if not args.local_backend and not token:
-        raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+    token = None
+    if args.server:
+        if not args.accept_not_private:
+            label = label_for(Where.SERVER, settings.split, settings.encryption).text
+            raise UsageError(
+                f"{args.server} proves nothing about what it runs. {label}. Add --accept-not-private to send to it "
+                "anyway, use --confidential for an attested server, or leave out --server to generate on this device"
+            )
+        token = args.token or os.environ.get("HEDIFF_TOKEN")
+        if not token:
+            raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+    elif args.token:
+        raise UsageError("--token is for --server; without a server nothing is sent anywhere")
     with HEDiffusion(
         args.model,
-        server=None if args.local_backend else args.server,
+        server=args.server,
         token=token,
         local_backend=args.local_backend,
         split=settings.split,
         backend_device=args.device,
         timeout_s=args.timeout,
         tls_ca=args.tls_ca,
+        accept_not_private=args.accept_not_private,
     ) as hd:
         try:  # the given values against the model's config or the server's capabilities: no torch, no weights
             hd.check(settings)
@@ -305,6 +338,8 @@ def cmd_generate(args) -> int:
             bar.set_postfix_str(f"sent {update.bytes_sent / 1e6:.2f} MB, recv {update.bytes_received / 1e6:.2f} MB")
             bar.update(1)
 
+        if not args.quiet:
+            print(hd.privacy(settings.split, settings.encryption).text, file=sys.stderr)
         try:
             result = hd.generate(settings, on_step=on_step)
         finally:
@@ -328,6 +363,8 @@ def _print_summary(result, load_s: float, out: Path) -> None:
     mode = result.params.encryption if result.params.encryption != "none" else "plaintext split"
     if is_u_shaped(result.params.split):
         mode = f"U-shaped split {result.params.split}: the latent stayed on this machine"
+    if result.mode == "on-device":
+        mode = "on this device: nothing left this machine"
     lines = [
         f"saved {out}  ({result.params.width}x{result.params.height}, {n} steps, {result.params.scheduler}, {mode})",
         f"model load {load_s:.2f} s, session set-up {result.setup_s:.2f} s, denoising "

@@ -321,6 +321,7 @@ def test_cli_reports_unreachable_server_without_traceback(tiny_model_dir, capsys
     rc = main(
         [
             "generate",
+            "--accept-not-private",
             "--server",
             url,
             "--token",

@@ -45,7 +45,19 @@ def test_corrupt_token_file_is_a_clear_error(tmp_path, capsys):
     ],
 )
 def test_generate_rejects_bad_parameters_before_any_network(tiny_model_dir, capsys, args, message):
-    rc = main(["generate", "--server", "http://127.0.0.1:9", "--token", "t", "--model", str(tiny_model_dir), *args])
+    rc = main(
+        [
+            "generate",
+            "--server",
+            "http://127.0.0.1:9",
+            "--accept-not-private",
+            "--token",
+            "t",
+            "--model",
+            str(tiny_model_dir),
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
 
@@ -58,7 +70,18 @@ def test_missing_model_folder_is_named(tmp_path, capsys):
 
 def test_generate_needs_a_token_for_a_remote_server(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.delenv("HEDIFF_TOKEN", raising=False)
-    rc = main(["generate", "--server", "http://127.0.0.1:9", "--model", str(tiny_model_dir), "--prompt", "x"])
+    rc = main(
+        [
+            "generate",
+            "--server",
+            "http://127.0.0.1:9",
+            "--accept-not-private",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "x",
+        ]
+    )
     assert rc == 2 and "HEDIFF_TOKEN" in capsys.readouterr().err
 
 

@@ -244,8 +244,8 @@ def test_python_api_with_local_backend(tiny_model_dir, pipe, tmp_path):
     assert result.key_fingerprint.startswith("ephemeral-")
     result.save(tmp_path / "a.png", include_prompt=True)
     assert Image.open(tmp_path / "a.png").text["hediff:prompt"] == PROMPT
-    with pytest.raises(ValueError, match="either a server URL or local_backend"):
-        HEDiffusion(tiny_model_dir)
+    with pytest.raises(ValueError, match="either a server URL or local_backend=True, not both"):
+        HEDiffusion(tiny_model_dir, server="http://127.0.0.1:9", local_backend=True)
 
 
 def test_random_mask_is_drawn_once_per_generation(pipe, generator, backend):

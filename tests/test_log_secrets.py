@@ -90,6 +90,7 @@ def test_served_process_and_cli_generation_log_nothing_secret(tiny_model_dir, tm
                 "-m",
                 "hediff.desktop.cli",
                 "generate",
+                "--accept-not-private",
                 "--server",
                 served.url,
                 "--model",

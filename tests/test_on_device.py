@@ -70,3 +70,84 @@ def test_on_device_cancel_stops_between_steps(on_device):
     with pytest.raises(GenerationCancelled, match="after step 2 of 6"):
         on_device.generate(params, on_step=on_step, cancel=cancel)
     assert seen == [0, 1]
+
+
+def test_api_generates_on_this_device_by_default(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from hediff import HEDiffusion
+
+    with HEDiffusion(tiny_model_dir) as hd:
+        assert hd.privacy().private and hd.privacy().text.startswith("Private: this device")
+        result = hd.generate(PROMPT, steps=3, guidance=2.0, seed=1, width=SIZE, height=SIZE)
+    assert result.mode == "on-device" and result.params.encryption == "none"
+    assert sum(result.bytes_sent) == 0 and hd.client is None  # no connection was ever made
+    result.save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").text["hediff:mode"] == "on-device"
+
+
+def test_a_server_that_proves_nothing_needs_an_explicit_acknowledgement(tiny_model_dir, backend):
+    from hediff import HEDiffusion
+    from hediff.desktop.core.api import NotPrivateError
+
+    with pytest.raises(
+        NotPrivateError, match=r"Not private: this server can rebuild your images .* accept_not_private"
+    ):
+        HEDiffusion(tiny_model_dir, server=backend.url, token=backend.token)
+    with HEDiffusion(tiny_model_dir, server=backend.url, token=backend.token, accept_not_private=True) as hd:
+        label = hd.privacy("conv_in", "full")
+        assert not label.private and label.text.startswith("Not private: this server can rebuild your images")
+    with HEDiffusion(tiny_model_dir, local_backend=True) as hd:  # the loopback backend is this machine
+        assert hd.privacy().private
+
+
+def test_cli_refuses_an_unattested_server_without_the_flag_before_loading(tiny_model_dir, backend, capsys, tmp_path):
+    from hediff.desktop.cli import main
+
+    rc = main(
+        [
+            "generate",
+            "--server",
+            backend.url,
+            "--token",
+            backend.token,
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "x.png").exists()
+    assert "proves nothing about what it runs" in err and "--accept-not-private" in err and "Not private" in err
+
+
+def test_cli_on_device_is_the_default_and_says_so(tiny_model_dir, capsys, tmp_path):
+    from PIL import Image
+
+    from hediff.desktop.cli import main
+
+    out = tmp_path / "d.png"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "Private: this device (nothing leaves this machine)" in err and "nothing left this machine" in err
+    assert Image.open(out).size == (32, 32) and Image.open(out).text["hediff:mode"] == "on-device"

@@ -65,8 +65,8 @@ def test_cli_refuses_an_unwritable_out_path_before_loading_anything(tiny_model_d
 
 
 def test_cli_checks_the_servers_advertised_limits_before_loading(tiny_model_dir, backend):
-    report, err = _cli_probe("generate", "--server", backend.url, "--token", backend.token, "--model",
-                             str(tiny_model_dir), "--prompt", "x", "--steps", "600")  # fmt: skip
+    report, err = _cli_probe("generate", "--accept-not-private", "--server", backend.url, "--token", backend.token,
+                             "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "600")  # fmt: skip
     assert report == {"rc": 2, "torch": False, "diffusers": False}
     assert err.strip() == "hediff: error: --steps must be an integer in [1, 500] on this server, got 600"
 
@@ -95,7 +95,16 @@ def test_cli_flags_plaintext_activation_dtype_embed_prompt_he_preset(tiny_model_
     """Each flag by its effect: what went on the wire, what the PNG holds, how far the latent moved."""
     from hediff.desktop.cli import main
 
-    base = ["generate", "--server", backend.url, "--token", backend.token, "--model", str(tiny_model_dir)]
+    base = [
+        "generate",
+        "--accept-not-private",
+        "--server",
+        backend.url,
+        "--token",
+        backend.token,
+        "--model",
+        str(tiny_model_dir),
+    ]
     base += ["--prompt", PROMPT, "--steps", "2", "--scheduler", "ddim", "--quiet"]
     backend.recorded.clear()
     rc = main([*base, "--out", str(tmp_path / "ref.png"), "--latents-out", str(tmp_path / "ref.npy")])
@@ -133,7 +142,7 @@ def test_api_applies_every_keyword_and_refuses_unknown_or_conflicting_ones(tiny_
 
     with pytest.raises(ValueError, match="local_backend=True starts its own backend"):
         HEDiffusion(tiny_model_dir, local_backend=True, token="hdt_x")
-    with HEDiffusion(tiny_model_dir, server=backend.url, token=backend.token) as hd:
+    with HEDiffusion(tiny_model_dir, server=backend.url, token=backend.token, accept_not_private=True) as hd:
         with pytest.raises(TypeError, match="unknown setting 'sampler'"):
             hd.generate(PROMPT, sampler="ddim")
         with pytest.raises(TypeError, match="takes a prompt or GenerationSettings"):

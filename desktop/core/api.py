@@ -1,8 +1,8 @@
-"""The headless Python API: the client's local models plus a connection to a backend (or a loopback one).
+"""The headless Python API: generate on this device, or with the client's local models and a backend.
 
 from hediff import HEDiffusion
 
-with HEDiffusion("embedded", local_backend=True) as hd:
+with HEDiffusion("embedded") as hd:  # on this device; local_backend=True for the paper's split on loopback
     result = hd.generate("a red circle", steps=20, seed=1)
     result.save("circle.png")
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hediff import __version__
+from hediff.common.errors import UsageError
 from hediff.common.settings import (
     DEFAULT_SPLIT,
     MAX_SIDE,
@@ -29,13 +30,23 @@ from hediff.common.settings import (
     SettingsError,
     SizeLimits,
 )
+from hediff.desktop.core.privacy import PrivacyLabel, Where, label_for
 
 if TYPE_CHECKING:  # torch, TenSEAL and httpx load when needed, not with this module: checks come first and fast
     from hediff.common.he import ClientKey
     from hediff.desktop.core.backend_client import BackendClient
     from hediff.desktop.core.engine import GenerationResult, StepUpdate
 
-__all__ = ["GenerationSettings", "HEDiffusion", "SettingsError", "SizeLimits", "__version__", "quiet_libraries"]
+__all__ = [
+    "GenerationSettings",
+    "HEDiffusion",
+    "NotPrivateError",
+    "PrivacyLabel",
+    "SettingsError",
+    "SizeLimits",
+    "__version__",
+    "quiet_libraries",
+]
 
 
 def quiet_libraries() -> None:
@@ -51,12 +62,19 @@ def quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-class HEDiffusion:
-    """A client for one model on one backend: a remote ``server`` or a backend started on loopback.
+class NotPrivateError(UsageError):
+    """A server that proved nothing was asked for without the caller accepting that it is not private."""
 
-    ``split``: the split used when a generation does not name one (a generation may name any split; the local
-    models for it load on first use). ``token``: the remote server's API token (default ``$HEDIFF_TOKEN``); a
-    loopback backend makes its own, so giving one with ``local_backend=True`` is an error.
+
+class HEDiffusion:
+    """A client for one model: on this device (the default: private, nothing leaves the machine), through a
+    backend started on loopback (the paper's split, still on this machine), or through a remote ``server``.
+
+    A remote server that proved nothing can rebuild the images and read the prompts (measured: see
+    :attr:`privacy`), so it needs ``accept_not_private=True``. ``split``: the split used when a generation does
+    not name one (a generation may name any split; the local models for it load on first use). ``token``: the
+    remote server's API token (default ``$HEDIFF_TOKEN``); a loopback backend makes its own, so giving one with
+    ``local_backend=True`` is an error.
     """
 
     def __init__(
@@ -70,14 +88,24 @@ class HEDiffusion:
         backend_device: str = "cpu",
         timeout_s: float = 120.0,
         tls_ca: str | Path | None = None,
+        accept_not_private: bool = False,
     ):
-        if local_backend == (server is not None):
-            raise ValueError("give either a server URL or local_backend=True")
+        if local_backend and server is not None:
+            raise ValueError("give either a server URL or local_backend=True, not both")
+        self.where = Where.SERVER if server is not None else Where.LOOPBACK if local_backend else Where.DEVICE
+        if self.where is Where.DEVICE and token is not None:
+            raise ValueError("a generation on this device talks to no server: do not pass token=...")
         if local_backend and token is not None:
             raise ValueError("local_backend=True starts its own backend with its own token: do not pass token=...")
         if split not in SPLIT_POINTS:
             raise SettingsError(f"split must be one of {', '.join(SPLIT_POINTS)}, got {split!r}", "split")
-        if not local_backend:
+        if self.where is Where.SERVER:
+            if not accept_not_private:
+                raise NotPrivateError(
+                    f"{server} proved nothing about what it runs: "
+                    f"{label_for(Where.SERVER, split, 'full').text}. Pass accept_not_private=True to send to it "
+                    "anyway, generate on this device (no server), or use an attested confidential server"
+                )
             token = token or os.environ.get("HEDIFF_TOKEN")
             if not token:
                 raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
@@ -90,7 +118,8 @@ class HEDiffusion:
         self._local = None
         self._limits: SizeLimits | None = None
         self.client: BackendClient | None = None
-        if not local_backend:
+        self._on_device = None
+        if self.where is Where.SERVER:
             from hediff.desktop.core.backend_client import BackendClient
 
             self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
@@ -128,11 +157,15 @@ class HEDiffusion:
         """The largest size and most steps this model on this backend accepts: the remote server's advertised
         capabilities, or the model's config and the loopback backend's default configuration."""
         if self._limits is None:
-            if self.client is not None:
+            if self.where is Where.SERVER:
                 self._limits = SizeLimits.from_capabilities(self.client.capabilities())
-            else:  # the loopback backend runs with the server's default configuration
+            else:  # this machine: the loopback backend's default configuration applies to both
                 self._limits = SizeLimits.from_model_folder(self._config_folder(), MAX_SIDE, SERVER_MAX_STEPS)
         return self._limits
+
+    def privacy(self, split: str | None = None, encryption: str = "full") -> PrivacyLabel:
+        """What this way of generating protects, in one line (measured for a server; see docs/threat-model.md)."""
+        return label_for(self.where, split or self.split, encryption)
 
     def settings(self, prompt: str, **overrides: Any) -> GenerationSettings:
         """Settings for ``prompt``: the model's recommended guidance and steps and this client's split unless
@@ -167,10 +200,20 @@ class HEDiffusion:
         else:
             raise TypeError(f"generate() takes a prompt or GenerationSettings, not {type(prompt).__name__}")
         self.check(settings)
+        if self.where is Where.DEVICE:
+            return self._device_generator().generate(settings, on_step=on_step, cancel=cancel, key=key)
         from hediff.desktop.core.engine import Generator
 
         generator = Generator(self._client_model(settings.split), self._backend())
         return generator.generate(settings, on_step=on_step, cancel=cancel, key=key)
+
+    def _device_generator(self):
+        if self._on_device is None:
+            from hediff.desktop.core.on_device import OnDeviceGenerator
+
+            quiet_libraries()
+            self._on_device = OnDeviceGenerator(self.model_path)
+        return self._on_device
 
     def _client_model(self, split: str):
         if split not in self._client_models:

@@ -69,6 +69,7 @@ class GenerationResult:
     decode_s: float = 0.0
     total_s: float = 0.0
     server_url: str = ""
+    mode: str = "split"  # "split" (through a backend) or "on-device" (the whole pipeline in this process)
     key_fingerprint: str | None = None
 
     def timing_totals(self) -> dict[str, float]:
@@ -89,6 +90,7 @@ class GenerationResult:
     def metadata(self, include_prompt: bool = False) -> dict[str, str]:
         """Generation parameters for PNG text chunks; the prompts only when the user asks for them."""
         meta = self.params.to_text(include_prompt)
+        meta["hediff:mode"] = self.mode
         meta["hediff:mean_encrypted_fraction"] = (
             f"{np.mean(self.encrypted_fractions) if self.encrypted_fractions else 0:.4f}"
         )

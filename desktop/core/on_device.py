@@ -48,8 +48,13 @@ class OnDeviceGenerator:
             raise ValueError("a generation on this device encrypts nothing: do not pass a key")
         params.validate()
         native = self.native_size
-        params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
-        result = GenerationResult(params=params, image=None, latent=None, server_url=ON_DEVICE_LOCATION)  # type: ignore[arg-type]
+        # nothing is encrypted here: the record says so
+        params = dataclasses.replace(
+            params, width=params.width or native, height=params.height or native, encryption="none"
+        )
+        result = GenerationResult(
+            params=params, image=None, latent=None, server_url=ON_DEVICE_LOCATION, mode="on-device"
+        )  # type: ignore[arg-type]
         t_start = time.perf_counter()
         loop_start = t_start
 
