@@ -109,6 +109,7 @@ def services(tmp_path, backend, tiny_model_dir):
     """App services on a fresh data dir with the session's loopback backend as the selected remote server."""
     s = _services(tmp_path / "data")
     entry = s.settings.add_server("Test backend", backend.url, backend.token, s.secrets)
+    entry.not_private_ok = True  # acknowledged once, as the window asks before the first job
     s.settings.selected_server = entry.id
     s.settings.model = str(tiny_model_dir)
     s.settings.params = {"steps": 3, "width": 32, "height": 32, "scheduler": "ddim", "seed": 7}
@@ -137,6 +138,7 @@ def add_server(window: MainWindow, name: str, url: str, token: str):
         entry = window.services.settings.add_server(name, url, token, window.services.secrets)
         window._servers_changed()
     assert window.form.select_server(entry.id), "the server chooser was not refreshed"
+    window.services.settings.acknowledge_not_private(entry.id)  # as the user does once when first asked
     return entry
 
 
@@ -193,6 +195,48 @@ def test_generate_end_to_end(qtbot, services, make_window):
     assert entries[0].image_path.is_file()
     assert "finished" in window.statusBar().currentMessage()
     assert window.queue_view.pending_ids() == []
+
+
+def test_the_default_is_private_on_this_device(qtbot, tmp_path, tiny_model_dir, make_window):
+    s = _services(tmp_path / "fresh")
+    s.settings.model = str(tiny_model_dir)
+    s.settings.params = {"steps": 2, "width": 32, "height": 32, "scheduler": "ddim", "seed": 3}
+    s.settings.save()
+    window = make_window(s)
+    assert window.form.server_combo.currentText() == "This device (private)"
+    assert window.privacy_line.text() == "Private: this device (nothing leaves this machine)"
+    assert "#2e7d32" in window.privacy_line.styleSheet()  # green
+    rec = Recorder(window.worker)
+    job = queue(window, steps=2)
+    (event,) = wait_ended(qtbot, rec, 1)
+    assert event[:2] == ("finished", job), event
+    result = event[2]
+    assert result.mode == "on-device" and sum(result.bytes_sent) == 0
+    assert window.timing_chart.bytes_totals() == (0, 0)
+
+
+def test_an_unattested_server_is_labelled_and_asked_for_once(qtbot, tmp_path, backend, tiny_model_dir, make_window):
+    s = _services(tmp_path / "ask")
+    s.settings.model = str(tiny_model_dir)
+    entry = s.settings.add_server("Rented GPU", backend.url, backend.token, s.secrets)
+    s.settings.selected_server = entry.id
+    s.settings.params = {"steps": 2, "width": 32, "height": 32, "scheduler": "ddim", "split": "conv_in"}
+    s.settings.save()
+    window = make_window(s)
+    assert window.privacy_line.text().startswith("Not private: this server can rebuild your images")
+    assert "#c62828" in window.privacy_line.styleSheet()  # red
+    asked = []
+    window.confirm = lambda title, text: asked.append(text) or False
+    window.form.prompt_edit.setPlainText("a red circle")
+    assert window.generate() is None and window.worker.pending_jobs() == []
+    assert "Not private" in asked[0] and "Nothing was sent" in window.message_label.text()
+    window.confirm = lambda title, text: asked.append(text) or True
+    assert window.generate() is not None
+    assert len(asked) == 2
+    reloaded = type(s.settings).load(tmp_path / "ask")
+    assert reloaded.server(entry.id).not_private_ok  # asked once per server: the answer is kept
+    assert window.generate() is not None and len(asked) == 2
+    window.worker.shutdown()
 
 
 def test_progress_text_and_chart_helpers(qtbot):

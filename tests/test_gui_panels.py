@@ -123,9 +123,9 @@ def test_servers_add_edit_remove_keeps_tokens_in_the_keyring(qtbot, services):
     with qtbot.waitSignal(panel.serversChanged, timeout=2000):
         qtbot.mouseClick(panel.remove_button, LEFT)
     assert asked and "Lab GPU 2" in asked[0]
-    assert [s.id for s in services.settings.servers] == ["local"]
+    assert [s.id for s in services.settings.servers] == ["device", "local"]
     assert services.secrets.get(f"server-token:{entry.id}") is None
-    assert [s.id for s in Settings.load(services.data_dir).servers] == ["local"]
+    assert [s.id for s in Settings.load(services.data_dir).servers] == ["device", "local"]
 
 
 def test_servers_dialog_flow_reasks_with_the_error(qtbot, services):
@@ -234,7 +234,7 @@ def test_servers_without_keyring_refuse_tokens(qtbot, no_keyring):
     assert str(excinfo.value) in panel.keyring_label.text()  # the KeyringUnavailable text, word for word
     assert panel.add_server("Lab", "https://gpu.example.org", TOKEN) is None
     assert panel.result_label.kind == "error" and "keyring" in panel.result_label.text().lower()
-    assert [s.id for s in no_keyring.settings.servers] == ["local"]
+    assert [s.id for s in no_keyring.settings.servers] == ["device", "local"]
     assert TOKEN not in _files_text(no_keyring.data_dir)
     # the dialog is told why the token field is unusable
     seen = []

@@ -67,11 +67,23 @@ def test_default_data_dir(tmp_path):
 # --- settings ------------------------------------------------------------------------------------------------
 
 
+def test_settings_from_before_the_on_device_mode_gain_it_and_keep_their_choice(tmp_path):
+    (tmp_path / "settings.json").write_text(
+        '{"servers": [{"id": "local", "name": "Local backend", "url": "", "local": true}], "selected_server": "local"}'
+    )
+    s = Settings.load(tmp_path)
+    assert s.problem is None
+    assert [e.id for e in s.servers] == ["device", "local"] and s.selected_server == "local"
+
+
 def test_settings_defaults_and_roundtrip(tmp_path):
     s = Settings.load(tmp_path)
     assert s.problem is None
-    assert [(e.id, e.name, e.local) for e in s.servers] == [("local", "Local backend", True)]
-    assert (s.selected_server, s.model, s.key_policy) == ("local", "embedded", "fresh")
+    assert [(e.id, e.name, e.on_device, e.local) for e in s.servers] == [
+        ("device", "This device (private)", True, False),
+        ("local", "Local backend", False, True),
+    ]
+    assert (s.selected_server, s.model, s.key_policy) == ("device", "embedded", "fresh")  # private by default
     assert not s.remember_prompt and not s.embed_prompt_in_png and s.window_geometry is None
     s.model, s.key_policy, s.window_geometry, s.embed_prompt_in_png = "/models/sd", "device", "AAEC", True
     s.save()
@@ -87,13 +99,18 @@ def test_corrupt_settings_fall_back_and_keep_the_file(tmp_path):
     s = Settings.load(tmp_path)
     assert s.problem and "unreadable" in s.problem and "settings.json.bad" in s.problem
     assert (tmp_path / "settings.json.bad").read_text() == "{not json"
-    assert [e.id for e in s.servers] == ["local"]
+    assert [e.id for e in s.servers] == ["device", "local"]
     # a partly bad file keeps what is usable and says what was ignored
     (tmp_path / "settings.json").write_text(
         json.dumps({"servers": [{"id": "a", "name": "A", "url": "ftp://x"}], "key_policy": "bogus", "model": "m"})
     )
     s = Settings.load(tmp_path)
-    assert s.model == "m" and s.key_policy == "fresh" and s.servers == [] and "ignored" in s.problem
+    assert (
+        s.model == "m"
+        and s.key_policy == "fresh"
+        and [e.id for e in s.servers] == ["device"]
+        and "ignored" in s.problem
+    )
 
 
 def test_tokens_live_only_in_the_keyring(tmp_path, store):
@@ -116,7 +133,7 @@ def test_tokens_live_only_in_the_keyring(tmp_path, store):
     s.selected_server = entry.id
     s.remove_server(entry.id, store)
     assert store.get(f"server-token:{entry.id}") is None
-    assert [e.id for e in s.servers] == ["local"] and s.selected_server == "local"
+    assert [e.id for e in s.servers] == ["device", "local"] and s.selected_server == "device"
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or TOKEN.encode() not in path.read_bytes()
 
@@ -126,13 +143,13 @@ def test_no_keyring_refuses_tokens_but_not_servers(tmp_path):
     s = Settings.load(tmp_path)
     with pytest.raises(KeyringUnavailable, match="Secret Service|Keychain|Credential Manager"):
         s.add_server("GPU", "https://gpu.example", TOKEN, nokeyring)
-    assert [e.id for e in s.servers] == ["local"]
+    assert [e.id for e in s.servers] == ["device", "local"]
     assert not (tmp_path / "settings.json").exists() or TOKEN not in (tmp_path / "settings.json").read_text()
     entry = s.add_server("Open", "http://127.0.0.1:8470", None, nokeyring)
     with pytest.raises(KeyringUnavailable):
         s.token_for(entry.id, nokeyring)
     s.remove_server(entry.id, nokeyring)  # removing still works
-    assert [e.id for e in s.servers] == ["local"]
+    assert [e.id for e in s.servers] == ["device", "local"]
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from hediff.common import he, protocol
-from hediff.desktop.core.api import HEDiffusion
+from hediff.desktop.core.api import HEDiffusion, NotPrivateError
 from hediff.desktop.core.appdata import default_data_dir, ensure_private_dir
 from hediff.desktop.core.backend_client import BackendClient, BackendProtocolError
 from hediff.desktop.core.engine import GenerationParams
 from hediff.desktop.core.gallery import Gallery
 from hediff.desktop.core.keystore import DeviceKeys, SecretStore
+from hediff.desktop.core.privacy import PrivacyLabel, Where, label_for
 from hediff.desktop.core.settings import ServerEntry, Settings
 
 TEST_TIMEOUT_S = 15.0
@@ -48,10 +49,24 @@ class AppServices:
         return token
 
     def connect(self, server: ServerEntry, model: str, split: str) -> HEDiffusion:
-        """A client for ``server`` with ``model`` loaded for ``split`` (a loopback backend for the local entry)."""
+        """A client for ``server`` with ``model`` loaded for ``split``: in process for the device entry, a loopback
+        backend for the local entry; a remote server only once the user acknowledged it is not private
+        (NotPrivateError before that)."""
+        if server.on_device:
+            return HEDiffusion(model, split=split)
         if server.local:
             return HEDiffusion(model, local_backend=True, split=split)
-        return HEDiffusion(model, server=server.url, token=self.token(server), split=split)
+        if not server.not_private_ok:
+            raise NotPrivateError(
+                f"{server.name} ({server.url}) proves nothing about what it runs: "
+                f"{self.privacy(server, split, 'full').text}. Acknowledge it once to send to this server"
+            )
+        return HEDiffusion(model, server=server.url, token=self.token(server), split=split, accept_not_private=True)
+
+    def privacy(self, server: ServerEntry, split: str, encryption: str) -> PrivacyLabel:
+        """The privacy label of generating with ``server`` in this mode (shown before Generate)."""
+        where = Where.DEVICE if server.on_device else Where.LOOPBACK if server.local else Where.SERVER
+        return label_for(where, split, encryption)
 
     def test_connection(self, server: ServerEntry) -> str:
         """Ask the server's /v1/health and /v1/capabilities (with the stored token); a one-line result.
@@ -59,6 +74,8 @@ class AppServices:
         Raises BackendError subclasses (unreachable, token refused, not an HE-Diffusion backend, ...), or
         KeyringUnavailable / NoServerToken when there is no token to send.
         """
+        if server.on_device:
+            return "OK: nothing to connect to; generations run in the app on this device"
         if server.local:
             return (
                 f"OK: the local backend starts on loopback (127.0.0.1) with model {self.settings.model} "

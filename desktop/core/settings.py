@@ -21,6 +21,7 @@ SETTINGS_FILE = "settings.json"
 SETTINGS_VERSION = 1
 TOKEN_NAME = "server-token:{id}"
 LOCAL_SERVER_ID = "local"
+DEVICE_SERVER_ID = "device"
 KEY_POLICIES = ("fresh", "device")
 _PROMPT_FIELDS = ("prompt", "negative_prompt")
 
@@ -31,6 +32,13 @@ class ServerEntry:
     name: str
     url: str
     local: bool = False  # start a backend on loopback with the chosen model (url is ignored)
+    on_device: bool = False  # no server at all: the whole pipeline in this process (url is ignored)
+    # a remote server proves nothing about what it runs: the user acknowledged once that it is not private
+    not_private_ok: bool = False
+
+    @property
+    def remote(self) -> bool:
+        return not (self.local or self.on_device)
 
 
 def validate_url(url: str) -> str:
@@ -57,8 +65,12 @@ def validate_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _device_entry() -> ServerEntry:
+    return ServerEntry(id=DEVICE_SERVER_ID, name="This device (private)", url="", on_device=True)
+
+
 def _default_servers() -> list[ServerEntry]:
-    return [ServerEntry(id=LOCAL_SERVER_ID, name="Local backend", url="", local=True)]
+    return [_device_entry(), ServerEntry(id=LOCAL_SERVER_ID, name="Local backend", url="", local=True)]
 
 
 def params_from_dict(data: dict, prompt: str = "") -> GenerationSettings:
@@ -71,7 +83,7 @@ def params_from_dict(data: dict, prompt: str = "") -> GenerationSettings:
 class Settings:
     path: Path
     servers: list[ServerEntry] = field(default_factory=_default_servers)
-    selected_server: str = LOCAL_SERVER_ID
+    selected_server: str = DEVICE_SERVER_ID  # private by default
     params: dict = field(default_factory=dict)  # GenerationSettings.to_dict() of the last use; prompts only if asked
     model: str = "embedded"
     remember_prompt: bool = False
@@ -128,6 +140,8 @@ class Settings:
                     continue
                 seen.add(entry.id)
                 servers.append(entry)
+            if DEVICE_SERVER_ID not in seen:  # settings from before the on-device mode: it is always offered
+                servers.insert(0, _device_entry())
             s.servers = servers
         for name, kind in (("selected_server", str), ("model", str), ("remember_prompt", bool)):
             if name in data:
@@ -218,11 +232,11 @@ class Settings:
         entry = self.server(id)
         new_name = _clean_name(name) if name is not None else entry.name
         new_url = entry.url
-        if url is not None and not entry.local:
+        if url is not None and entry.remote:
             new_url = validate_url(url)
         if token is not None:
-            if entry.local:
-                raise ValueError("the local backend needs no API token")
+            if not entry.remote:
+                raise ValueError(f"{entry.name} needs no API token: it runs on this machine")
             if secrets is None:
                 raise ValueError("changing a token needs the secret store")
             if token == "":
@@ -240,7 +254,7 @@ class Settings:
         anyway); a token it may hold stays protected there.
         """
         entry = self.server(id)
-        if not entry.local:
+        if entry.remote:
             try:
                 secrets.delete(TOKEN_NAME.format(id=id))
             except KeyringUnavailable:
@@ -251,6 +265,14 @@ class Settings:
             self.selected_server = self.servers[0].id if self.servers else ""
         self.save()
 
+    def acknowledge_not_private(self, id: str) -> None:
+        """The user accepted once that this remote server can see their images and prompts. Saves."""
+        entry = self.server(id)
+        if not entry.remote:
+            raise ValueError(f"{entry.name} runs on this machine: there is nothing to acknowledge")
+        entry.not_private_ok = True
+        self.save()
+
     def token_for(self, id: str, secrets: SecretStore) -> str | None:
         """The server's API token from the keyring (None if none stored); KeyringUnavailable if unreadable."""
         return secrets.get(TOKEN_NAME.format(id=id))
@@ -259,14 +281,17 @@ class Settings:
 def _server_from_dict(item) -> ServerEntry:
     if not isinstance(item, dict):
         raise ValueError("not an object")
-    sid, name, url, local = item["id"], item["name"], item.get("url", ""), item.get("local", False)
-    if not isinstance(sid, str) or not sid or not isinstance(name, str) or not isinstance(local, bool):
-        raise ValueError("bad id, name or local flag")
+    sid, name, url = item["id"], item["name"], item.get("url", "")
+    flags = {k: item.get(k, False) for k in ("local", "on_device", "not_private_ok")}
+    if not isinstance(sid, str) or not sid or not isinstance(name, str):
+        raise ValueError("bad id or name")
+    if not all(isinstance(v, bool) for v in flags.values()) or (flags["local"] and flags["on_device"]):
+        raise ValueError("bad local, on_device or not_private_ok flag")
     if not isinstance(url, str):
         raise ValueError("bad url")
-    if not local:
+    if not (flags["local"] or flags["on_device"]):
         url = validate_url(url)
-    return ServerEntry(id=sid, name=name, url=url, local=local)
+    return ServerEntry(id=sid, name=name, url=url, **flags)
 
 
 def _clean_name(name: str) -> str:

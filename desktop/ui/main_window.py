@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from hediff.desktop.ui.dialogs import ask_yes_no
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.params_form import ParamsForm
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ERROR_STYLE = "color: #c62828;"
 INFO_STYLE = ""
+PRIVATE_STYLE = "color: #2e7d32; font-weight: 600;"
+NOT_PRIVATE_STYLE = "color: #c62828; font-weight: 600;"
 
 
 def format_eta(seconds: float) -> str:
@@ -99,6 +102,11 @@ class MainWindow(QMainWindow):
         ll = QVBoxLayout(left)
         ll.setContentsMargins(8, 8, 4, 8)
         ll.addWidget(scroll, 1)
+        # what the chosen server and mode protect, measured, before anything is sent
+        self.privacy_line = QLabel("")
+        self.privacy_line.setWordWrap(True)
+        self.privacy_line.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        ll.addWidget(self.privacy_line)
         ll.addLayout(buttons)
         ll.addWidget(self.queue_view)
         self.queue_view.setMaximumHeight(130)
@@ -160,6 +168,9 @@ class MainWindow(QMainWindow):
         self.server_status = QLabel("")
         self.statusBar().addPermanentWidget(self.server_status)
         self.form.serverChanged.connect(self._update_server_status)
+        self.form.serverChanged.connect(self._update_privacy_line)
+        self.form.split_combo.currentIndexChanged.connect(self._update_privacy_line)
+        self.form.encryption_combo.currentIndexChanged.connect(self._update_privacy_line)
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -214,6 +225,18 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot generate: no server is configured; add one in the Servers tab.")
             return None
         server_name = self.form.server_combo.currentText()
+        server = self.services.settings.server(server_id)
+        if server.remote and not server.not_private_ok:
+            label = self.services.privacy(server, params.split, params.encryption).text
+            if not self.confirm(
+                "Not private",
+                f"{server.name} ({server.url}) proves nothing about what it runs.\n\n{label}.\n\n"
+                "Send your prompts and images to this server anyway? You are asked once per server; "
+                "'This device (private)' generates without any server.",
+            ):
+                self.show_info(f"Nothing was sent to {server.name}.")
+                return None
+            self.services.settings.acknowledge_not_private(server.id)
         job_id = self.worker.submit(params, server_id, self.form.model())
         self._submitted[job_id] = (params, server_name)
         self.form.after_submit()
@@ -265,10 +288,30 @@ class MainWindow(QMainWindow):
     def _panel_message(self, message: str) -> None:
         self.statusBar().showMessage(message, 15000)
 
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask yes/no (tests replace this hook)."""
+        return ask_yes_no(self, title, text)
+
+    def _update_privacy_line(self, *_args) -> None:
+        server_id = self.form.server_id()
+        if server_id is None:
+            self.privacy_line.clear()
+            return
+        try:
+            split = self.form.split_combo.currentData()
+            encryption = self.form.encryption_combo.currentData()
+            label = self.services.privacy(self.services.settings.server(server_id), split, encryption)
+        except (KeyError, ValueError) as e:
+            self.privacy_line.setStyleSheet(NOT_PRIVATE_STYLE)
+            self.privacy_line.setText(f"Privacy unknown ({e}): treat this as not private")
+            return
+        self.privacy_line.setStyleSheet(PRIVATE_STYLE if label.private else NOT_PRIVATE_STYLE)
+        self.privacy_line.setText(label.text)
+
     def _update_server_status(self, server_id: str) -> None:
         for server in self.services.settings.servers:
             if server.id == server_id:
-                where = "on this machine" if server.local else server.url
+                where = server.url if server.remote else "on this machine"
                 self.server_status.setText(f"Server: {server.name} ({where})")
                 return
         self.server_status.setText("no server")
@@ -349,6 +392,7 @@ class MainWindow(QMainWindow):
         saved = getattr(s, "params", {}) or {}
         # the model's recommended guidance and steps unless the user saved their own
         self.form.load_dict({**self.form.model_defaults(model), **(saved if isinstance(saved, dict) else {})})
+        self._update_privacy_line()
         geometry = getattr(s, "window_geometry", None)
         restored = False
         if geometry:

@@ -388,7 +388,7 @@ class ParamsForm(QWidget):
         self.server_combo.blockSignals(True)
         self.server_combo.clear()
         for server in servers:
-            where = "on this machine" if server.local else server.url
+            where = server.url if server.remote else "on this machine"
             self.server_combo.addItem(server.name, server.id)
             self.server_combo.setItemData(self.server_combo.count() - 1, where, Qt.ItemDataRole.ToolTipRole)
         if keep is not None:

@@ -33,6 +33,7 @@ from hediff.desktop.ui.dialogs import (
 )
 
 LOCAL_ADDRESS = "local backend (this computer)"
+DEVICE_ADDRESS = "no server: everything runs in the app"
 
 
 class _Relay(QObject):
@@ -146,8 +147,10 @@ class ServersPanel(PanelMessages, QWidget):
         for row, server in enumerate(servers):
             name = QTableWidgetItem(server.name)
             name.setData(Qt.ItemDataRole.UserRole, server.id)
-            address = QTableWidgetItem(LOCAL_ADDRESS if server.local else server.url)
-            if server.local:
+            address = QTableWidgetItem(
+                DEVICE_ADDRESS if server.on_device else LOCAL_ADDRESS if server.local else server.url
+            )
+            if not server.remote:
                 address.setForeground(self.palette().placeholderText())
             self.table.setItem(row, 0, name)
             self.table.setItem(row, 1, address)
@@ -180,8 +183,8 @@ class ServersPanel(PanelMessages, QWidget):
     def _update_buttons(self) -> None:
         server = self.selected_server()
         self.edit_button.setEnabled(server is not None)
-        self.remove_button.setEnabled(server is not None and not server.local)
-        self.remove_button.setToolTip("The local backend cannot be removed." if server and server.local else "")
+        self.remove_button.setEnabled(server is not None and server.remote)
+        self.remove_button.setToolTip(f"{server.name} is built in." if server and not server.remote else "")
         self.test_button.setEnabled(server is not None and self._testing is None)
 
     # --- messages ----------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class ServersPanel(PanelMessages, QWidget):
             self.settings.update_server(
                 server_id,
                 name=values.name or None,
-                url=None if server.local else (values.url or None),
+                url=None if not server.remote else (values.url or None),
                 token=values.token or None,
                 secrets=self.services.secrets,
             )
@@ -254,8 +257,8 @@ class ServersPanel(PanelMessages, QWidget):
         server = self.selected_server()
         if server is None:
             return False
-        if server.local:
-            self._fail("The local backend cannot be removed (you can rename it).")
+        if not server.remote:
+            self._fail(f"{server.name} is built in and cannot be removed (you can rename it).")
             return False
         if confirm and not self.confirm(
             "Remove server", f"Remove {server.name!r} ({server.url}) and its stored API token?"
@@ -286,7 +289,7 @@ class ServersPanel(PanelMessages, QWidget):
         values, error = ServerValues(name=server.name, url=server.url), None
         while True:
             values = self.ask_server(
-                values=values, editing=True, local=server.local, token_blocked=self.keyring_message(), error=error
+                values=values, editing=True, local=not server.remote, token_blocked=self.keyring_message(), error=error
             )
             if values is None:
                 return
