@@ -1274,7 +1274,9 @@ def update_app(results_dir: Path, target: Path = APP_DATA) -> Path:
     models = {}
     for f in sorted(results_dir.glob("leakage-*.json")):
         report = json.loads(f.read_text())
-        if "modes" in report:  # heads-only reports have no per-mode final-image numbers
+        # heads-only reports have no per-mode final-image numbers; reports from before the prompt-only baseline
+        # have no verdict the app may show
+        if "modes" in report and "baseline" in report:
             models[report["model"]] = app_entry(report)
     if not models:
         raise SystemExit(f"no leakage-*.json in {results_dir}: run python -m bench.leakage --model tiny first")

@@ -174,20 +174,29 @@ def invert_by_gradient(
     targets = [t.detach() for t in targets]
     scales = [float(t.var()) or 1.0 for t in targets]
     x = (torch.zeros(shape) if init is None else init.detach().clone()).to(targets[0].dtype).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
+
+    def loss() -> Tensor:
+        return sum(((o - t) ** 2).mean() / s for o, t, s in zip(forward(x), targets, scales))
+
+    first, last = _minimise([x], loss, steps, lr)
+    return x.detach(), {"steps": steps, "first_loss": first, "final_loss": last}
+
+
+def _minimise(params: Sequence[Tensor], loss: Callable[[], Tensor], steps: int, lr: float) -> tuple[float, float]:
+    """Adam with a cosine-decayed step on ``loss()``; returns its first and last value."""
+    opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     first = last = float("nan")
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
-        outs = forward(x)
-        loss = sum(((o - t) ** 2).mean() / s for o, t, s in zip(outs, targets, scales))
-        loss.backward()
+        value = loss()
+        value.backward()
         opt.step()
         sched.step()
-        last = float(loss.detach())
+        last = float(value.detach())
         if i == 0:
             first = last
-    return x.detach(), {"steps": steps, "first_loss": first, "final_loss": last}
+    return first, last
 
 
 def recover_from_plaintext_history(
@@ -395,27 +404,19 @@ def train_activation_decoder(
     dec.in_mean, dec.in_std = _channel_stats(acts)
     dec.out_mean, dec.out_std = _channel_stats(tgts)
     levels = torch.tensor([float(v) for v in noise_levels])
-    opt = torch.optim.Adam(dec.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     n = acts.shape[0]
-    first = last = float("nan")
-    t0 = time.perf_counter()
-    for i in range(steps):
+
+    def loss() -> Tensor:
         idx = torch.randint(0, n, (min(batch, n),), generator=g)
         sigma = levels[torch.randint(0, len(levels), (len(idx),), generator=g)]
         a = acts[idx]
         std = a.flatten(1).std(dim=1)
         a = a + (sigma * std)[:, None, None, None] * torch.randn(a.shape, generator=g)
         cond = torch.cat([conditions[idx].float(), sigma[:, None]], dim=1)
-        pred = dec(a, cond)
-        loss = (((pred - tgts[idx]) / dec.out_std) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        last = float(loss.detach())
-        if i == 0:
-            first = last
+        return (((dec(a, cond) - tgts[idx]) / dec.out_std) ** 2).mean()
+
+    t0 = time.perf_counter()
+    first, last = _minimise(list(dec.parameters()), loss, steps, lr)
     dec.eval()
     return dec, {
         "examples": n,
