@@ -1,20 +1,29 @@
 """Measured leakage: what an honest-but-curious server rebuilds from what each mode sends it.
 
-One DDIM generation per prompt (guidance 7.5) is run in plaintext to know the truth; for every mode the server's
-view at each step is formed from it and attacked with the public weights:
+One DDIM generation per prompt (single-shape captions of the embedded model's grammar, guidance: the model's
+recommendation) is run in plaintext to know the truth; for every mode the server's view at each step is formed
+from it and attacked with the public weights:
 
 * split ``conv_in`` / ``down0.resnet0``: least-squares inversion of ``conv_in(x_t)`` (``skip0`` for the latter);
-* split ``u1`` / ``u2`` (U-shaped): gradient inversion of the output of ``down_blocks[k-1]`` (both branches);
+* split ``u1`` / ``u2`` / ``u3`` (U-shaped): gradient inversion of the sent activation (both branches); a learned
+  decoder the server trains on activations of its own generations (random prompts of the public grammar); and
+  gradient inversion started from the decoder's estimate;
 * the paper's reference-code setting (the server sees the noise prediction, the plaintext share and the index
   set): the start noise from every step's plaintext values, then the whole trajectory;
 * the index set alone: how much the HILL mask correlates with the image's edges and the latent's magnitude;
-* the prompt: greedy per-position token search through the public (causal) text encoder.
+* the prompt: greedy per-position token search through the public (causal) text encoder, from the embeddings
+  and from cross-attention keys sent instead of them; a template match against noised embeddings.
+
+Every verdict is relative to the prompt-only baseline: a server that holds only the prompt runs the sampler
+itself (zero start, and the mean image of several random starts). A mode "leaks the image" when its best attack
+beats that baseline by at least ``LEAK_MARGIN_DB``. The noise sweep adds Gaussian noise to the U-shaped splits'
+sent activation and reports the attack, the baseline and the damage to the image itself.
 
 From a reconstructed ``x_t`` the server predicts ``x_0`` with its own noise prediction and, better, runs the rest
 of the sampler itself; both are decoded with the public VAE and compared with the true final image.
 
     python -m bench.leakage --model tiny --quick
-    python -m bench.leakage --model embedded
+    python -m bench.leakage --model embedded --few-eval-steps
     python -m bench.leakage --model sd15 --quick        # SD 1.5 UNet config, random weights, 32x32 latent
     python -m bench.leakage --update-app               # copy the results into desktop/core/data/leakage.json
 """
@@ -37,13 +46,18 @@ import torch.nn.functional as F
 
 from bench.report import command_line, machine_info
 from hediff.common.attacks import (
+    ActivationDecoder,
+    add_relative_noise,
     invert_by_gradient,
     invert_linear_conv,
+    invert_linear_projection,
     nearest_embedding_tokens,
+    nearest_template,
     psnr,
     recover_from_plaintext_history,
     recover_tokens_greedy,
     ssim,
+    train_activation_decoder,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,14 +69,16 @@ PSNR_CAP = 100.0
 #: Random-mask and min-distortion plaintext share (the paper's tau 0.01 encrypts ~88.6% on Gaussian latents).
 RANDOM_MASK_ENCRYPTED = 0.886
 
-PROMPTS = [
-    "a red circle on a blue background",
-    "a small green square",
-    "two yellow triangles on white",
-    "portrait of my neighbour anna at the clinic",
-    "a purple star above a black line",
-    "confidential product sketch: folding bicycle",
-]
+APP_FORMAT = "he-diffusion/leakage/v2"
+#: A mode leaks the image when its best attack beats the prompt-only baseline by this much (PSNR).
+LEAK_MARGIN_DB = 3.0
+IMAGE_LEAKS = "leaks the image"
+#: Noise on the sent activation, in multiples of its standard deviation.
+NOISE_SIGMAS = (0.25, 0.5, 1.0, 2.0, 3.0)
+#: Noise on the prompt embeddings, in multiples of their standard deviation.
+EMBEDDING_SIGMAS = (0.5, 1.0, 3.0)
+#: The server's own caption stream (any seed but the victims').
+ATTACKER_SEED = 2024
 
 
 def _cap(v: float) -> float:
@@ -84,6 +100,7 @@ class Setup:
     tokenizer: object
     scheduler_config: dict
     latent_hw: tuple[int, int]
+    guidance: float = 7.5  # the model folder's recommendation
 
 
 def load_setup(model: str, latent: int | None, workdir: Path) -> Setup:
@@ -109,6 +126,7 @@ def load_setup(model: str, latent: int | None, workdir: Path) -> Setup:
         tokenizer=models.load_tokenizer(path),
         scheduler_config=models.load_scheduler_config(path),
         latent_hw=(size, size),
+        guidance=models.guidance_for(path),
     )
 
 
@@ -362,8 +380,24 @@ def index_set_leakage(setup: Setup, traj: Trajectory, masks: list[np.ndarray], i
 
 
 # --------------------------------------------------------------------------------------------------------
-# Prompt
+# Prompts: the victim's, the attacker's, and how much of them the server reads
 # --------------------------------------------------------------------------------------------------------
+
+
+def victim_scenes(n: int) -> list:
+    """``n`` single-shape captions of held-out colour/shape pairs, spread over pairs, positions and backgrounds
+    (single shapes so that training/checker.py can score the image)."""
+    from training.shapes import held_out_scenes
+
+    scenes = held_out_scenes()
+    return [scenes[(i * 97) % len(scenes)] for i in range(n)]
+
+
+def attacker_captions(n: int, seed: int = ATTACKER_SEED) -> list[str]:
+    """The server's own prompts: random captions of the public grammar (training/shapes.py), not the victim's."""
+    from training.shapes import training_scene
+
+    return [training_scene(i, seed=seed)[0].caption() for i in range(n)]
 
 
 def _words(tokenizer, ids: list[int]) -> list[str]:
@@ -371,7 +405,17 @@ def _words(tokenizer, ids: list[int]) -> list[str]:
     return tokenizer.decode([i for i in ids if i not in special]).split()
 
 
+def _cross_attention_projections(unet: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every cross-attention ``to_k`` / ``to_v`` weight: what the server would get instead of the embeddings."""
+    out = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            out += [(f"{name}.to_k", module.to_k.weight), (f"{name}.to_v", module.to_v.weight)]
+    return out
+
+
 def prompt_leakage(setup: Setup, prompts: list[str]) -> dict:
+    """Tokens back from the prompt embeddings, and from the cross-attention keys sent instead of them."""
     te, tok = setup.text_encoder, setup.tokenizer
     emb = te.get_input_embeddings().weight
     pos = (
@@ -379,11 +423,18 @@ def prompt_leakage(setup: Setup, prompts: list[str]) -> dict:
         if hasattr(te, "embeddings")
         else te.text_model.embeddings.position_embedding.weight
     )
+    projections = _cross_attention_projections(setup.unet)
+    w_k = projections[0][1] if projections else None
 
     def encode(ids: torch.Tensor) -> torch.Tensor:
         return te(ids)[0]
 
-    rows, tok_hits, tok_total, word_hits, word_total, nn_hits = [], 0, 0, 0, 0, 0
+    def recovered_hits(hidden: torch.Tensor, true: torch.Tensor, n: int) -> tuple[int, list[int]]:
+        rec = recover_tokens_greedy(encode, hidden, int(emb.shape[0]), tok.bos_token_id, tok.eos_token_id)
+        rec = (rec + [tok.eos_token_id] * n)[:n]
+        return sum(int(a == b) for a, b in zip(rec[1:], true[1:n].tolist())), rec
+
+    rows, tok_hits, tok_total, word_hits, word_total, nn_hits, kv_hits, kv_err = [], 0, 0, 0, 0, 0, 0, 0.0
     t0 = time.perf_counter()
     for prompt in prompts:
         ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
@@ -391,25 +442,328 @@ def prompt_leakage(setup: Setup, prompts: list[str]) -> dict:
         with torch.no_grad():
             hidden = te(ids.input_ids)[0][0]
         n = int((true == tok.eos_token_id).nonzero()[0]) + 1  # up to and including the first end token
-        rec = recover_tokens_greedy(encode, hidden, int(emb.shape[0]), tok.bos_token_id, tok.eos_token_id)
-        rec = (rec + [tok.eos_token_id] * n)[:n]
+        hits, rec = recovered_hits(hidden, true, n)
         base = nearest_embedding_tokens(emb, pos, hidden)[:n]
-        hits = sum(int(a == b) for a, b in zip(rec[1:], true[1:n].tolist()))
         nn = sum(int(a == b) for a, b in zip(base[1:], true[1:n].tolist()))
         tw, rw = _words(tok, true[:n].tolist()), _words(tok, rec)
         wh = sum(int(a == b) for a, b in zip(tw, rw))
         tok_hits, tok_total, nn_hits = tok_hits + hits, tok_total + n - 1, nn_hits + nn
         word_hits, word_total = word_hits + wh, word_total + len(tw)
-        rows.append({"tokens": n - 1, "token_accuracy": round(hits / (n - 1), 4), "words_recovered": f"{wh}/{len(tw)}"})
+        row = {"tokens": n - 1, "token_accuracy": round(hits / (n - 1), 4), "words_recovered": f"{wh}/{len(tw)}"}
+        if w_k is not None:
+            # the server gets K = E W_k^T instead of E: least squares gives E back, then the same token search
+            with torch.no_grad():
+                keys = hidden.double() @ w_k.detach().double().T
+            rebuilt, _ = invert_linear_projection(w_k, keys)
+            err = float((rebuilt - hidden.double()).abs().max() / hidden.double().abs().max())
+            kh, _ = recovered_hits(rebuilt.to(hidden.dtype), true, n)
+            kv_hits, kv_err = kv_hits + kh, max(kv_err, err)
+            row["kv_token_accuracy"] = round(kh / (n - 1), 4)
+        rows.append(row)
+    kv = None
+    if projections:
+        ranks = [invert_linear_projection(w, torch.zeros(1, w.shape[0]))[1] for _, w in projections]
+        kv = {
+            "attack": "least squares on the first cross-attention's keys (K = E W_k^T), then the same token search",
+            "projections": len(projections),
+            "full_column_rank": sum(int(r["rank"] == r["columns"]) for r in ranks),
+            "max_relative_error": float(f"{kv_err:.3g}"),
+            "tokens_recovered": f"{kv_hits}/{tok_total}",
+            "token_accuracy": round(kv_hits / tok_total, 4),
+        }
     return {
         "attack": "greedy per-position search over the vocabulary through the public causal text encoder",
         "prompts": len(prompts),
         "vocab_size": int(emb.shape[0]),
         "token_accuracy": round(tok_hits / tok_total, 4),
+        "tokens_recovered": f"{tok_hits}/{tok_total}",
         "word_accuracy": round(word_hits / word_total, 4),
         "baseline_nearest_input_embedding_token_accuracy": round(nn_hits / tok_total, 4),
+        "keys_instead_of_embeddings": kv,
         "seconds": round(time.perf_counter() - t0, 1),
         "per_prompt": rows,
+    }
+
+
+@torch.no_grad()
+def embedding_noise_leakage(setup: Setup, n_prompts: int, sigmas: tuple[float, ...], seed: int = 0) -> dict:
+    """Noise on the prompt embeddings vs a template match: the server encodes every single-shape caption of the
+    public grammar itself and takes the nearest to what it received."""
+    from training.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapeSpec
+
+    te, tok = setup.text_encoder, setup.tokenizer
+    t0 = time.perf_counter()
+    scenes = [
+        Scene((ShapeSpec(c, s, p, z),), b)
+        for c in COLOURS
+        for s in SHAPES
+        for p in POSITIONS
+        for z in SIZES
+        for b in BACKGROUNDS
+    ]
+    captions = [s.caption() for s in scenes]
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return te(ids.input_ids)[0]
+
+    candidates = torch.cat([encode(captions[i : i + 128]) for i in range(0, len(captions), 128)])
+    victims = victim_scenes(n_prompts)
+    index = {c: i for i, c in enumerate(captions)}
+    g = torch.Generator().manual_seed(seed + 99)
+    rows = []
+    for sigma in sigmas:
+        colour = caption = 0
+        for v in victims:
+            truth = candidates[index[v.caption()]]
+            got = scenes[nearest_template(candidates, add_relative_noise(truth, sigma, g))]
+            colour += int(got.shapes[0].colour == v.shapes[0].colour)
+            caption += int(got.caption() == v.caption())
+        rows.append(
+            {
+                "sigma": sigma,
+                "colour_recovered": f"{colour}/{len(victims)}",
+                "caption_recovered": f"{caption}/{len(victims)}",
+            }
+        )
+    return {
+        "attack": f"nearest of the server's own encodings of all {len(captions)} single-shape captions",
+        "prompts": len(victims),
+        "noise": "Gaussian, sigma x the embedding's std, added to the cond embedding",
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# The learned decoder: the server trains it on activations it makes itself
+# --------------------------------------------------------------------------------------------------------
+
+
+def u_splits(setup: Setup) -> dict[str, int]:
+    """The U-shaped splits this UNet supports, with how many down blocks each runs on the client."""
+    from hediff.common.split import U_SPLITS, UnsupportedUNetError, check_unet_config, u_depth
+
+    out = {}
+    for name in U_SPLITS:
+        try:
+            check_unet_config(setup.unet.config, name)
+        except UnsupportedUNetError:
+            continue
+        out[name] = u_depth(name, len(setup.unet.down_blocks))
+    return out
+
+
+@dataclass
+class Attacker:
+    """One learned decoder per U-shaped split; each outputs the step's latent and the final latent (4 + 4)."""
+
+    decoders: dict[str, ActivationDecoder]
+    info: dict
+
+
+@torch.no_grad()
+def attacker_training_set(
+    setup: Setup, sampler: Sampler, depths: dict[str, int], n: int, seed: int = ATTACKER_SEED, batch: int = 16
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """What the server would receive at every step of ``n`` generations of its own (random grammar captions,
+    random start noise), paired with that step's latent and the final latent.
+
+    Returns ``(activations per split (N, 2C, h, w), conditions (N, 1) = timestep / 1000, targets (N, 8, H, W))``,
+    one row per (generation, step); the guidance branches are stacked on channels as the server receives them.
+    """
+    from hediff.common.models import encode_prompt
+
+    h, w = setup.latent_hw
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        setup.unet.down_blocks[d - 1].register_forward_hook(lambda _m, _i, out, d=d: captured.__setitem__(d, out[0]))
+        for d in set(depths.values())
+    ]
+    acts: dict[str, list[torch.Tensor]] = {name: [] for name in depths}
+    conds, targets = [], []
+    captions = attacker_captions(n, seed)
+    try:
+        for lo in range(0, n, batch):
+            chunk = captions[lo : lo + batch]
+            b = len(chunk)
+            enc = [encode_prompt(setup.tokenizer, setup.text_encoder, c) for c in chunk]
+            ehs = torch.cat([torch.cat([u for _, u in enc]), torch.cat([c for c, _ in enc])]).float()
+            g = torch.Generator().manual_seed(seed * 7919 + lo)
+            x = torch.randn((b, 4, h, w), generator=g) * float(sampler.scheduler.init_noise_sigma)
+            latents, sent = [], {name: [] for name in depths}
+            for t in sampler.timesteps:
+                e = sampler.eps(x, t, ehs)
+                for name, d in depths.items():
+                    sent[name].append(torch.cat([captured[d][:b], captured[d][b:]], dim=1))
+                latents.append(x)
+                x = sampler.step(e, t, x)
+            for i, t in enumerate(sampler.timesteps):
+                targets.append(torch.cat([latents[i], x], dim=1))
+                conds.append(torch.full((b, 1), t / 1000.0))
+                for name in depths:
+                    acts[name].append(sent[name][i])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: torch.cat(v) for k, v in acts.items()}, torch.cat(conds), torch.cat(targets)
+
+
+def train_attacker(
+    setup: Setup, sampler: Sampler, prompts: int, steps: int, noise_sigmas: tuple[float, ...], seed: int = ATTACKER_SEED
+) -> Attacker:
+    t0 = time.perf_counter()
+    depths = u_splits(setup)
+    acts, conds, targets = attacker_training_set(setup, sampler, depths, prompts, seed)
+    data_s = time.perf_counter() - t0
+    # half the examples clean, the rest at the swept noise levels (the level is an input: the server knows it)
+    levels = (0.0,) * max(1, len(noise_sigmas)) + tuple(noise_sigmas)
+    decoders, per_split = {}, {}
+    for name in depths:
+        decoders[name], per_split[name] = train_activation_decoder(
+            acts[name], conds, targets, steps=steps, noise_levels=levels, seed=seed
+        )
+        print(f"  decoder {name}: loss {per_split[name]['first_loss']} -> {per_split[name]['final_loss']}")
+    return Attacker(
+        decoders,
+        {
+            "training_prompts": prompts,
+            "examples": int(conds.shape[0]),
+            "decoder_steps": steps,
+            "noise_levels": list(levels),
+            "seconds_data": round(data_s, 1),
+            "per_split": per_split,
+        },
+    )
+
+
+@torch.no_grad()
+def decode_activation(decoder: ActivationDecoder, sent: torch.Tensor, t: int, sigma: float = 0.0):
+    """The decoder's ``(x_t, final latent)`` estimates from one step's sent activation ``(2, C, h, w)``."""
+    act = sent.reshape(1, -1, *sent.shape[2:])
+    pred = decoder(act, torch.tensor([[t / 1000.0, sigma]]))
+    return pred[:, :4], pred[:, 4:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The prompt-only baseline and the verdict relative to it
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prompt_only_images(setup: Setup, sampler: Sampler, ehs: torch.Tensor, starts: int, seed: int) -> dict:
+    """What any server holding the prompt makes without any activation: the sampler from a zero start, and the
+    mean image of ``starts`` random starts (seeds it picks, not the victim's)."""
+    h, w = setup.latent_hw
+    zero = decode(setup, sampler.run(torch.zeros(1, 4, h, w), ehs).final)
+    g = torch.Generator().manual_seed(50_000 + seed)
+    x = torch.randn((starts, 4, h, w), generator=g) * float(sampler.scheduler.init_noise_sigma)
+    uncond, cond = ehs.chunk(2)
+    batch_ehs = torch.cat([uncond.expand(starts, -1, -1), cond.expand(starts, -1, -1)])
+    mean = decode(setup, sampler.run(x, batch_ehs).final).mean(dim=0, keepdim=True)
+    return {"zero start": zero, f"mean of {starts} random starts": mean}
+
+
+def baseline_scores(setup: Setup, images: dict, truth: torch.Tensor) -> dict:
+    """Scores of each prompt-only image against ``truth``; ``best`` is the baseline a verdict is relative to."""
+    scores = {name: image_scores(setup, img, truth) for name, img in images.items()}
+    best = max(scores, key=lambda k: (scores[k]["psnr"], scores[k]["ssim"]))
+    return {**scores, "best": {**scores[best], "from": best}}
+
+
+def verdict(final_psnr: float, baseline_psnr: float) -> str:
+    """Relative to what the prompt alone gives: a server that sees the prompt can always make that image."""
+    return IMAGE_LEAKS if final_psnr >= baseline_psnr + LEAK_MARGIN_DB else "leaks little beyond the prompt"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Noise on the sent activation
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def split_generation(
+    setup: Setup, sampler: Sampler, split_name: str, x: torch.Tensor, ehs: torch.Tensor, sigma: float, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The product's U-shaped generation (client head and tail, server body) with noise on every sent ``h``.
+
+    Returns the final latent and what the server received at each step.
+    """
+    from hediff.common.split import split_unet
+
+    client, body = split_unet(setup.unet, split_name)
+    g = torch.Generator().manual_seed(seed)
+    sent = []
+    for t in sampler.timesteps:
+        acts, kept = client.head(x, t, ehs)
+        noisy = add_relative_noise(acts["h"], sigma, g)
+        sent.append(noisy)
+        out = client.tail(body({"h": noisy}, t, ehs, latent_size=setup.latent_hw), kept, ehs)
+        uncond, cond = out.chunk(2)
+        x = sampler.step(uncond + sampler.guidance * (cond - uncond), t, x)
+    return x, sent
+
+
+def _adherence(setup: Setup, image: torch.Tensor, scene) -> bool | None:
+    """training/checker.py's verdict (colour, shape and position all right); None where it cannot read the size."""
+    from training.checker import check
+    from training.shapes import IMAGE_SIZE
+
+    if image.shape[-1] != IMAGE_SIZE or image.shape[1] != 3:
+        return None
+    pixels = (image[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return check(pixels, scene).all
+
+
+def noise_sweep(
+    setup: Setup, sampler: Sampler, attacker: Attacker, victims: list[dict], sigmas: tuple[float, ...], iters: int
+) -> dict:
+    """Per U-shaped split and noise level: the attack (decoder, then gradient from it) and the prompt-only
+    baseline against the image the user gets, and what the noise does to that image."""
+    depths = u_splits(setup)
+    step = (3 * len(sampler.timesteps)) // 4
+    t = sampler.timesteps[step]
+    out: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    for name, depth in depths.items():
+        for sigma in sigmas:
+            runs = []
+            for v in victims:
+                final, sent = split_generation(setup, sampler, name, v["x_T"], v["ehs"], sigma, seed=v["seed"] + 17)
+                image = decode(setup, final)
+                xt, fin = decode_activation(attacker.decoders[name], sent[step], t, sigma)
+                view = u_view(setup, depth, t, v["ehs"])
+                xg, _ = invert_by_gradient(view, [sent[step]], tuple(xt.shape), steps=iters, lr=0.05, init=xt)
+                candidates = [decode(setup, fin)]
+                candidates += [decode(setup, sampler.run(x, v["ehs"], start=step).final) for x in (xt, xg)]
+                attack = max((image_scores(setup, c, image) for c in candidates), key=lambda s: (s["psnr"], s["ssim"]))
+                base = baseline_scores(setup, v["baseline_images"], image)["best"]
+                runs.append(
+                    {
+                        "attack_psnr": attack["psnr"],
+                        "attack_ssim": attack["ssim"],
+                        "baseline_psnr": base["psnr"],
+                        "baseline_ssim": base["ssim"],
+                        "image_psnr_vs_clean": image_scores(setup, image, v["image"])["psnr"],
+                        "adherent": _adherence(setup, image, v["scene"]),
+                    }
+                )
+            adherent = [r["adherent"] for r in runs if r["adherent"] is not None]
+            row = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in runs[0] if k != "adherent"}
+            row["sigma"] = sigma
+            row["adherence"] = f"{sum(adherent)}/{len(adherent)}" if adherent else None
+            row["verdict"] = verdict(row["attack_psnr"], row["baseline_psnr"])
+            out.setdefault(name, []).append(row)
+            print(f"  noise {name} sigma {sigma}: attack {row['attack_psnr']} dB vs {row['baseline_psnr']} dB")
+    clean = [_adherence(setup, v["image"], v["scene"]) for v in victims]
+    return {
+        "attacked_step": step,
+        "prompts": len(victims),
+        "clean_adherence": None if None in clean else f"{sum(clean)}/{len(clean)}",
+        "attack": "learned decoder (trained with noise at these levels), then gradient inversion from its estimate; "
+        "the best of its final latent and running the sampler on from either estimate",
+        "splits": out,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
@@ -432,10 +786,17 @@ def _final_from(sampler: Sampler, setup: Setup, traj: Trajectory, i: int, xr: to
 
 
 def attack_mode(
-    name: str, sampler: Sampler, setup: Setup, traj: Trajectory, image: torch.Tensor, estimate: Callable
+    name: str,
+    sampler: Sampler,
+    setup: Setup,
+    traj: Trajectory,
+    image: torch.Tensor,
+    estimate: Callable,
+    direct: Callable[[int], torch.Tensor] | None = None,
 ) -> dict:
-    """Scores of ``estimate(i) -> (x_i estimate, info)`` at the evaluated steps, and of the final images."""
-    steps, x0_pred, run_on = [], [], []
+    """Scores of ``estimate(i) -> (x_i estimate, info)`` at the evaluated steps, and of the final images; with
+    ``direct(i)`` (called after ``estimate(i)``), also of a final latent the attack estimates directly."""
+    steps, x0_pred, run_on, direct_rows = [], [], [], []
     t0 = time.perf_counter()
     for i in sampler.eval_steps:
         xr, info = estimate(i)
@@ -451,14 +812,19 @@ def attack_mode(
         pred, run = _final_from(sampler, setup, traj, i, xr, image)
         x0_pred.append({"step": i, **pred})
         run_on.append({"step": i, **run})
-    best = max(x0_pred + run_on, key=lambda r: (r["psnr"], r["ssim"]))
+        if direct is not None:
+            direct_rows.append({"step": i, **image_scores(setup, decode(setup, direct(i)), image)})
+    best = max(x0_pred + run_on + direct_rows, key=lambda r: (r["psnr"], r["ssim"]))
     print(f"  {name}: x_t PSNR {[r['psnr'] for r in steps]} final {best['psnr']} dB ({time.perf_counter() - t0:.0f} s)")
-    return {
+    out = {
         "x_t": steps,
         "final_from_x0_prediction": x0_pred,
         "final_from_running_on": run_on,
         "final_image": {"psnr": best["psnr"], "ssim": best["ssim"], "from_step": best["step"]},
     }
+    if direct is not None:
+        out["final_from_direct_estimate"] = direct_rows
+    return out
 
 
 def _mean_rows(runs: list[dict]) -> dict:
@@ -477,7 +843,13 @@ def _mean_rows(runs: list[dict]) -> dict:
 
 
 def attack_all(
-    setup: Setup, sampler: Sampler, traj: Trajectory, image: torch.Tensor, md_masks: list[np.ndarray], iters: int
+    setup: Setup,
+    sampler: Sampler,
+    traj: Trajectory,
+    image: torch.Tensor,
+    md_masks: list[np.ndarray],
+    iters: int,
+    attacker: Attacker | None = None,
 ) -> dict[str, dict]:
     """Every attack on one generation, keyed by attack name."""
     ehs, shape = traj.ehs, tuple(traj.latents[0][0].shape)
@@ -508,16 +880,34 @@ def attack_all(
             grad(lambda i: resnet0_view(setup, traj.timesteps[i])),
         ),
     }
-    for depth in (1, 2):
-        if len(setup.unet.down_blocks) > depth:  # u2 needs a server-side down block left
-            results[f"u{depth}"] = attack_mode(
-                f"u{depth}: gradient",
-                sampler,
-                setup,
-                traj,
-                image,
-                grad(lambda i, d=depth: u_view(setup, d, traj.timesteps[i], ehs)),
-            )
+    for name, depth in u_splits(setup).items():
+
+        def view(i, d=depth):
+            return u_view(setup, d, traj.timesteps[i], ehs)
+
+        results[name] = attack_mode(f"{name}: gradient", sampler, setup, traj, image, grad(view))
+        if attacker is None:
+            continue
+        estimates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def learned(i, view=view, dec=attacker.decoders[name], estimates=estimates):
+            with torch.no_grad():
+                sent = view(i)(traj.latents[i])[0]
+            estimates[i] = decode_activation(dec, sent, traj.timesteps[i])
+            return estimates[i][0], {}
+
+        def learned_then_gradient(i, view=view, estimates=estimates):
+            with torch.no_grad():
+                targets = view(i)(traj.latents[i])
+            xr, info = invert_by_gradient(view(i), targets, tuple(traj.latents[i].shape), iters, 0.05, estimates[i][0])
+            return xr, {"final_loss": round(info["final_loss"], 6)}
+
+        results[f"{name}.decoder"] = attack_mode(
+            f"{name}: learned decoder", sampler, setup, traj, image, learned, direct=lambda i, e=estimates: e[i][1]
+        )
+        results[f"{name}.decoder+gradient"] = attack_mode(
+            f"{name}: gradient from the decoder's estimate", sampler, setup, traj, image, learned_then_gradient
+        )
     for label, masks in (
         ("reference.min-distortion", md_masks),
         # the product draws one random mask per generation; a fresh one per step is measured to show why
@@ -577,22 +967,25 @@ def run_heads_only(args, setup: Setup) -> dict:
 
 
 def run_model(args, setup: Setup) -> dict:
+    from hediff.common.models import encode_prompt
     from hediff.common.selection import min_distortion_mask
 
     sampler = Sampler(setup, args.steps, args.guidance)
     sampler.eval_steps = _eval_steps(len(sampler.timesteps), few=args.few_eval_steps)
     iters = args.grad_iters
+    sigmas = () if args.no_noise else NOISE_SIGMAS
+    attacker = None
+    if not args.no_decoder:
+        print(f"attacker: {args.attacker_prompts} generations of its own, {args.decoder_steps} training steps")
+        attacker = train_attacker(setup, sampler, args.attacker_prompts, args.decoder_steps, sigmas)
     modes: dict[str, list[dict]] = {}
-    index_runs, enc_fracs = [], []
+    index_runs, enc_fracs, baselines, victims = [], [], [], []
     h, w = setup.latent_hw
-    te, tok = setup.text_encoder, setup.tokenizer
-    prompts = PROMPTS[: args.prompts]
-    for p, prompt in enumerate(prompts):
-        print(f"prompt {p + 1}/{len(prompts)}")
+    scenes = victim_scenes(args.prompts)
+    for p, scene in enumerate(scenes):
+        print(f"prompt {p + 1}/{len(scenes)}: {scene.caption()}")
         with torch.no_grad():
-            from hediff.common.models import encode_prompt
-
-            cond, uncond = encode_prompt(tok, te, prompt)
+            cond, uncond = encode_prompt(setup.tokenizer, setup.text_encoder, scene.caption())
         ehs = torch.cat([uncond, cond]).float()
         g = torch.Generator("cpu").manual_seed(args.seed + p)
         x_T = torch.randn((1, 4, h, w), generator=g) * float(sampler.scheduler.init_noise_sigma)
@@ -601,13 +994,35 @@ def run_model(args, setup: Setup) -> dict:
         md_masks = [min_distortion_mask(x[0].double().numpy()) for x in traj.latents]
         enc_fracs.append(float(np.mean([m.mean() for m in md_masks])))
 
-        results = attack_all(setup, sampler, traj, image, md_masks, iters)
+        results = attack_all(setup, sampler, traj, image, md_masks, iters, attacker)
         for k, v in results.items():
             modes.setdefault(k, []).append(v)
         index_runs.append(index_set_leakage(setup, traj, md_masks, image))
+        prompt_only = prompt_only_images(setup, sampler, ehs, args.baseline_starts, seed=p)
+        baselines.append({k: image_scores(setup, v, image) for k, v in prompt_only.items()})
+        victims.append(
+            {
+                "scene": scene,
+                "ehs": ehs,
+                "x_T": x_T,
+                "seed": args.seed + p,
+                "image": image,
+                "baseline_images": prompt_only,
+            }
+        )
+        print(f"  prompt-only baseline: {baselines[-1]}")
 
     attacks = {k: _mean_rows(v) for k, v in modes.items()}
-    prompt = None if args.no_prompt else prompt_leakage(setup, PROMPTS[: max(args.text_prompts, len(prompts))])
+    baseline = _mean_rows(baselines)
+    best = max(baseline, key=lambda k: (baseline[k]["psnr"], baseline[k]["ssim"]))
+    baseline["best"] = {**baseline[best], "from": best}
+    noise = None
+    if attacker is not None and sigmas:
+        noise = noise_sweep(setup, sampler, attacker, victims[: args.noise_prompts], sigmas, max(1, iters // 2))
+    prompt, template = None, None
+    if not args.no_prompt:
+        prompt = prompt_leakage(setup, [s.caption() for s in victim_scenes(max(args.text_prompts, len(scenes)))])
+        template = embedding_noise_leakage(setup, args.template_prompts, EMBEDDING_SIGMAS)
     return {
         "model": setup.label,
         "note": setup.note,
@@ -616,14 +1031,21 @@ def run_model(args, setup: Setup) -> dict:
             "steps": args.steps,
             "guidance": args.guidance,
             "latent": [4, h, w],
-            "prompts": len(prompts),
+            "prompts": len(scenes),
+            "eval_steps": sampler.eval_steps,
             "gradient_iterations": iters,
+            "baseline_random_starts": args.baseline_starts,
+            "noise_sweep_prompts": 0 if noise is None else noise["prompts"],
             "mean_min_distortion_encrypted_fraction": round(float(np.mean(enc_fracs)), 4),
         },
+        "decoder": None if attacker is None else attacker.info,
+        "baseline": baseline,
         "attacks": attacks,
-        "modes": mode_table(attacks, prompt),
+        "modes": mode_table(attacks, baseline, prompt),
+        "noise_sweep": noise,
         "index_set": _mean_rows(index_runs),
         "prompt": prompt,
+        "prompt_embedding_noise": template,
     }
 
 
@@ -639,6 +1061,8 @@ _SERVER_SEES = {
     "prediction",
     "u2": "the output of down_blocks[1] (both guidance branches), the prompt embeddings; no latent, no noise "
     "prediction",
+    "u3": "the output of the last down block (both guidance branches), the prompt embeddings; it runs only the mid "
+    "block; no latent, no noise prediction",
     "reference": "the noise prediction (the reference code runs the whole UNet in the clear), the plaintext share "
     "and the index set every step; no head activations",
 }
@@ -648,23 +1072,22 @@ _ENCRYPTION_SEES = {
     "random-mask": "~11% of the latent in plaintext at data-independent positions (one mask per generation)",
     "none": "the whole latent in plaintext",
 }
+_U_ATTACKS = {
+    "": "gradient inversion of the sent activations (Adam from zeros)",
+    ".decoder": "learned decoder trained on the server's own generations (random prompts of the public grammar)",
+    ".decoder+gradient": "gradient inversion started from the learned decoder's estimate",
+}
 
 
-def _verdict(psnr_db: float) -> str:
-    if psnr_db >= 40:
-        return "leaks the image: the server rebuilds it essentially exactly"
-    if psnr_db >= 25:
-        return "leaks the image: the server rebuilds a close likeness"
-    if psnr_db >= 15:
-        return "partial leak: the server rebuilds a rough likeness"
-    return "no useful reconstruction by the measured attacks"
-
-
-def mode_table(attacks: dict, prompt: dict | None) -> list[dict]:
-    """One row per (split, encryption): what the server receives, the attack, and the measured numbers."""
+def mode_table(attacks: dict, baseline: dict, prompt: dict | None) -> list[dict]:
+    """One row per (split, encryption): what the server receives, its best measured attack, the prompt-only
+    baseline, and the verdict relative to that baseline."""
     rows = []
+    base = baseline["best"]
+    kv = (prompt or {}).get("keys_instead_of_embeddings") or {}
 
-    def add(split, encryption, key, attack, override: dict | None = None):
+    def add(split, encryption, candidates: dict[str, str], override: dict | None = None):
+        key = max(candidates, key=lambda k: (attacks[k]["final_image"]["psnr"], attacks[k]["final_image"]["ssim"]))
         a = attacks[key]
         latent = _ENCRYPTION_SEES[encryption]
         if split.startswith("u"):
@@ -678,33 +1101,38 @@ def mode_table(attacks: dict, prompt: dict | None) -> list[dict]:
                 "split": split,
                 "encryption": encryption,
                 "server_receives": f"{_SERVER_SEES[split]}; latent: {latent}",
-                "attack": attack,
+                "attack": candidates[key],
                 "x_t": xt,
                 "final_image": final,
+                "baseline": {"psnr": base["psnr"], "ssim": base["ssim"], "from": base["from"]},
                 "prompt_token_accuracy": None if prompt is None else prompt["token_accuracy"],
-                "verdict": _verdict(final["psnr"]),
+                "prompt_kv_token_accuracy": kv.get("token_accuracy"),
+                "verdict": verdict(final["psnr"], base["psnr"]),
             }
         )
 
     exact = {"final": {"psnr": PSNR_CAP, "ssim": 1.0, "from_step": 0}, "x_t": None}
     for split in ("conv_in", "down0.resnet0"):
+        what = "conv_in(x_t)" if split == "conv_in" else "skip0"
         for enc in ("full", "min-distortion", "random-mask", "none"):
             if enc == "none":
                 steps = [{"step": r["step"], "psnr": PSNR_CAP, "ssim": 1.0} for r in attacks["conv_in"]["x_t"]]
-                add(split, enc, "conv_in", "none needed: x_t is sent in plaintext", {**exact, "x_t": steps})
+                add(split, enc, {"conv_in": "none needed: x_t is sent in plaintext"}, {**exact, "x_t": steps})
             else:
-                what = "conv_in(x_t)" if split == "conv_in" else "skip0"
-                add(split, enc, "conv_in", f"least-squares inversion of {what} (conjugate gradient, float64)")
-    for split in ("u1", "u2"):
-        if split in attacks:
+                add(split, enc, {"conv_in": f"least-squares inversion of {what} (conjugate gradient, float64)"})
+    for split in ("u1", "u2", "u3"):
+        candidates = {split + k: v for k, v in _U_ATTACKS.items() if split + k in attacks}
+        if candidates:
             for enc in ("full", "min-distortion", "random-mask", "none"):
-                add(split, enc, split, "gradient inversion of the sent activations (Adam from zeros)")
+                add(split, enc, candidates)
     for enc in ("full", "min-distortion", "random-mask"):
         add(
             "reference",
             enc,
-            f"reference.{enc}",
-            "start noise from every step's plaintext values via the public DDIM recursion, then the trajectory",
+            {
+                f"reference.{enc}": "start noise from every step's plaintext values via the public DDIM recursion, "
+                "then the trajectory"
+            },
         )
     return rows
 
@@ -728,25 +1156,61 @@ def markdown(report: dict) -> str:
         for k, rows in report["heads"].items():
             lines.append(f"| {k} | " + ", ".join(f"{r['step']}: {r['psnr']:g} / {r['ssim']:g}" for r in rows) + " |")
         return "\n".join(lines) + "\n"
+    base = report["baseline"]["best"]
     lines = [
         f"### Leakage, model `{report['model']}` ({report['note']})",
         "",
         f"Command: `{report['command']}`  ",
         f"Settings: {json.dumps(report['settings'])}",
         "",
-        "| split | encryption | x_t PSNR dB by step | final image PSNR dB / SSIM | verdict |",
-        "|---|---|---|---|---|",
+        f"Prompt-only baseline (a server that holds only the prompt runs the sampler itself): {base['psnr']:g} dB / "
+        f"{base['ssim']:g} ({base['from']}); "
+        + ", ".join(f"{k}: {v['psnr']:g} dB / {v['ssim']:g}" for k, v in report["baseline"].items() if k != "best"),
+        "",
+        "| split | encryption | best attack | x_t PSNR dB by step | final image PSNR dB / SSIM | prompt only "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["modes"]:
         steps = ", ".join(f"{s['step']}: {s['psnr']:g}" for s in r["x_t"])
-        f = r["final_image"]
-        lines.append(f"| {r['split']} | {r['encryption']} | {steps} | {f['psnr']:g} / {f['ssim']:g} | {r['verdict']} |")
+        f, b = r["final_image"], r["baseline"]
+        lines.append(
+            f"| {r['split']} | {r['encryption']} | {r['attack']} | {steps} | {f['psnr']:g} / {f['ssim']:g} | "
+            f"{b['psnr']:g} / {b['ssim']:g} | {r['verdict']} |"
+        )
     lines += ["", "Attacks (mean over prompts): x_t PSNR per evaluated step, best final-image PSNR / SSIM", ""]
     lines += ["| attack | x_t PSNR dB by step | final image PSNR / SSIM (from step) |", "|---|---|---|"]
     for k, a in report["attacks"].items():
         steps = ", ".join(f"{s['step']}: {s['psnr']:g}" for s in a["x_t"])
         f = a["final_image"]
         lines.append(f"| {k} | {steps} | {f['psnr']:g} / {f['ssim']:g} ({f['from_step']}) |")
+    if report.get("decoder"):
+        d = report["decoder"]
+        losses = ", ".join(
+            f"{k} {v['first_loss']:g} -> {v['final_loss']:g} ({v['seconds']:g} s)" for k, v in d["per_split"].items()
+        )
+        lines += [
+            "",
+            f"Learned decoder: {d['training_prompts']} generations of the server's own ({d['examples']} examples, "
+            f"{d['seconds_data']:g} s), {d['decoder_steps']} Adam steps per split; training loss {losses}",
+        ]
+    noise = report.get("noise_sweep")
+    if noise:
+        lines += [
+            "",
+            f"Noise on the sent activation (sigma x its std), attacked at step {noise['attacked_step']}, "
+            f"{noise['prompts']} prompts; clean adherence {noise['clean_adherence']}:",
+            "",
+            "| split | sigma | attack PSNR / SSIM | prompt only | image vs clean PSNR | adherence | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for split, rows in noise["splits"].items():
+            for r in rows:
+                lines.append(
+                    f"| {split} | {r['sigma']:g} | {r['attack_psnr']:g} / {r['attack_ssim']:g} | "
+                    f"{r['baseline_psnr']:g} / {r['baseline_ssim']:g} | {r['image_psnr_vs_clean']:g} | "
+                    f"{r['adherence']} | {r['verdict']} |"
+                )
     ix = report["index_set"]
     lines += [
         "",
@@ -759,26 +1223,47 @@ def markdown(report: dict) -> str:
         p = report["prompt"]
         lines += [
             "",
-            f"Prompt: {p['prompts']} prompts, token accuracy {p['token_accuracy']}, word accuracy "
-            f"{p['word_accuracy']} (nearest input embedding baseline: "
+            f"Prompt: {p['prompts']} prompts, tokens {p['tokens_recovered']} (accuracy {p['token_accuracy']}), word "
+            f"accuracy {p['word_accuracy']} (nearest input embedding baseline: "
             f"{p['baseline_nearest_input_embedding_token_accuracy']}), {p['seconds']} s",
         ]
+        kv = p.get("keys_instead_of_embeddings")
+        if kv:
+            lines.append(
+                f"Keys instead of embeddings: {kv['full_column_rank']}/{kv['projections']} cross-attention "
+                f"projections have full column rank; embeddings back to {kv['max_relative_error']:g} (relative), "
+                f"tokens {kv['tokens_recovered']}"
+            )
+    if report.get("prompt_embedding_noise"):
+        t = report["prompt_embedding_noise"]
+        lines.append(
+            f"Noise on the embeddings ({t['attack']}): "
+            + ", ".join(
+                f"sigma {r['sigma']:g}: colour {r['colour_recovered']}, caption {r['caption_recovered']}"
+                for r in t["rows"]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
 def app_entry(report: dict) -> dict:
-    """The part the desktop app ships: per (split, encryption) the final-image and x_t numbers and the verdict."""
+    """The part the desktop app ships: per (split, encryption) the best attack, the prompt-only baseline, the
+    prompt recovery and the verdict."""
     modes = []
     for r in report["modes"]:
         modes.append(
             {
                 "split": r["split"],
                 "encryption": r["encryption"],
+                "attack": r["attack"],
                 "final_psnr": r["final_image"]["psnr"],
                 "final_ssim": r["final_image"]["ssim"],
+                "baseline_psnr": r["baseline"]["psnr"],
+                "baseline_ssim": r["baseline"]["ssim"],
                 "x_t_psnr_min": min(s["psnr"] for s in r["x_t"]),
                 "x_t_psnr_max": max(s["psnr"] for s in r["x_t"]),
                 "prompt_token_accuracy": r["prompt_token_accuracy"],
+                "leaks_image": r["verdict"] == IMAGE_LEAKS,
                 "verdict": r["verdict"],
             }
         )
@@ -789,12 +1274,14 @@ def update_app(results_dir: Path, target: Path = APP_DATA) -> Path:
     models = {}
     for f in sorted(results_dir.glob("leakage-*.json")):
         report = json.loads(f.read_text())
-        if "modes" in report:  # heads-only reports have no per-mode final-image numbers
+        # heads-only reports have no per-mode final-image numbers; reports from before the prompt-only baseline
+        # have no verdict the app may show
+        if "modes" in report and "baseline" in report:
             models[report["model"]] = app_entry(report)
     if not models:
         raise SystemExit(f"no leakage-*.json in {results_dir}: run python -m bench.leakage --model tiny first")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"format": "he-diffusion/leakage/v1", "models": models}, indent=1) + "\n")
+    target.write_text(json.dumps({"format": APP_FORMAT, "models": models}, indent=1) + "\n")
     print(f"wrote {target} ({', '.join(models)})")
     return target
 
@@ -802,16 +1289,23 @@ def update_app(results_dir: Path, target: Path = APP_DATA) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny, embedded, sd15, or a model folder")
-    ap.add_argument("--quick", action="store_true", help="fewer steps, prompts and gradient iterations")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, prompts, iterations and decoder training")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--grad-iters", type=int, default=None)
     ap.add_argument("--latent", type=int, default=None, help="latent side (default: the model's; sd15: 32)")
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model folder's recommendation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-prompt", action="store_true", help="skip the prompt attack")
+    ap.add_argument("--attacker-prompts", type=int, default=None, help="generations the server makes to train on")
+    ap.add_argument("--decoder-steps", type=int, default=None, help="Adam steps per learned decoder")
+    ap.add_argument("--no-decoder", action="store_true", help="skip the learned-decoder attack (and the noise sweep)")
+    ap.add_argument("--baseline-starts", type=int, default=4, help="random starts the prompt-only baseline averages")
+    ap.add_argument("--no-noise", action="store_true", help="skip the noise sweep on the sent activation")
+    ap.add_argument("--noise-prompts", type=int, default=None, help="prompts for the noise sweep")
+    ap.add_argument("--no-prompt", action="store_true", help="skip the prompt attacks")
     ap.add_argument("--text-prompts", type=int, default=3, help="prompts for the prompt attack (at least --prompts)")
+    ap.add_argument("--template-prompts", type=int, default=30, help="prompts for the embedding-noise template match")
     ap.add_argument("--few-eval-steps", action="store_true", help="attack the first, middle and last step only")
     ap.add_argument("--heads-only", action="store_true", help="only invert the heads (no sampler; for sd15 on a CPU)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -823,10 +1317,14 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (10 if args.quick else 20)
     args.prompts = args.prompts or (2 if args.quick else 3)
     args.grad_iters = args.grad_iters or (150 if args.quick else 300)
+    args.attacker_prompts = args.attacker_prompts or (16 if args.quick else 64)
+    args.decoder_steps = args.decoder_steps or (200 if args.quick else 800)
+    args.noise_prompts = args.noise_prompts or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hediff-leak-") as tmp:
         setup = load_setup(args.model, args.latent, Path(tmp))
+        args.guidance = setup.guidance if args.guidance is None else args.guidance
         report = run_heads_only(args, setup) if args.heads_only else run_model(args, setup)
     report["command"] = command_line("bench.leakage", argv)
     report["machine"] = machine_info(seconds=round(time.perf_counter() - t0, 1))

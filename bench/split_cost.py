@@ -1,7 +1,7 @@
 """Per-step cost of every split and encryption mode: client time, server time, bytes each way.
 
 Modes: the paper's splits (``conv_in`` with full, min-distortion, random-mask or no encryption; ``down0.resnet0``
-with full encryption) and the U-shaped splits ``u1``/``u2`` (no HE: the latent stays on the client, which also
+with full encryption) and the U-shaped splits ``u1``/``u2``/``u3`` (no HE: the latent stays on the client, which also
 runs the tail, the guidance and the scheduler step). Timing runs the real split modules and the real HE code in
 one process (no HTTP: transfer time depends on the link, bytes do not); bytes are the lengths of the real encoded
 request and answer frames with real ciphertexts, fp32 activations (fp16 halves the activation share).
@@ -11,6 +11,7 @@ weights (timing only). On a 2-core CPU the SD 1.5 UNet takes seconds per step at
 ``--sd15-latent`` (default 32, i.e. 256 px); bytes are also counted at 64x64 (512 px) from frames of that size.
 
     python -m bench.split_cost [--repeats 2] [--threads 2] [--sd15-latent 32] [--skip-sd15] [--out bench/results]
+    python -m bench.split_cost --flops-only     # client share of UNet FLOPs per split: tiny, embedded, SD 1.5
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MODES = (
     ("down0.resnet0", "full"),
     ("u1", "none"),
     ("u2", "none"),
+    ("u3", "none"),
 )
 TIMESTEP = 801
 GUIDANCE = 7.5
@@ -115,6 +117,51 @@ def unet_flops(unet_config, split_name: str, latent_hw: tuple[int, int]) -> dict
             with server:
                 body(sent, TIMESTEP, ehs)
     return {"client": head.get_total_flops() + tail.get_total_flops(), "server": server.get_total_flops()}
+
+
+def flop_shares(unet_config, latent_hw: tuple[int, int]) -> dict[str, dict]:
+    """Per split this UNet supports: client and server FLOPs per step and the client's share of the UNet's."""
+    from hediff.common.split import SPLIT_POINTS, UnsupportedUNetError, check_unet_config
+
+    out = {}
+    for split_name in SPLIT_POINTS:
+        try:
+            check_unet_config(unet_config, split_name)
+        except UnsupportedUNetError:
+            continue
+        f = unet_flops(unet_config, split_name, latent_hw)
+        out[split_name] = {**f, "client_share": round(f["client"] / (f["client"] + f["server"]), 4)}
+    return out
+
+
+def run_flops_only(out_dir: Path, argv) -> None:
+    from hediff.common import models
+
+    with tempfile.TemporaryDirectory(prefix="hediff-bench-") as tmp:
+        configs = {
+            "tiny": (models.load_unet_config(models.build_tiny_model(Path(tmp) / "tiny", seed=0)), 16),
+            "embedded": (models.load_unet_config(models.EMBEDDED_MODEL_DIR), 16),
+            "sd15": (dict(models.SD15_UNET_CONFIG), 64),
+        }
+        results = {}
+        for name, (cfg, side) in configs.items():
+            results[name] = {"latent": [4, side, side], "splits": flop_shares(cfg, (side, side))}
+    report = {"command": command_line("bench.split_cost", argv), "machine": machine_info(), "results": results}
+    lines = [
+        f"Command: `{report['command']}`",
+        "",
+        "Client's share of the UNet's FLOPs per step (guidance batch 2):",
+        "",
+    ]
+    lines += ["| model (latent) | " + " | ".join(f"`{s}`" for s in results["sd15"]["splits"]) + " |"]
+    lines += ["|---|" + "---|" * len(results["sd15"]["splits"])]
+    for name, r in results.items():
+        cells = [
+            f"{100 * r['splits'][s]['client_share']:.2f} %" if s in r["splits"] else "n/a"
+            for s in results["sd15"]["splits"]
+        ]
+        lines.append(f"| {name} ({'x'.join(map(str, r['latent']))}) | " + " | ".join(cells) + " |")
+    save_report(out_dir, "split_flops", report, "\n".join(lines) + "\n")
 
 
 def he_cost(latent_shape: tuple[int, ...], encryption: str, repeats: int) -> dict:
@@ -252,8 +299,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sd15-latent", type=int, default=32, help="latent side for SD 1.5 timing (64 = 512 px)")
     ap.add_argument("--skip-sd15", action="store_true", help="only the tiny model (quick check)")
+    ap.add_argument("--flops-only", action="store_true", help="only count FLOPs per split (tiny, embedded, SD 1.5)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
+    if args.flops_only:
+        run_flops_only(args.out, argv)
+        return 0
 
     from diffusers import UNet2DConditionModel
 

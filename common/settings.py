@@ -58,8 +58,9 @@ PARTIAL_ENCRYPTION: tuple[str, ...] = (Encryption.MIN_DISTORTION.value, Encrypti
 # are named here so that validating settings needs neither torch nor TenSEAL (tests check they agree).
 SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "plms", "euler", "dpmpp-2m")
 PAPER_SPLITS: tuple[str, ...] = ("conv_in", "down0.resnet0")
-#: U-shaped split -> how many down blocks (and, mirrored, up blocks) run on the client
-U_SPLITS: dict[str, int] = {"u1": 1, "u2": 2}
+# U-shaped split -> how many down blocks (and, mirrored, up blocks) run on the client; None: all of them (the
+# server runs only the mid block)
+U_SPLITS: dict[str, int | None] = {"u1": 1, "u2": 2, "u3": None}
 SPLIT_POINTS: tuple[str, ...] = (*PAPER_SPLITS, *U_SPLITS)
 DEFAULT_SPLIT = PAPER_SPLITS[0]
 HE_PRESET_NAMES: tuple[str, ...] = ("fast", "paper")

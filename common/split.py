@@ -22,6 +22,9 @@ downsampler) *and* the last ``k`` up blocks with ``conv_norm_out``/``conv_act``/
     eps = UNetHeadTail(...).tail(hidden, kept, ehs)          # (B, 4, h, w), never leaves the client
 
 * ``"u1"`` (``k = 1``), ``"u2"`` (``k = 2``, needs at least 3 down blocks).
+* ``"u3"``: ``k`` = all down blocks, so the server runs only the mid block (3 on the embedded model, 4 on SD 1.5).
+  The last down block has no downsampler, so what is sent (its output) is also a skip the client's first up
+  block consumes: the client keeps it too, and the server's answer is the mid block's output.
 
 What travels in a U-shaped split, checked against the ``res_samples`` bookkeeping of
 ``UNet2DConditionModel.forward``: the skips are ``conv_in(x)``, then per down block its resnet (or attention)
@@ -102,6 +105,7 @@ _ACTIVATION_NAMES: dict[str, tuple[str, ...]] = {
     "down0.resnet0": ("skip0", "h"),
     "u1": ("h",),
     "u2": ("h",),
+    "u3": ("h",),
 }
 
 # First-down-block types whose forward UNetBody knows how to resume after resnets[0].
@@ -143,11 +147,17 @@ def mix_guidance(noise: Tensor, guidance: float) -> np.ndarray:
     return noise[0].float().cpu().numpy().astype(np.float64)
 
 
-def u_depth(split: str) -> int:
-    """Down (and up) blocks the client runs in U-shaped ``split``."""
+def u_depth(split: str, down_blocks: int) -> int:
+    """Down (and up) blocks the client runs in U-shaped ``split`` of a UNet with ``down_blocks`` down blocks."""
     if not is_u_shaped(split):
         raise ValueError(f"split {split!r} is not U-shaped; U-shaped splits are {', '.join(U_SPLITS)}")
-    return U_SPLITS[split]
+    k = U_SPLITS[split]
+    return down_blocks if k is None else k
+
+
+def _sent_level(k: int, down_blocks: int) -> int:
+    """Downsamplings before the sent activation: the last down block has none."""
+    return min(k, down_blocks - 1)
 
 
 def activation_names(split: str) -> tuple[str, ...]:
@@ -186,10 +196,12 @@ def _strip_res(block_type: str | None) -> str | None:
 
 
 def _u_problems(cfg: Mapping[str, Any], split: str) -> list[str]:
-    k = U_SPLITS[split]
     downs = list(cfg.get("down_block_types") or [])
     ups = list(cfg.get("up_block_types") or [])
-    if len(downs) < k + 1:
+    k = u_depth(split, len(downs))
+    if not downs:
+        return [f"split {split!r} needs at least one down block; down_block_types is empty"]
+    if U_SPLITS[split] is not None and len(downs) < k + 1:
         return [
             f"split {split!r} runs {k} down block(s) on the client and needs at least {k + 1} down blocks; "
             f"down_block_types has {len(downs)} ({', '.join(downs)})"
@@ -260,7 +272,7 @@ def _check_unet_module(unet: nn.Module, split: str) -> None:
                 f"{', '.join(_RESUMABLE_DOWN0)}."
             )
     if split in U_SPLITS:
-        _check_u_modules(unet, U_SPLITS[split], split)
+        _check_u_modules(unet, u_depth(split, len(unet.down_blocks)), split)
 
 
 def _check_u_modules(unet: nn.Module, k: int, split: str) -> None:
@@ -271,10 +283,11 @@ def _check_u_modules(unet: nn.Module, k: int, split: str) -> None:
     for where, block, allowed in client:
         if type(block).__name__ not in allowed or type(block).__module__ != _blocks_module():
             raise UnsupportedUNetError(f"{where} is {type(block).__name__}; split {split!r} needs one of {allowed}.")
-    if any(b.downsamplers is None for b in downs[:k]):
+    if any(b.downsamplers is None for b in downs[: _sent_level(k, len(downs))]):
         raise UnsupportedUNetError(f"split {split!r}: one of the client's down blocks has no downsampler.")
-    # skips the client makes: conv_in + each block's resnet outputs + downsampler outputs (the last one is sent)
-    made = 1 + sum(len(b.resnets) + 1 for b in downs[:k]) - 1
+    # skips the client makes: conv_in + each block's resnet outputs + downsampler outputs; the last downsampler's
+    # output is sent (a server up block consumes it) unless the client runs every down block (u3)
+    made = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in downs[:k]) - (k < len(downs))
     consumed = sum(len(b.resnets) for b in ups[-k:])
     if made != consumed:
         raise UnsupportedUNetError(
@@ -338,8 +351,10 @@ def activation_shapes(
     cfg = _full_config(unet_config)
     b, _c, h, w = _check_latent_shape(cfg, latent_shape)
     if split in U_SPLITS:
-        k = U_SPLITS[split]
-        size = _spatial_sizes(cfg, (h, w), k)[k]
+        n = len(cfg["block_out_channels"])
+        k = u_depth(split, n)
+        level = _sent_level(k, n)
+        size = _spatial_sizes(cfg, (h, w), level)[level]
         return {"h": (b, int(cfg["block_out_channels"][k - 1]), *size)}
     k = cfg.get("conv_in_kernel", 3)
     shape = (b, int(cfg["block_out_channels"][0]), _conv_out_size(h, k), _conv_out_size(w, k))
@@ -348,10 +363,12 @@ def activation_shapes(
 
 def return_shape(unet_config: Mapping[str, Any], split: str, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the server's answer :data:`RETURN_NAME` in U-shaped ``split`` (B = the guidance batch)."""
-    k = u_depth(split)
     cfg = _full_config(unet_config)
+    n = len(cfg["block_out_channels"])
+    k = u_depth(split, n)
     b, _c, h, w = _check_latent_shape(cfg, latent_shape)
-    return (b, int(cfg["block_out_channels"][k]), *_spatial_sizes(cfg, (h, w), k)[k - 1])
+    # u3: the mid block's output keeps the last down block's channels
+    return (b, int(cfg["block_out_channels"][min(k, n - 1)]), *_spatial_sizes(cfg, (h, w), k)[k - 1])
 
 
 def client_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str]:
@@ -669,7 +686,8 @@ class UNetHeadTail(nn.Module):
     def __init__(self, unet, split: str):
         super().__init__()
         self.split = split
-        self.depth = u_depth(split)
+        self.depth = u_depth(split, len(unet.down_blocks))
+        self.sends_a_skip = self.depth < len(unet.down_blocks)
         self.unet_config = _full_config(unet.config)
         self.center_input_sample = bool(self.unet_config.get("center_input_sample", False))
         self.num_upsamplers = int(unet.num_upsamplers)
@@ -689,7 +707,6 @@ class UNetHeadTail(nn.Module):
     @classmethod
     def from_unet(cls, unet, split: str) -> UNetHeadTail:
         """Head and tail sharing ``unet``'s modules (no copies)."""
-        u_depth(split)
         _check_unet_module(unet, split)
         return cls(unet, split)
 
@@ -702,7 +719,8 @@ class UNetHeadTail(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> UNetHeadTail:
         """Load only the client's layers: exactly :func:`client_parameter_names` tensors are read."""
-        u_depth(split)
+        if not is_u_shaped(split):
+            raise ValueError(f"split {split!r} is not U-shaped; U-shaped splits are {', '.join(U_SPLITS)}")
         model_path = Path(model_path)
         part = cls.from_unet(_meta_unet(_config_for(model_path, split)), split)
         part.loaded_keys = _load_partial(part, model_path, device, dtype, f"the client's head and tail ({split!r})")
@@ -730,8 +748,10 @@ class UNetHeadTail(nn.Module):
         for block in self.down_blocks:
             sample, out = _run_down(block, sample, emb, ehs)
             res += out
-        # the last skip is the last downsampler's output, i.e. ``sample`` itself: it is sent, not kept
-        return {"h": sample}, UShapedKept(emb=emb, skips=res[:-1], latent_hw=latent_hw)
+        # the last skip is ``sample`` itself: the last downsampler's output, sent and not kept, or (u3) the last
+        # down block's output, which the client's first up block consumes as well
+        skips = res[:-1] if self.sends_a_skip else res
+        return {"h": sample}, UShapedKept(emb=emb, skips=skips, latent_hw=latent_hw)
 
     def tail(self, hidden: Tensor, kept: UShapedKept, encoder_hidden_states: Tensor) -> Tensor:
         """Noise prediction ``(B, C_out, H, W)`` from the server's ``hidden`` and the kept skips."""
@@ -772,7 +792,7 @@ class UNetBody(nn.Module):
         super().__init__()
         _check_unet_module(unet, split)
         self.split = split
-        self.depth = U_SPLITS.get(split, 0)
+        self.depth = u_depth(split, len(unet.down_blocks)) if split in U_SPLITS else 0
         self.unet_config = _full_config(unet.config)
         self.num_upsamplers = int(unet.num_upsamplers)
         self.time_proj = unet.time_proj
@@ -842,7 +862,8 @@ class UNetBody(nn.Module):
         if self.depth:
             if latent_size is None or len(latent_size) != 2:
                 raise ValueError(f"split {self.split!r} needs latent_size=(H, W) of the client's latent")
-            expected = _spatial_sizes(self.unet_config, latent_size, self.depth)[self.depth]
+            level = _sent_level(self.depth, len(self.down_blocks))
+            expected = _spatial_sizes(self.unet_config, latent_size, level)[level]
             if tuple(sample.shape[2:]) != tuple(expected):
                 raise ValueError(
                     f"activation 'h' has spatial size {tuple(sample.shape[2:])}; a {tuple(latent_size)} latent "

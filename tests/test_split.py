@@ -367,7 +367,7 @@ def test_head_from_pretrained_sharded(tiny_model_dir, tmp_path):
 
 
 def test_activation_names_and_shapes(tiny_unet):
-    assert SPLIT_POINTS == ("conv_in", "down0.resnet0", "u1", "u2")
+    assert SPLIT_POINTS == ("conv_in", "down0.resnet0", "u1", "u2", "u3")
     assert PAPER_SPLITS == ("conv_in", "down0.resnet0")
     assert split.DEFAULT_SPLIT == "conv_in"
     assert activation_names("conv_in") == ("h",)

@@ -1,4 +1,4 @@
-"""U-shaped splits (u1, u2): the client keeps the first and last UNet blocks, the latent and the noise prediction.
+"""U-shaped splits (u1, u2, u3): the client keeps the first and last UNet blocks, the latent and the noise prediction.
 
 Checked against diffusers itself: head + server middle + tail against ``UNet2DConditionModel``, a whole
 generation against ``StableDiffusionPipeline``; what crosses the wire is read from the bytes the server received.
@@ -72,7 +72,10 @@ def _full_vs_split(unet, sp: str, hw: tuple[int, int], t) -> float:
     return float((out - full).abs().max())
 
 
-@pytest.mark.parametrize(("sp", "hw"), [("u1", (16, 16)), ("u1", (15, 9)), ("u2", (16, 16)), ("u2", (13, 10))])
+@pytest.mark.parametrize(
+    ("sp", "hw"),
+    [("u1", (16, 16)), ("u1", (15, 9)), ("u2", (16, 16)), ("u2", (13, 10)), ("u3", (16, 16)), ("u3", (13, 10))],
+)
 def test_head_middle_tail_reproduce_the_unet(deep_unet, sp, hw):
     # odd sizes exercise the forward_upsample_size path, where the server's last upsampler needs a client size
     assert _full_vs_split(deep_unet, sp, hw, torch.tensor(501)) <= 1e-5
@@ -80,6 +83,27 @@ def test_head_middle_tail_reproduce_the_unet(deep_unet, sp, hw):
 
 def test_u1_on_the_tiny_model(server_model):
     assert _full_vs_split(server_model.unet, "u1", (16, 16), 999) <= 1e-5
+
+
+def test_u3_on_the_tiny_model(server_model):
+    """Two down blocks: u3 keeps both on the client and the server runs the mid block only."""
+    assert _full_vs_split(server_model.unet, "u3", (16, 16), 999) <= 1e-5
+
+
+def test_u3_sends_the_last_down_blocks_output_and_keeps_it_too(deep_unet):
+    """u3: the last down block has no downsampler, so its output is both what the mid block gets and a skip the
+    client's first up block consumes; the server answers with the mid block's output, same shape."""
+    cfg = deep_unet.config
+    assert split.activation_shapes(cfg, "u3", (2, 4, 16, 16)) == {"h": (2, 64, 4, 4)}
+    assert split.return_shape(cfg, "u3", (2, 4, 16, 16)) == (2, 64, 4, 4)
+    client = UNetHeadTail.from_unet(deep_unet, "u3")
+    sent, kept = client.head(torch.zeros(1, 4, 16, 16), 3, torch.zeros(2, 77, 32))
+    assert len(kept.skips) == sum(len(b.resnets) for b in deep_unet.up_blocks) == 6
+    assert torch.equal(kept.skips[-1], sent["h"])
+    names = client_parameter_names(cfg, "u3")
+    assert not any(n.startswith("mid_block") for n in names)
+    assert {n.split(".")[0] for n in names} >= {"down_blocks", "up_blocks", "conv_in", "conv_out"}
+    assert {n.split(".")[1] for n in names if n.startswith(("down_blocks", "up_blocks"))} == {"0", "1", "2"}
 
 
 def test_what_travels_and_what_stays(deep_unet):
@@ -196,6 +220,18 @@ def test_u2_generation_matches_diffusers(deep_model_dir, deep_backend):
     assert np.abs(result1.latent - ref1).max() <= 1e-4
 
 
+def test_u3_generation_matches_diffusers_and_sends_only_the_mid_blocks_input(tiny_model_dir, backend):
+    ref = _pipeline_latent(tiny_model_dir, "ddim", 3, 7.5)
+    backend.recorded.clear()
+    result, _ = _generate(tiny_model_dir, backend, split="u3", scheduler="ddim", steps=3)
+    assert np.abs(result.latent - ref).max() <= 1e-4
+    steps = [protocol.decode_frame(body) for path, body in backend.recorded if path.endswith("/steps")]
+    assert len(steps) == 3
+    for frame in steps:
+        assert set(frame.tensors) == {"h"} and frame.blobs == {}
+        assert frame.tensors["h"].shape == (2, 64, 8, 8)  # down_blocks[1]'s output: the tiny mid block's input
+
+
 def test_u1_fp16_activations_both_ways(tiny_model_dir, backend):
     ref = _pipeline_latent(tiny_model_dir, "ddim", 2, 7.5)
     backend.recorded.clear()
@@ -209,7 +245,7 @@ def test_u_splits_refuse_partial_encryption_on_the_client():
     with pytest.raises(ValueError, match="only applies to the paper's splits"):
         _params(split="u1", encryption="random-mask").validate()
     with pytest.raises(ValueError, match="split must be one of"):
-        _params(split="u3").validate()
+        _params(split="u9").validate()
 
 
 def _open(http_backend, server_model, **meta):

@@ -3,6 +3,11 @@
 The numbers come from ``python -m bench.leakage --model <m>`` and are copied into ``desktop/core/data/leakage.json``
 by ``python -m bench.leakage --update-app``; docs/leakage.md explains them. A mode that was not measured has no
 entry, and the app says so rather than guessing.
+
+Every verdict is relative to the prompt-only baseline (a server that holds only the prompt runs the sampler
+itself): a mode "leaks the image" only when the best measured attack beats that. :func:`privacy_label` is the
+one plain-words line per (split, encryption) that the Privacy tab, the CLI and the form show; it never calls a
+mode private.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "leakage.json"
-FORMAT = "he-diffusion/leakage/v1"
+FORMAT = "he-diffusion/leakage/v2"
 #: Which measurement to show when several models were measured: the shipped model first.
 MODEL_PREFERENCE = ("embedded", "tiny", "sd15")
 NOT_MEASURED = "not measured yet"
+#: Share of prompt tokens at and above which the server "reads your prompts".
+PROMPT_READ_SHARE = 0.5
 
 
 class LeakageDataError(ValueError):
@@ -27,21 +34,48 @@ class LeakageMeasurement:
     model: str
     split: str
     encryption: str
+    attack: str  # the best measured attack on this mode
     final_psnr: float  # dB, PSNR of the server's best rebuild of the final image (100 = exact)
     final_ssim: float
+    baseline_psnr: float  # dB, what a server holding only the prompt gets
+    baseline_ssim: float
     x_t_psnr_min: float  # dB, over the attacked steps
     x_t_psnr_max: float
     prompt_token_accuracy: float | None  # share of prompt tokens the server recovers, None if not measured
+    leaks_image: bool  # the best attack beats the prompt-only baseline (decided by bench/leakage.py)
     verdict: str
     command: str
 
+    def label(self) -> str:
+        """The plain-words line: private or not, and the measured numbers that say so."""
+        rebuilt = "exactly" if self.final_psnr >= 100 else f"{self.final_psnr:.1f} dB"
+        measured = f"measured {rebuilt} vs {self.baseline_psnr:.1f} dB from the prompt alone"
+        reads = self.prompt_token_accuracy is not None and self.prompt_token_accuracy >= PROMPT_READ_SHARE
+        tokens = (
+            "prompt recovery not measured"
+            if self.prompt_token_accuracy is None
+            else f"{self.prompt_token_accuracy * 100:.0f}% of tokens"
+        )
+        if self.leaks_image and reads:
+            return f"Not private: this server can rebuild your images ({measured}) and read your prompts ({tokens})"
+        if self.leaks_image:
+            return f"Not private: this server can rebuild your images ({measured}); prompts: {tokens}"
+        if reads:
+            return (
+                f"Not private: this server can read your prompts ({tokens}); your images it rebuilds little "
+                f"better than from the prompt alone ({measured})"
+            )
+        # nothing measured leaks beyond the prompt, which is not a proof of privacy: say what was measured
+        return f"Leaks little beyond the prompt in our measurements ({measured}; prompts: {tokens})"
+
     def summary(self) -> str:
-        """One line for the app: the verdict, then the numbers behind it."""
+        """The label, then the numbers behind it."""
         psnr = "exact (≥ 100 dB PSNR)" if self.final_psnr >= 100 else f"{self.final_psnr:.1f} dB PSNR"
-        parts = [f"final image rebuilt by the server: {psnr}, SSIM {self.final_ssim:.2f}"]
-        if self.prompt_token_accuracy is not None:
-            parts.append(f"prompt tokens recovered: {self.prompt_token_accuracy * 100:.0f} %")
-        return f"{self.verdict} ({'; '.join(parts)}; measured on the {self.model} model)"
+        return (
+            f"{self.label()}. Verdict: {self.verdict}; best attack ({self.attack}): final image {psnr}, SSIM "
+            f"{self.final_ssim:.2f}; prompt alone: {self.baseline_psnr:.1f} dB, SSIM {self.baseline_ssim:.2f}; "
+            f"measured on the {self.model} model"
+        )
 
 
 def load_table(path: Path = DATA_FILE) -> dict:
@@ -58,6 +92,12 @@ def load_table(path: Path = DATA_FILE) -> dict:
     return data
 
 
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"leaks_image must be true or false, got {value!r}")
+    return value
+
+
 def _measurement(model: str, entry: dict, row: dict) -> LeakageMeasurement:
     try:
         token = row.get("prompt_token_accuracy")
@@ -65,11 +105,15 @@ def _measurement(model: str, entry: dict, row: dict) -> LeakageMeasurement:
             model=model,
             split=str(row["split"]),
             encryption=str(row["encryption"]),
+            attack=str(row["attack"]),
             final_psnr=float(row["final_psnr"]),
             final_ssim=float(row["final_ssim"]),
+            baseline_psnr=float(row["baseline_psnr"]),
+            baseline_ssim=float(row["baseline_ssim"]),
             x_t_psnr_min=float(row["x_t_psnr_min"]),
             x_t_psnr_max=float(row["x_t_psnr_max"]),
             prompt_token_accuracy=None if token is None else float(token),
+            leaks_image=_flag(row["leaks_image"]),
             verdict=str(row["verdict"]),
             command=str(entry.get("command", "")),
         )
@@ -99,3 +143,17 @@ def describe(split: str, encryption: str, path: Path = DATA_FILE) -> str:
     except LeakageDataError as exc:
         return f"{NOT_MEASURED} ({exc})"
     return found.summary() if found else f"{NOT_MEASURED} for split {split} with encryption {encryption}"
+
+
+def privacy_label(split: str, encryption: str, path: Path = DATA_FILE) -> str:
+    """The one plain-words line for ``(split, encryption)`` (CLI, form, Privacy tab); never raises.
+
+    Unmeasured modes and unreadable data are not called private either: the line says to treat them as not.
+    """
+    try:
+        found = lookup(split, encryption, path=path)
+    except LeakageDataError as exc:
+        return f"Privacy {NOT_MEASURED} ({exc}); treat this mode as not private"
+    if found is None:
+        return f"Privacy {NOT_MEASURED} for split {split} with encryption {encryption}; treat it as not private"
+    return found.label()

@@ -113,6 +113,7 @@ class PrivacyPanel(QWidget):
             self.leakage_label,
         ):
             label.setText("–")
+        self.leakage_label.setStyleSheet("")
         self.sent_table.setRowCount(0)
         self.sent_caption.setText("What the last step sent to the server")
         self._fit_table()
@@ -134,7 +135,7 @@ class PrivacyPanel(QWidget):
         else:
             self.key_label.setText("ephemeral: a fresh key for this generation")
         self.server_label.setText(server_name or "–")
-        self.leakage_label.setText(self._describe_leakage(params.split, params.encryption))
+        self._show_leakage(self._describe_leakage(params.split, params.encryption))
         self.sent_table.setRowCount(0)
 
     def update_step(self, update) -> None:
@@ -163,6 +164,12 @@ class PrivacyPanel(QWidget):
         return rows
 
     # --- helpers ---
+
+    def _show_leakage(self, text: str) -> None:
+        """The measured line (desktop/core/leakage.py); a mode measured not private is shown as a warning."""
+        self.leakage_label.setText(text)
+        warn = text.startswith(("Not private", NOT_MEASURED))
+        self.leakage_label.setStyleSheet("color: #b3261e; font-weight: 600;" if warn else "")
 
     def _show_key(self, fingerprint: str | None) -> None:
         if not fingerprint:
