@@ -79,13 +79,20 @@ def _shown(widget) -> bool:
 def test_servers_add_edit_remove_keeps_tokens_in_the_keyring(qtbot, services):
     panel = ServersPanel(services)
     qtbot.addWidget(panel)
-    assert [panel.table.item(r, 1).text() for r in range(panel.table.rowCount())] == ["local backend (this computer)"]
+    assert [panel.table.item(r, 1).text() for r in range(panel.table.rowCount())] == [
+        "no server: everything runs in the app",
+        "local backend (this computer)",
+    ]
 
     with qtbot.waitSignal(panel.serversChanged, timeout=2000):
         entry = panel.add_server("Lab GPU", "https://gpu.example.org:8000", TOKEN)
     assert entry is not None and entry.name == "Lab GPU"
-    assert [panel.table.item(r, 0).text() for r in range(panel.table.rowCount())] == ["Local backend", "Lab GPU"]
-    assert panel.table.item(1, 1).text() == "https://gpu.example.org:8000"
+    assert [panel.table.item(r, 0).text() for r in range(panel.table.rowCount())] == [
+        "This device (private)",
+        "Local backend",
+        "Lab GPU",
+    ]
+    assert panel.table.item(2, 1).text() == "https://gpu.example.org:8000"
     settings_file = services.data_dir / "settings.json"
     assert "gpu.example.org" in settings_file.read_text()
     assert TOKEN not in _files_text(services.data_dir)
@@ -98,26 +105,27 @@ def test_servers_add_edit_remove_keeps_tokens_in_the_keyring(qtbot, services):
     assert panel.edit_server(entry.id, token="hdt_replacement-token")
     assert services.settings.token_for(entry.id, services.secrets) == "hdt_replacement-token"
     reloaded = Settings.load(services.data_dir)
-    assert [(s.name, s.url) for s in reloaded.servers if not s.local] == [("Lab GPU 2", "https://gpu2.example.org")]
+    assert [(s.name, s.url) for s in reloaded.servers if s.remote] == [("Lab GPU 2", "https://gpu2.example.org")]
     assert "hdt_replacement-token" not in _files_text(services.data_dir)
 
     # a bad URL is a message in the panel, nothing is added, the panel keeps working
     assert panel.add_server("Bad", "ftp://example.org", "") is None
     assert _shown(panel.result_label) and panel.result_label.kind == "error"
     assert "http" in panel.result_label.text().lower()
-    assert len(services.settings.servers) == 2
+    assert len(services.settings.servers) == 3
 
-    # the local entry cannot be removed
-    panel.select("local")
-    assert not panel.remove_button.isEnabled()
-    assert not panel.remove_selected()
-    assert "cannot be removed" in panel.result_label.text()
+    # the built-in entries cannot be removed
+    for built_in in ("device", "local"):
+        panel.select(built_in)
+        assert not panel.remove_button.isEnabled()
+        assert not panel.remove_selected()
+        assert "is built in and cannot be removed" in panel.result_label.text()
 
     # removal asks first (through the hook) and deletes the token too
     panel.select(entry.id)
     panel.confirm = lambda title, text: False
     assert not panel.remove_selected(confirm=True)
-    assert len(services.settings.servers) == 2
+    assert len(services.settings.servers) == 3
     asked = []
     panel.confirm = lambda title, text: asked.append(text) or True
     with qtbot.waitSignal(panel.serversChanged, timeout=2000):
@@ -142,13 +150,13 @@ def test_servers_dialog_flow_reasks_with_the_error(qtbot, services):
     qtbot.mouseClick(panel.add_button, LEFT)
     assert len(calls) == 2 and calls[0]["error"] is None and calls[1]["error"]  # re-asked, with the error
     assert calls[1]["values"].url == "gopher://nope"  # what the user typed is kept
-    assert [s.url for s in services.settings.servers if not s.local] == ["http://10.0.0.5:8000"]
+    assert [s.url for s in services.settings.servers if s.remote] == ["http://10.0.0.5:8000"]
 
     # edit through the dialog: it gets the current values and is told it is an edit
     panel.ask_server = lambda **kw: calls.append(kw) or ServerValues("Renamed", kw["values"].url, "")
     qtbot.mouseClick(panel.edit_button, LEFT)
     assert calls[-1]["editing"] is True and calls[-1]["values"].name == "Lab"
-    assert [s.name for s in services.settings.servers if not s.local] == ["Renamed"]
+    assert [s.name for s in services.settings.servers if s.remote] == ["Renamed"]
     server_id = panel.selected_id()
     assert services.settings.token_for(server_id, services.secrets) == TOKEN
 
@@ -213,7 +221,7 @@ def test_connection_test_runs_off_the_gui_thread(qtbot, services):
     qtbot.wait(50)  # the event loop runs while the test is pending
     with qtbot.waitSignal(panel.testFinished, timeout=5000) as blocker:
         release.set()
-    assert blocker.args == [True, "Local backend: OK, slow but fine"]
+    assert blocker.args == [True, "This device (private): OK, slow but fine"]
     assert threads and threads[0] is not threading.main_thread()
     assert panel.test_button.isEnabled()
 

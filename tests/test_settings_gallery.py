@@ -14,6 +14,7 @@ from keyring.backends import fail
 from PIL import Image
 
 from hediff.desktop.core import services as services_module
+from hediff.desktop.core.api import NotPrivateError
 from hediff.desktop.core.appdata import default_data_dir
 from hediff.desktop.core.backend_client import BackendRejected, BackendUnreachable
 from hediff.desktop.core.engine import GenerationParams
@@ -298,16 +299,27 @@ def test_connect_builds_the_right_client(tmp_path, store, monkeypatch):
     assert svc.connect(svc.settings.server("local"), "embedded", "conv_in") == "client"
     assert calls[-1] == (("embedded",), {"local_backend": True, "split": "conv_in"})
 
+    assert svc.connect(svc.settings.server("device"), "embedded", "u1") == "client"
+    assert calls[-1] == (("embedded",), {"split": "u1"})  # no server, no backend: on this device
+
     remote = svc.settings.add_server("GPU", "https://gpu.example", TOKEN, store)
+    with pytest.raises(NotPrivateError, match=r"GPU \(https://gpu.example\) proves nothing .* Not private"):
+        svc.connect(remote, "/models/sd", "down0.resnet0")
+    assert len(calls) == 2
+    svc.settings.acknowledge_not_private(remote.id)
     svc.connect(remote, "/models/sd", "down0.resnet0")
-    assert calls[-1] == (("/models/sd",), {"server": "https://gpu.example", "token": TOKEN, "split": "down0.resnet0"})
+    assert calls[-1] == (
+        ("/models/sd",),
+        {"server": "https://gpu.example", "token": TOKEN, "split": "down0.resnet0", "accept_not_private": True},
+    )
 
     bare = svc.settings.add_server("Bare", "https://bare.example", None, store)
+    svc.settings.acknowledge_not_private(bare.id)
     with pytest.raises(NoServerToken, match="no API token stored for server 'Bare'"):
         svc.connect(bare, "embedded", "conv_in")
     with pytest.raises(KeyringUnavailable):
         AppServices(tmp_path, SecretStore(fail.Keyring())).connect(remote, "embedded", "conv_in")
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_test_connection_and_remote_generation(tmp_path, store, backend, tiny_model_dir):
@@ -317,7 +329,9 @@ def test_test_connection_and_remote_generation(tmp_path, store, backend, tiny_mo
     assert line.startswith("OK: model tiny-test on cpu") and "protocol 1" in line and "plms" in line
     assert backend.token not in line
     assert svc.test_connection(svc.settings.server("local")).startswith("OK: the local backend")
+    assert svc.test_connection(svc.settings.server("device")).startswith("OK: nothing to connect to")
 
+    svc.settings.acknowledge_not_private(remote.id)
     with svc.connect(remote, str(tiny_model_dir), "conv_in") as hd:
         result = hd.generate(PROMPT, steps=1)
     assert result.server_url == backend.url.rstrip("/")

@@ -30,7 +30,7 @@ from hediff.common.settings import GenerationSettings, SettingsError, SizeLimits
         ("tau", 1.5, "tau must be a finite number in [0, 1], got 1.5"),
         ("scheduler", "lms", "scheduler must be one of ddim, plms, euler, dpmpp-2m, got 'lms'"),
         ("encryption", "partial", "encryption must be one of full, min-distortion, random-mask, none, got 'partial'"),
-        ("split", "u3", "split must be one of conv_in, down0.resnet0, u1, u2, got 'u3'"),
+        ("split", "u4", "split must be one of conv_in, down0.resnet0, u1, u2, u3, got 'u4'"),
     ],
 )
 def test_a_bad_value_names_the_field_and_what_is_allowed(field, value, message):

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from hediff.common.settings import U_SPLITS
 from hediff.desktop.ui.dialogs import ask_yes_no
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
@@ -298,8 +299,8 @@ class MainWindow(QMainWindow):
             self.privacy_line.clear()
             return
         try:
-            split = self.form.split_combo.currentData()
-            encryption = self.form.encryption_combo.currentData()
+            split = self.form.split_combo.currentText()
+            encryption = "none" if split in U_SPLITS else self.form.encryption_combo.currentData()
             label = self.services.privacy(self.services.settings.server(server_id), split, encryption)
         except (KeyError, ValueError) as e:
             self.privacy_line.setStyleSheet(NOT_PRIVATE_STYLE)
