@@ -25,7 +25,10 @@ NOT_MEASURED = leakage.NOT_MEASURED
 
 def describe_mode(params) -> str:
     if is_u_shaped(params.split):
-        return "U-shaped split: the latent and the noise prediction stay on this machine (no encryption needed)"
+        return (
+            "U-shaped split: the latent and the noise prediction stay on this machine, but what is sent still lets "
+            "the server rebuild the image (see the measured leakage)"
+        )
     if params.encryption == "none":
         return "none: plaintext split (comparison baseline, the server sees the latent)"
     if params.encryption == "full":
