@@ -27,8 +27,9 @@ from training.evaluate import psnr
 pytestmark = pytest.mark.slow
 
 PROMPT = "a large red circle in the center on a white background"
-STEPS = 5
-SEED = 3
+# 3 steps: the embedded model already draws a red circle in the centre (4 of 4 seeds; at 5 steps it reads orange)
+STEPS = 3
+SEED = 0
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -106,4 +107,5 @@ def test_installed_wheel_generates_the_embedded_models_image_from_outside_the_re
     reference = (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
     assert installed.shape == reference.shape == (64, 64, 3)
     assert psnr(reference, installed) >= 35.0
-    assert read_image(installed).colour == "red"
+    seen = read_image(installed)
+    assert (seen.colour, seen.shape, seen.position) == ("red", "circle", "center"), seen
