@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -40,10 +41,16 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # built from a copy of what the distribution is made of: setuptools' build/ folder must neither land in the
+    # checkout nor carry stale files from an earlier build into this wheel
+    source = tmp_path_factory.mktemp("source")
+    shutil.copy2(REPO_ROOT / "pyproject.toml", source)
+    for folder in ("hediff", "common", "backend", "desktop", "assets"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     # no build isolation: setuptools comes from the test extra, so building needs no network
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."]
-    _run(cmd, REPO_ROOT, dict(os.environ))
+    _run(cmd, source, dict(os.environ))
     (whl,) = out.glob("he_diffusion-*.whl")
     return whl
 
