@@ -202,7 +202,11 @@ def test_progress_text_and_chart_helpers(qtbot):
     chart.clear(4)
     chart.add_step({"head": 0.01, "server_body": 0.2, "encrypt": 0.02}, 1000, 500)
     assert chart.bar_count() == 1
-    assert chart.grab().width() == 400  # paints without error, partly filled
+    shot = chart.grab().toImage()
+    ratio = chart.devicePixelRatioF()
+    assert (shot.width(), shot.height()) == (round(400 * ratio), round(250 * ratio))
+    colours = {shot.pixel(x, y) for x in range(0, shot.width(), 3) for y in range(0, shot.height(), 3)}
+    assert len(colours) >= 4  # background, axes, text and the stacked bar's stage colours are drawn
     assert chart.totals()["server_body"] == pytest.approx(0.2)
 
 
