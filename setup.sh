@@ -10,6 +10,22 @@ TORCH_SPEC="${HEDIFF_TORCH:-torch==2.13.0}"
 EXTRAS="[gui]"
 [[ "${1:-}" == "--test" ]] && EXTRAS="[gui,test]"
 
+# The GUI tests run Qt offscreen, which still links these system libraries (Debian/Ubuntu names). They must
+# fail, not skip, when Qt cannot load, so --test installs whatever is missing.
+QT_APT_PACKAGES=(libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3)
+if [[ "${1:-}" == "--test" ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  missing=()
+  for pkg in "${QT_APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  if (( ${#missing[@]} )); then
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && SUDO=sudo
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi

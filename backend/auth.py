@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import platformdirs
+
 TOKEN_PREFIX = "hdt_"
 
 
 def default_tokens_path() -> Path:
-    base = os.environ.get("HEDIFF_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "hediff")
+    """``$HEDIFF_CONFIG_DIR/tokens.json``, else in the platform's per-user config folder (``~/.config/hediff`` on
+    Linux)."""
+    base = os.environ.get("HEDIFF_CONFIG_DIR") or platformdirs.user_config_path("hediff", appauthor=False)
     return Path(base) / "tokens.json"
 
 

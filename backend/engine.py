@@ -7,7 +7,6 @@ finishes the UNet, the guidance and the scheduler step, so those sessions hold n
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -75,8 +74,8 @@ class ServerModel:
         if not self.bodies:
             raise split.UnsupportedUNetError("; ".join(self.unsupported.values()))
         self.scheduler_config = models.load_scheduler_config(model_path)
-        vae_config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as StableDiffusionPipeline
+        self.vae_scale_factor = models.vae_scale_factor(model_path)
+        self.prompt_tokens = models.prompt_token_count(model_path)
         self.latent_channels = int(self.unet.config.in_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
         self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -196,7 +195,7 @@ class Engine:
                 "the client's step plan differs from the server's (different scheduler config or library versions); "
                 "use the same model on both sides"
             )
-        tokens_dim = (77, self.model.cross_attention_dim)
+        tokens_dim = (self.model.prompt_tokens, self.model.cross_attention_dim)
         cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))
         embeds = [cond]
         if settings.guidance > 1.0:  # diffusers' pipeline runs the unconditional branch only when guidance > 1

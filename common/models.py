@@ -12,8 +12,8 @@ A *model folder* is a diffusers-format Stable Diffusion 1.x directory::
 Only safetensors weights are supported (never pickle ``.bin`` / ``.ckpt`` files).
 
 ``build_tiny_model`` writes a small randomly initialised but complete SD 1.x folder that loads offline
-with ``StableDiffusionPipeline.from_pretrained``; it is what ``resolve_model("embedded")`` falls back to
-when no real model is shipped in ``assets/embedded``.
+with ``StableDiffusionPipeline.from_pretrained``; it is for tests only. ``resolve_model("embedded")`` never
+falls back to it: an install without the shipped model is an error, not a generator of noise.
 
 This module must stay importable without any GUI or web framework.
 """
@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,6 @@ __all__ = [
     "REPO_ROOT",
     "SD15_SCHEDULER_CONFIG",
     "SD15_UNET_CONFIG",
-    "TINY_MODEL_VERSION",
     "ModelFolderError",
     "ModelNotFoundError",
     "CLIP_TOKENIZER_CONFIG",
@@ -50,21 +47,22 @@ __all__ = [
     "load_unet_config",
     "load_vae",
     "prompt_is_truncated",
+    "prompt_token_count",
     "resolve_model",
     "tiny_clip_vocab",
     "unet_weight_files",
+    "vae_scale_factor",
     "validate_model_folder",
     "write_clip_tokenizer",
 ]
 
+#: The folder that holds common/ and assets/: the repository in a source checkout or an editable install,
+#: ``site-packages/hediff`` in an installed wheel (pyproject.toml maps the package ``hediff.assets`` to assets/).
+#: Only source-tree tools (training, bench, tests) may treat it as the repository.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL_DIR = REPO_ROOT / "assets" / "embedded"
 #: Optional file in a model folder: the generation settings its makers measured to work best.
 RECOMMENDED_SETTINGS_FILE = "hediff.json"
-
-#: Bump when build_tiny_model's output changes, so stale caches are not reused.
-TINY_MODEL_VERSION = 1
-_TINY_CACHE_NAME = f"embedded-tiny-v{TINY_MODEL_VERSION}"
 
 #: UNet config of Stable Diffusion 1.5 (``unet/config.json`` of runwayml/stable-diffusion-v1-5, minus the
 #: ``_class_name``/``_diffusers_version`` bookkeeping keys). ``UNet2DConditionModel.from_config(...)`` of it has
@@ -154,23 +152,11 @@ class ModelNotFoundError(FileNotFoundError):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 / CLIP reversible byte -> printable unicode character mapping (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def tiny_clip_vocab() -> dict[str, int]:
     """Char-level CLIP vocabulary: 256 byte chars, the same with '</w>', then the two special tokens (514)."""
-    chars = list(_bytes_to_unicode().values())
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}
 
@@ -263,7 +249,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
             projection_dim=32,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=77,
+            max_position_embeddings=CLIP_TOKENIZER_CONFIG["model_max_length"],
             hidden_act="quick_gelu",
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
@@ -408,44 +394,6 @@ def validate_model_folder(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _default_cache_root() -> Path:
-    env = os.environ.get("HEDIFF_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "hediff"
-
-
-def _is_valid(folder: Path) -> bool:
-    try:
-        validate_model_folder(folder)
-    except ModelFolderError:
-        return False
-    return True
-
-
-def _ensure_tiny_model(cache_root: Path) -> Path:
-    target = cache_root / _TINY_CACHE_NAME
-    if _is_valid(target):
-        return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        # A broken/partial cache entry (ours: the name is versioned): replace it.
-        shutil.rmtree(target, ignore_errors=True)
-    tmp = cache_root / f".{_TINY_CACHE_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_tiny_model(tmp)
-        try:
-            os.rename(tmp, target)  # atomic on POSIX when target does not exist
-        except OSError:
-            if not _is_valid(target):  # not a concurrent builder that won the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    validate_model_folder(target)
-    return target
-
-
 def _hub_offline() -> bool:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
@@ -459,25 +407,31 @@ def _hub_offline() -> bool:
 
 
 def _download_from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover
-        raise ModelNotFoundError(f"Cannot download {repo_id!r}: huggingface_hub is not installed.") from exc
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     offline = _hub_offline()
     try:
         folder = snapshot_download(repo_id, allow_patterns=_HUB_ALLOW_PATTERNS, local_files_only=offline)
     except Exception as exc:
-        name = type(exc).__name__
-        if offline or name in {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "IncompleteSnapshotError"}:
+        # GatedRepoError subclasses RepositoryNotFoundError; the hub's errors are checked before the generic case
+        if offline or isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, IncompleteSnapshotError)):
             reason = (
                 "the Hugging Face hub cannot be reached (offline mode or no network) and the model is not in "
                 "the local Hugging Face cache"
             )
-        elif name in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+        elif isinstance(exc, (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError)):
             reason = "the repository does not exist, is private/gated (log in and accept its licence), or "
             reason += "has no such revision"
         else:
-            reason = f"download failed ({name}: {exc})"
+            reason = f"download failed ({type(exc).__name__}: {exc})"
         raise ModelNotFoundError(
             f"Model {repo_id!r} could not be obtained from the Hugging Face hub: {reason}. Download it on a "
             "machine with network access and pass the local folder path instead, or use 'embedded'."
@@ -492,12 +446,23 @@ def _download_from_hub(repo_id: str) -> Path:
     return folder
 
 
-def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+def _embedded_model() -> Path:
+    if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"The embedded model is not installed: {EMBEDDED_MODEL_DIR} holds no model. It ships inside the "
+            "he-diffusion wheel and in the repository's assets/embedded folder; reinstall the package "
+            "(pip install --force-reinstall he-diffusion), or run from a checkout of the repository, or pass "
+            "--model with a Stable Diffusion 1.x model folder or hub id."
+        )
+    validate_model_folder(EMBEDDED_MODEL_DIR)
+    return EMBEDDED_MODEL_DIR
+
+
+def resolve_model(spec: str) -> Path:
     """Turn a model spec into a validated local model folder.
 
-    * ``"embedded"``: ``<repo>/assets/embedded`` if it holds a model, else the tiny model, built once into
-      ``<cache>/embedded-tiny-v1`` where ``<cache>`` is ``cache_dir``, else ``$HEDIFF_CACHE_DIR``, else
-      ``~/.cache/hediff``.
+    * ``"embedded"``: the model shipped in ``assets/embedded`` (package data of the wheel);
+      ``ModelNotFoundError`` if this install lacks it. Never a randomly initialised stand-in.
     * an existing directory: validated and returned (resolved).
     * ``"org/name"``: downloaded (configs, safetensors, tokenizer files only) with
       ``huggingface_hub.snapshot_download``; ``ModelNotFoundError`` when offline / unknown.
@@ -508,11 +473,7 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     if not spec:
         raise ModelNotFoundError("Empty model spec: pass 'embedded', a model folder path or a hub id 'org/name'.")
     if spec == "embedded":
-        if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
-            validate_model_folder(EMBEDDED_MODEL_DIR)
-            return EMBEDDED_MODEL_DIR
-        root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-        return _ensure_tiny_model(root)
+        return _embedded_model()
     local = Path(spec).expanduser()
     if local.is_dir():
         validate_model_folder(local)
@@ -559,6 +520,21 @@ def load_scheduler_config(path: Path) -> dict:
     """The raw ``scheduler/scheduler_config.json`` dict."""
     path = Path(path)
     return _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config", path)
+
+
+def vae_scale_factor(path: Path) -> int:
+    """Pixels per latent element along each side, computed as ``StableDiffusionPipeline`` does."""
+    path = Path(path)
+    config = _read_json(path / "vae" / "config.json", "VAE config", path)
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def prompt_token_count(path: Path) -> int:
+    """Tokens per prompt embedding (77 for SD 1.x): the text encoder's position table, which the tokenizer pads
+    and truncates to."""
+    path = Path(path)
+    config = _read_json(path / "text_encoder" / "config.json", "text encoder config", path)
+    return int(config["max_position_embeddings"])
 
 
 _RECOMMENDED_RANGES: dict[str, tuple[type, float, float]] = {"guidance": (float, 0.0, 50.0), "steps": (int, 1, 1000)}

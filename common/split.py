@@ -481,12 +481,6 @@ def _needs_upsample_size(num_upsamplers: int, latent_hw) -> bool:
     return any(int(dim) % factor != 0 for dim in latent_hw)
 
 
-def _params_like(module: nn.Module) -> Tensor:
-    for p in module.parameters():
-        return p
-    raise ValueError("module has no parameters")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Partial loading
 # --------------------------------------------------------------------------------------------------------

@@ -215,6 +215,8 @@ def cmd_serve(args) -> int:
     from hediff.backend.serve import check_tls_files, serve_forever
     from hediff.common.models import resolve_model
 
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
     if args.confidential:
         _check_confidential_serve(args, tls)

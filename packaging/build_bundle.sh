@@ -18,6 +18,6 @@ PY=.venv/bin/python
   --hidden-import keyring.backends.SecretService --hidden-import keyring.backends.macOS \
   --hidden-import keyring.backends.Windows --hidden-import uvicorn.logging --hidden-import uvicorn.loops.auto \
   --hidden-import uvicorn.protocols.http.auto --hidden-import uvicorn.lifespan.on \
-  --add-data "$PWD/assets/embedded:assets/embedded" --add-data "$PWD/desktop/core/data:desktop/core/data" \
+  --add-data "$PWD/assets/embedded:hediff/assets/embedded" --add-data "$PWD/desktop/core/data:hediff/desktop/core/data" \
   "$PWD/packaging/hediff_entry.py"
 echo "bundle: dist/hediff/ ($(du -sh dist/hediff | cut -f1))"

@@ -121,13 +121,6 @@ def test_per_element_baseline_decrypts_correctly(ctx, step):
     assert set(times) == set(ref.BASELINE_STAGES)
 
 
-def test_baseline_tensor_path_uses_one_ciphertext_per_element(ctx):
-    import tenseal as ts
-
-    enc = ts.ckks_tensor(ctx, torch.tensor([1.0, 2.0, 3.0]), batch=False)
-    assert enc.shape == [3] and len(enc.ciphertext()) == 3
-
-
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     from bench import he_step
 

@@ -108,9 +108,12 @@ def test_paper_preset_error_is_measured_and_small(pipe, generator, capsys):
             f"PSNR {psnr(result.image, ref_image):.1f} dB"
         )
     # CKKS at scale 2^26 with a server-side multiplication: ~4e-3 per step on unit-scale values (as the paper
-    # reports), amplified by the model over the steps; visibly noisier than the default preset, still usable
-    assert 1e-6 < diff < 0.05 * ref_latent.std()
-    assert psnr(result.image, ref_image) >= 40.0
+    # reports), amplified by the model over the steps: measured 1.9e-2 and 2.4e-2 in the latent (fresh noise each
+    # run), 62.5 and 63.2 dB in the image
+    assert 1e-6 < diff < 5e-2
+    # what the user sees: the same picture as diffusers', no pixel off by more than 2 of 255 levels
+    pixel_error = np.abs(np.asarray(result.image, np.int16) - np.asarray(ref_image, np.int16)).max()
+    assert pixel_error <= 2 and psnr(result.image, ref_image) >= 55.0
 
 
 def test_fp16_activations_stay_close(pipe, generator):

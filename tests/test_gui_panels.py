@@ -14,19 +14,17 @@ import json
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("PySide6")
-pytest.importorskip("pytestqt")
-pytest.importorskip("keyring")
-
+import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
 from keyring.backends import fail
 from PIL import Image
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDialogButtonBox, QLineEdit, QTabWidget
 
+from hediff.common import protocol
 from hediff.desktop.core.keystore import KeyringUnavailable, MemoryKeyring, SecretStore
 from hediff.desktop.core.services import AppServices
 from hediff.desktop.core.settings import Settings
@@ -199,6 +197,49 @@ def test_connection_test_against_a_real_backend(qtbot, services, backend):
 
     panel.select(good.id)
     assert panel.test_selected(timeout_s=60).startswith("Loopback: ") and panel.last_test[0]
+
+
+class _NewerBackend(BaseHTTPRequestHandler):
+    """A backend from the future: healthy, but speaking the next protocol version."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        version = protocol.PROTOCOL_VERSION + 1
+        answers = {
+            "/v1/health": {"status": "ok", "protocol_version": version, "model": "embedded"},
+            "/v1/capabilities": {"protocol_version": version, "model": {"id": "embedded"}, "schedulers": ["ddim"]},
+        }
+        body = json.dumps(answers.get(self.path, {})).encode()
+        self.send_response(200 if self.path in answers else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_connection_test_names_both_protocol_versions(qtbot, services):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NewerBackend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        panel = ServersPanel(services)
+        qtbot.addWidget(panel)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        panel.add_server("Newer", url, "hdt_x")
+        text = panel.test_selected(timeout_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert panel.last_test[0] is False and panel.result_label.kind == "error"
+    assert (
+        panel.result_label.text()
+        == text
+        == (
+            f"Newer: {url} speaks protocol {protocol.PROTOCOL_VERSION + 1}, this app speaks "
+            f"{protocol.PROTOCOL_VERSION}; update the older side"
+        )
+    )
 
 
 def test_connection_test_runs_off_the_gui_thread(qtbot, services):
@@ -477,6 +518,17 @@ def test_gallery_errors_are_messages(qtbot, services, results, tmp_path):
 # --- screenshots -----------------------------------------------------------------------------------
 
 
+def _assert_screenshot_shows(png: Path, widget) -> None:
+    """The saved file is the whole widget, drawn: its size in pixels, and far more than a flat background."""
+    ratio = widget.devicePixelRatioF()
+    with Image.open(png) as image:
+        assert image.size == (round(widget.width() * ratio), round(widget.height() * ratio)), png.name
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) >= 16, f"{png.name}: only {len(colours)} colours, nothing drawn"
+    # no single colour covers the whole picture: widgets, text and frames are on it
+    assert max(count for count, _ in colours) < 0.95 * sum(count for count, _ in colours), png.name
+
+
 def test_panel_screenshots(qtbot, tmp_path, results, backend):
     services = AppServices(data_dir=tmp_path / "data", secrets=SecretStore(MemoryKeyring()))
     bare = AppServices(data_dir=tmp_path / "bare", secrets=SecretStore(fail.Keyring()))
@@ -488,6 +540,8 @@ def test_panel_screenshots(qtbot, tmp_path, results, backend):
     servers.add_server("Cloud (example)", "https://hediff.example.org:8443", "hdt_x")
     servers.select(lab.id)
     servers.test_selected(timeout_s=60)
+    assert servers.last_test == (True, servers.result_label.text())  # the screenshot shows a passed test
+    assert servers.result_label.text().startswith("Lab GPU server: OK: model ")
     keys = KeysPanel(services)
     keys.create("fast")
     _filled_gallery(services, results, n=3)
@@ -516,6 +570,7 @@ def test_panel_screenshots(qtbot, tmp_path, results, backend):
         dialog.show()
         qtbot.waitExposed(dialog)
         assert dialog.grab().save(str(out / f"{name}.png"))
+        _assert_screenshot_shows(out / f"{name}.png", dialog)
     for name, panel in shots.items():
         tabs = QTabWidget()  # as the main window shows them
         qtbot.addWidget(tabs)
@@ -524,9 +579,8 @@ def test_panel_screenshots(qtbot, tmp_path, results, backend):
         tabs.show()
         qtbot.waitExposed(tabs)
         qtbot.wait(20)
-        image = tabs.grab()
-        assert not image.isNull()
-        assert image.save(str(out / f"{name}.png"))
+        assert tabs.grab().save(str(out / f"{name}.png"))
+        _assert_screenshot_shows(out / f"{name}.png", tabs)
     assert json.loads((services.data_dir / "settings.json").read_text())  # still a valid file
 
 

@@ -168,41 +168,43 @@ def test_prompt_truncation_report(tiny_model_dir):
 
 
 @pytest.fixture
-def no_embedded_assets(monkeypatch, tmp_path):
-    """Pretend <repo>/assets/embedded holds no model, whatever is committed there."""
-    monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", tmp_path / "no-assets")
+def no_embedded_assets(monkeypatch, tmp_path) -> Path:
+    """An install without the shipped model: assets/embedded is missing, whatever is committed there."""
+    missing = tmp_path / "no-assets"
+    monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", missing)
+    return missing
 
 
-def test_resolve_embedded_builds_once(tmp_path, no_embedded_assets, monkeypatch):
-    cache = tmp_path / "cache"
-    path = models.resolve_model("embedded", cache_dir=cache)
-    assert path == cache / "embedded-tiny-v1"
-    models.validate_model_folder(path)
-    assert sorted(p.name for p in cache.iterdir()) == ["embedded-tiny-v1"]  # no temp dirs left behind
-    mtime = (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-
-    def _no_rebuild(*args, **kwargs):
-        raise AssertionError("build_tiny_model called again")
-
-    monkeypatch.setattr(models, "build_tiny_model", _no_rebuild)
-    assert models.resolve_model("embedded", cache_dir=cache) == path
-    assert (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+def test_embedded_without_the_shipped_model_is_an_error_not_a_random_model(no_embedded_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelNotFoundError) as info:
+        models.resolve_model("embedded")
+    msg = str(info.value)
+    assert "embedded model is not installed" in msg and str(no_embedded_assets) in msg
+    assert "reinstall" in msg and "assets/embedded" in msg and "--model" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing built or cached anywhere
 
 
-def test_resolve_embedded_env_cache_dir_and_repair(tmp_path, no_embedded_assets, monkeypatch):
-    monkeypatch.setenv("HEDIFF_CACHE_DIR", str(tmp_path / "envcache"))
-    broken = tmp_path / "envcache" / "embedded-tiny-v1"
-    broken.mkdir(parents=True)
-    (broken / "model_index.json").write_text("{}")  # a partial entry is replaced
-    path = models.resolve_model("embedded")
-    assert path == broken
-    models.validate_model_folder(path)
+def test_cli_generate_without_the_shipped_model_says_how_to_get_it(no_embedded_assets, capsys):
+    from hediff.desktop.cli import main
+
+    rc = main(["generate", "--local-backend", "--model", "embedded", "--prompt", "a red circle", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hediff: error: The embedded model is not installed")
 
 
-def test_resolve_embedded_prefers_assets(tiny_model_dir, monkeypatch, tmp_path):
+def test_partially_installed_embedded_model_names_the_missing_file(tiny_model_dir, tmp_path, monkeypatch):
+    partial = Path(shutil.copytree(tiny_model_dir, tmp_path / "embedded"))
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", partial)
+    with pytest.raises(ModelFolderError, match=r"missing unet/diffusion_pytorch_model\.safetensors"):
+        models.resolve_model("embedded")
+
+
+def test_resolve_embedded_is_the_shipped_folder(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(models, "EMBEDDED_MODEL_DIR", tiny_model_dir)
-    assert models.resolve_model("embedded", cache_dir=tmp_path / "unused") == tiny_model_dir
-    assert not (tmp_path / "unused").exists()
+    assert models.resolve_model("embedded") == tiny_model_dir
 
 
 def test_resolve_existing_directory(tiny_model_dir, model_copy, monkeypatch):
@@ -349,3 +351,9 @@ def test_common_imports_no_gui_or_web_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_vae_scale_factor_and_prompt_tokens_match_the_pipeline(tiny_model_dir, tiny_pipe):
+    assert models.vae_scale_factor(tiny_model_dir) == tiny_pipe.vae_scale_factor == 2
+    assert models.prompt_token_count(tiny_model_dir) == tiny_pipe.tokenizer.model_max_length == 77
+    assert models.vae_scale_factor(models.EMBEDDED_MODEL_DIR) == 4  # the shipped model: 3 VAE downsamplings

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def _png_text(path: Path) -> dict:
 # --- data folder ---------------------------------------------------------------------------------------------
 
 
-def test_default_data_dir(tmp_path):
-    home = tmp_path / "home"
-    assert default_data_dir(env={"HEDIFF_DATA_DIR": str(tmp_path / "x")}, platform="linux") == tmp_path / "x"
-    assert default_data_dir(env={}, platform="linux", home=home) == home / ".local/share/hediff"
-    assert default_data_dir(env={"XDG_DATA_HOME": "/xdg"}, platform="linux", home=home) == Path("/xdg/hediff")
-    assert default_data_dir(env={"XDG_DATA_HOME": "rel"}, platform="linux", home=home) == home / ".local/share/hediff"
-    assert default_data_dir(env={}, platform="darwin", home=home) == home / "Library/Application Support/hediff"
-    assert default_data_dir(env={"APPDATA": str(tmp_path / "ad")}, platform="win32") == tmp_path / "ad" / "hediff"
-    assert default_data_dir(env={}, platform="win32", home=home) == home / "AppData/Roaming/hediff"
+def test_default_data_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEDIFF_DATA_DIR", str(tmp_path / "x"))
+    assert default_data_dir() == tmp_path / "x"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the XDG layout is Linux's; platformdirs owns the others")
+def test_default_data_dir_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEDIFF_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "hediff"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "xdg" / "hediff"
 
 
 # --- settings ------------------------------------------------------------------------------------------------

@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping
 from pathlib import Path
+
+import platformdirs
 
 APP_DIR_NAME = "hediff"
 DATA_DIR_ENV = "HEDIFF_DATA_DIR"
 
 
-def default_data_dir(
-    *, env: Mapping[str, str] | None = None, platform: str | None = None, home: Path | None = None
-) -> Path:
-    """``$HEDIFF_DATA_DIR``, else the platform's per-user application data folder.
-
-    Linux and other Unixes: ``$XDG_DATA_HOME/hediff`` (default ``~/.local/share/hediff``); macOS:
-    ``~/Library/Application Support/hediff``; Windows: ``%APPDATA%\\hediff``. Nothing is created here.
-    ``env``, ``platform`` and ``home`` are for tests (default: ``os.environ``, ``sys.platform``, ``Path.home()``).
-    """
-    env = os.environ if env is None else env
-    platform = sys.platform if platform is None else platform
-    override = env.get(DATA_DIR_ENV, "").strip()
+def default_data_dir() -> Path:
+    """``$HEDIFF_DATA_DIR``, else the platform's per-user application data folder (platformdirs): on Linux
+    ``$XDG_DATA_HOME/hediff`` (default ``~/.local/share/hediff``), on macOS ``~/Library/Application Support/hediff``,
+    on Windows ``%APPDATA%\\hediff``. Nothing is created here."""
+    override = os.environ.get(DATA_DIR_ENV, "").strip()
     if override:
         return Path(override).expanduser()
-    home = Path.home() if home is None else home
-    if platform.startswith("win"):
-        appdata = env.get("APPDATA", "").strip()
-        return (Path(appdata) if appdata else home / "AppData" / "Roaming") / APP_DIR_NAME
-    if platform == "darwin":
-        return home / "Library" / "Application Support" / APP_DIR_NAME
-    xdg = env.get("XDG_DATA_HOME", "").strip()
-    # the XDG spec says relative paths are invalid and must be ignored
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "share"
-    return base / APP_DIR_NAME
+    return platformdirs.user_data_path(APP_DIR_NAME, appauthor=False, roaming=True)
 
 
 def ensure_private_dir(path: Path, tighten_existing: bool = False) -> Path:

@@ -54,7 +54,7 @@ class ClientModel:
         part = UNetHeadTail if self.u_shaped else UNetHead
         self.head = part.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
         self.vae = load_vae_decoder(self.path, self.device, self.dtype)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = models.vae_scale_factor(self.path)
         self.scheduler_config = models.load_scheduler_config(self.path)
         unet_config = models.load_unet_config(self.path)
         self.latent_channels = int(unet_config["in_channels"])

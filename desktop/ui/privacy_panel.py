@@ -157,9 +157,6 @@ class PrivacyPanel(QWidget):
             name = self.server_label.text()
             self.server_label.setText(f"{name} ({result.server_url})" if name not in ("", "–") else result.server_url)
 
-    def set_leakage(self, text: str | None) -> None:
-        self.leakage_label.setText(text or NOT_MEASURED)
-
     def sent_rows(self) -> list[tuple[str, str, str, str]]:
         rows = []
         for r in range(self.sent_table.rowCount()):
