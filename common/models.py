@@ -41,6 +41,7 @@ __all__ = [
     "ModelNotFoundError",
     "CLIP_TOKENIZER_CONFIG",
     "build_tiny_model",
+    "build_tiny_sd2_model",
     "count_prompt_tokens",
     "encode_prompt",
     "load_scheduler_config",
@@ -191,6 +192,33 @@ def _tiny_unet_config() -> dict[str, Any]:
     }
 
 
+def _tiny_sd2_unet_config() -> dict[str, Any]:
+    """The tiny UNet with SD 2.x's differences: per-block head counts, linear projections in the transformers,
+    attention upcast to float32, and a wider text embedding (SD 2.x: 1024 instead of 768)."""
+    return {
+        **_tiny_unet_config(),
+        "cross_attention_dim": 48,
+        "attention_head_dim": [2, 4],  # a list, as SD 2.x's [5, 10, 20, 20]: heads per down block
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    }
+
+
+#: The SD 2.x (768 px, v-prediction) scheduler config: DDIM, as shipped with stabilityai/stable-diffusion-2-1.
+SD2_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "trained_betas": None,
+}
+
+
 #: tokenizer_config.json of a CLIP tokenizer folder with SD 1.x settings.
 CLIP_TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "CLIPTokenizer",
@@ -214,8 +242,11 @@ def write_clip_tokenizer(tok_dir: Path, vocab: dict[str, int], merges: list[tupl
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(CLIP_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
 
 
-def _write_tiny_tokenizer(tok_dir: Path) -> None:
+def _write_tiny_tokenizer(tok_dir: Path, pad_token: str = "<|endoftext|>") -> None:
     write_clip_tokenizer(tok_dir, tiny_clip_vocab(), [])
+    if pad_token != CLIP_TOKENIZER_CONFIG["pad_token"]:  # SD 2.x pads with "!"
+        config = {**CLIP_TOKENIZER_CONFIG, "pad_token": pad_token}
+        (Path(tok_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -230,7 +261,33 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     (checked over timesteps 1..999), so no rescaling is applied; split/parity tests therefore compare
     values of order 0.1-1 rather than near-zero outputs. Decoded images are random-looking (untrained).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler
+
+    # from_config keeps "clip_sample" (not a PNDM argument, but present in the real SD 1.x scheduler_config.json).
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    return _build_tiny(path, seed, _tiny_unet_config(), {"hidden_size": 32, "hidden_act": "quick_gelu"}, scheduler)
+
+
+def build_tiny_sd2_model(path: Path, seed: int = 0) -> Path:
+    """Like :func:`build_tiny_model`, an SD 2.x-style folder: v-prediction (DDIM, SD 2.1's scheduler config),
+    ``use_linear_projection``, ``upcast_attention``, per-block ``attention_head_dim``, a CLIP text encoder with
+    ``hidden_act="gelu"`` and hidden size 48, and SD 2.x's ``"!"`` padding token."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG)
+    text = {"hidden_size": 48, "hidden_act": "gelu"}
+    return _build_tiny(path, seed, _tiny_sd2_unet_config(), text, scheduler, pad_token="!")
+
+
+def _build_tiny(
+    path: Path,
+    seed: int,
+    unet_config: dict[str, Any],
+    text_config: dict[str, Any],
+    scheduler: Any,
+    pad_token: str = "<|endoftext|>",
+) -> Path:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -239,7 +296,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     # fork_rng: building must not disturb the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_tiny_unet_config())
+        unet = UNet2DConditionModel(**unet_config)
 
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
@@ -256,27 +313,24 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
         torch.manual_seed(seed + 2)
         vocab = tiny_clip_vocab()
-        text_config = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=37,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                intermediate_size=37,
+                projection_dim=text_config["hidden_size"],
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab[pad_token],
+                **text_config,
+            )
         )
-        text_encoder = CLIPTextModel(text_config)
-
-        # from_config keeps "clip_sample" (not a PNDM argument, but present in the real SD 1.x scheduler_config.json).
-        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
         # The tokenizer is loaded from written vocab/merges files, proving that from-file loading works.
         with tempfile.TemporaryDirectory(prefix="hediff-tok-") as tmp:
-            _write_tiny_tokenizer(Path(tmp))
+            _write_tiny_tokenizer(Path(tmp), pad_token)
             tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
     pipe = StableDiffusionPipeline(
@@ -293,7 +347,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     # transformers 5 saves tokenizer.json + a tokenizer_config.json with load-time noise ("is_local", ...)
     # and no vocab.json. Rewrite the plain files so the folder also loads with transformers 4's
     # vocab/merges-based CLIPTokenizer; tokenizer.json (same tokenizer, serialised) is kept.
-    _write_tiny_tokenizer(path / "tokenizer")
+    _write_tiny_tokenizer(path / "tokenizer", pad_token)
     return path
 
 

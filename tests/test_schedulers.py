@@ -80,10 +80,10 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _run_real(name: str, n: int, dtype: torch.dtype, shape=(1, 4, 8, 8)):
+def _run_real(name: str, n: int, dtype: torch.dtype, shape=(1, 4, 8, 8), config=SD1_CONFIG):
     """The StableDiffusionPipeline loop: init_noise_sigma, then scale_model_input + step with the
     generator that drew the initial latents (the pipeline's extra_step_kwargs)."""
-    sched = make_scheduler(name, SD1_CONFIG)
+    sched = make_scheduler(name, config)
     sched.set_timesteps(n, device="cpu")
     g = torch.Generator().manual_seed(7)
     latents = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype) * sched.init_noise_sigma
@@ -152,6 +152,20 @@ def test_plan_matches_diffusers_float32(name, n):
     assert err_in < tol, f"{name} n={n}: model input max rel error {err_in:.3g}"
     assert err_x < tol, f"{name} n={n}: latent max rel error {err_x:.3g}"
     assert worst_modes < 1e-12, f"{name} n={n}: server/client presets disagree by {worst_modes:.3g}"
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_v_prediction_plan_matches_diffusers(name):
+    """SD 2.x (768 px) models predict v; each scheduler converts it linearly, so the traced plan covers it."""
+    config = {**SD1_CONFIG, "prediction_type": "v_prediction"}
+    plan = build_plan(name, config, 5)
+    _, real_xs, real_inputs = _run_real(name, 5, torch.float32, config=config)
+    plan_xs, plan_inputs, worst_modes = _run_plan(plan, real_xs[0].double().numpy())
+    err_in = max(_rel(p, r.double().numpy()) for p, r in zip(plan_inputs, real_inputs, strict=True))
+    err_x = max(_rel(plan_xs[i + 1], real_xs[i + 1].double().numpy()) for i in range(len(plan.steps)))
+    assert err_in < 1e-4 and err_x < 1e-4, f"{name}: max rel error input {err_in:.3g}, latent {err_x:.3g}"
+    assert worst_modes < 1e-12
+    assert plan.digest() != _plan(name, 5).digest()  # a v-prediction plan is not the epsilon one
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
