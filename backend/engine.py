@@ -75,6 +75,7 @@ class ServerModel:
         if not self.bodies:
             raise split.UnsupportedUNetError("; ".join(self.unsupported.values()))
         self.scheduler_config = models.load_scheduler_config(model_path)
+        self.weights_digest = models.unet_weights_digest(model_path)
         vae_config = json.loads((Path(model_path) / "vae" / "config.json").read_text())
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as StableDiffusionPipeline
         self.latent_channels = int(self.unet.config.in_channels)
@@ -113,6 +114,7 @@ class ServerModel:
                 "cross_attention_dim": self.cross_attention_dim,
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""),
+                "weights_digest": self.weights_digest,
             },
             "schedulers": list(SCHEDULER_NAMES),
             "splits": self.splits,
@@ -184,6 +186,12 @@ class Engine:
             raise ProtocolError(
                 "the client's step plan differs from the server's (different scheduler config or library versions); "
                 "use the same model on both sides"
+            )
+        if settings.weights_digest != self.model.weights_digest:
+            raise ProtocolError(
+                f"the client's UNet weights (digest {settings.weights_digest[:12]}) are not the server's "
+                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r}): load the same model "
+                "folder (same fine-tune) on both sides, or ask the operator which model the server runs"
             )
         tokens_dim = (77, self.model.cross_attention_dim)
         cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))

@@ -20,10 +20,12 @@ This module must stay importable without any GUI or web framework.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
@@ -54,6 +56,7 @@ __all__ = [
     "resolve_model",
     "tiny_clip_vocab",
     "unet_weight_files",
+    "unet_weights_digest",
     "validate_model_folder",
     "write_clip_tokenizer",
 ]
@@ -421,6 +424,59 @@ def unet_weight_files(path: Path) -> list[Path]:
     """The UNet safetensors file(s) of a model folder (one file, or the shards listed in the index)."""
     path = Path(path)
     return _weight_files(path, "unet", "diffusion_pytorch_model", "UNet weights")
+
+
+# (resolved file, size, mtime_ns) -> {tensor name: sha256 of its dtype, shape and bytes}
+_TENSOR_DIGESTS: dict[tuple[str, int, int], dict[str, str]] = {}
+_HASH_CHUNK = 16 << 20
+
+
+def _tensor_digests(file: Path) -> dict[str, str]:
+    """Per-tensor SHA-256 of a safetensors file (header metadata excluded), computed once per (size, mtime)."""
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _TENSOR_DIGESTS:
+        return _TENSOR_DIGESTS[key]
+    out: dict[str, str] = {}
+    with open(file, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > stat.st_size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file")
+            header = json.loads(f.read(header_len))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            for name in sorted(entries):
+                begin, end = (int(x) for x in entries[name]["data_offsets"])
+                if not 0 <= begin <= end <= stat.st_size - 8 - header_len:
+                    raise ValueError(f"tensor {name!r} lies outside the file")
+                h = hashlib.sha256(json.dumps([entries[name]["dtype"], entries[name]["shape"]]).encode())
+                f.seek(8 + header_len + begin)
+                left = end - begin
+                while left:
+                    chunk = f.read(min(left, _HASH_CHUNK))
+                    if not chunk:
+                        raise ValueError(f"tensor {name!r} is truncated")
+                    h.update(chunk)
+                    left -= len(chunk)
+                out[name] = h.hexdigest()
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            raise ModelFolderError(f"{file} is not a readable safetensors file ({exc}). {_FIX_HINT}") from None
+    _TENSOR_DIGESTS[key] = out
+    return out
+
+
+def unet_weights_digest(path: Path) -> str:
+    """SHA-256 (hex) of the UNet weights of a model folder: every tensor's name, dtype, shape and bytes, in name
+    order, however the files are sharded and whatever their header metadata. A client and a server compare it at
+    session open so a different fine-tune on the other side is an error, not a silently different image. Cached by
+    file (size, mtime): after the first call per process it costs a ``stat`` per file."""
+    combined = hashlib.sha256()
+    tensors: dict[str, str] = {}
+    for file in unet_weight_files(Path(path)):
+        tensors.update(_tensor_digests(file))
+    for name in sorted(tensors):
+        combined.update(f"{name}\0{tensors[name]}\n".encode())
+    return combined.hexdigest()
 
 
 def validate_model_folder(path: Path) -> None:

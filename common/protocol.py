@@ -8,6 +8,7 @@ follow in that order with nothing in between or after. Large arrays never go thr
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,7 @@ class SessionSettings:
     he_preset: str | None
     activation_dtype: str
     plan_digest: str
+    weights_digest: str  # models.unet_weights_digest of the client's model: the server must run the same weights
 
     def to_meta(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -238,6 +240,9 @@ class SessionSettings:
         digest = meta.get("plan_digest")
         if not isinstance(digest, str) or len(digest) != 64:
             raise ProtocolError("'plan_digest' must be the 64-character hex digest of the client's step plan")
+        weights = meta.get("weights_digest")
+        if not isinstance(weights, str) or not re.fullmatch(r"[0-9a-f]{64}", weights):
+            raise ProtocolError("'weights_digest' must be the 64-character hex SHA-256 of the client's UNet weights")
         return cls(
             scheduler=meta_choice(meta, "scheduler", schedulers),
             steps=meta_int(meta, "steps", 1, max_steps),
@@ -249,4 +254,5 @@ class SessionSettings:
             he_preset=he_preset,
             activation_dtype=meta_choice(meta, "activation_dtype", ACTIVATION_DTYPES),
             plan_digest=digest,
+            weights_digest=weights,
         )

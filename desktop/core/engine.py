@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hediff.common import he, protocol, split
+from hediff.common import he, models, protocol, split
 from hediff.common.schedulers import AffinePlan, build_plan, noise_term
 from hediff.common.selection import DEFAULT_MASK_FRACTION, DEFAULT_TAU
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
@@ -275,6 +275,7 @@ class Generator:
             he_preset=params.he_preset if strategy.key else None,
             activation_dtype=params.activation_dtype,
             plan_digest=plan.digest(),
+            weights_digest=models.unet_weights_digest(self.model.path),
         )
         open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
         open_frame.blobs.update(strategy.open_blobs())
