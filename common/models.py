@@ -1,6 +1,8 @@
-"""Stable Diffusion 1.x model folders: resolving, validating, loading, and a tiny test model.
+"""Stable Diffusion 1.x / 2.x model folders: resolving, validating, loading, the UNet weight digest, and tiny
+test models.
 
-A *model folder* is a diffusers-format Stable Diffusion 1.x directory::
+A *model folder* is a diffusers-format Stable Diffusion 1.x or 2.x directory (a ``StableDiffusionPipeline``;
+SD 2.x differs only in configs: v-prediction, linear projections, upcast attention, a wider text encoder)::
 
     model_index.json
     unet/{config.json, diffusion_pytorch_model.safetensors}
