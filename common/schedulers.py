@@ -478,7 +478,9 @@ def _tapped_noise(scheduler: SchedulerMixin, tap: _NoiseTap) -> Iterator[None]:
         return
     tracer = threading.get_ident()
 
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):  # noqa: ANN001, ANN202
+    def randn_tensor(
+        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+    ) -> torch.Tensor:
         if threading.get_ident() != tracer:
             return original(shape, generator=generator, device=device, dtype=dtype, layout=layout)
         return tap(tuple(shape), dtype or torch.float32)
