@@ -54,6 +54,7 @@ __all__ = [
     "load_unet",
     "load_unet_config",
     "load_vae",
+    "model_family",
     "prompt_is_truncated",
     "resolve_model",
     "tiny_clip_vocab",
@@ -481,6 +482,25 @@ def unet_weights_digest(path: Path) -> str:
     return combined.hexdigest()
 
 
+#: the diffusers pipeline classes a model folder may hold (model_index.json's _class_name)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def model_family(path: Path) -> str:
+    """``"sd1"`` or ``"sd2"`` for a StableDiffusionPipeline folder, from its configs: SD 2.x's UNets use linear
+    projections and 1024-wide text embeddings (its 768 px models also predict v, which the scheduler config says).
+    Any other pipeline class is a ``ModelFolderError`` naming the class."""
+    folder = Path(path)
+    cls = _read_json(folder / "model_index.json", "pipeline index", folder).get("_class_name")
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelFolderError(
+            f"Model folder {folder} holds a {cls!r} (model_index.json); only {', '.join(SUPPORTED_PIPELINES)} "
+            "folders (Stable Diffusion 1.x and 2.x) can run here. Choose an SD 1.x or 2.x model."
+        )
+    unet = _read_json(folder / "unet" / "config.json", "UNet config", folder)
+    return "sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
 def validate_model_folder(path: Path) -> None:
     """Check that ``path`` is a complete SD 1.x diffusers folder; raise ``ModelFolderError`` otherwise.
 
@@ -513,6 +533,7 @@ def validate_model_folder(path: Path) -> None:
     if has_bpe_files:
         _read_json(tok / "vocab.json", "tokenizer vocabulary", folder)
     _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config", folder)
+    model_family(folder)  # an SDXL or other pipeline folder is refused here, naming its class
 
 
 # --------------------------------------------------------------------------------------------------------

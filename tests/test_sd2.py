@@ -98,3 +98,19 @@ def test_an_epsilon_client_is_refused_by_a_v_prediction_server(tiny_model_dir, s
 
     with pytest.raises(BackendError, match="step plan differs from the server's"):
         _generate(tiny_model_dir, sd2_backend, split="conv_in", scheduler="ddim")
+
+
+def test_the_model_family_comes_from_the_folder(tiny_model_dir, tiny_sd2_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from hediff.common.models import ModelFolderError, model_family, validate_model_folder
+
+    assert model_family(tiny_model_dir) == "sd1" and model_family(tiny_sd2_model_dir) == "sd2"
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_model_dir, xl)
+    index = json.loads((xl / "model_index.json").read_text())
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    for check in (model_family, validate_model_folder):
+        with pytest.raises(ModelFolderError, match="holds a 'StableDiffusionXLPipeline'.*Choose an SD 1.x or 2.x"):
+            check(xl)
