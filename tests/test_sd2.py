@@ -27,15 +27,17 @@ def sd2_pipe(tiny_sd2_model_dir):
 
 
 @pytest.fixture(scope="module")
-def sd2_server(tiny_sd2_model_dir):
-    return ServerModel(tiny_sd2_model_dir, "tiny-sd2", device="cpu", dtype="float32")
+def sd2_served(tiny_sd2_model_dir):
+    """The SD 2.x server model and a loopback backend running it."""
+    server = ServerModel(tiny_sd2_model_dir, "tiny-sd2", device="cpu", dtype="float32")
+    running, info = start_backend(server)
+    yield server, info
+    running.stop()
 
 
 @pytest.fixture(scope="module")
-def sd2_backend(sd2_server):
-    running, info = start_backend(sd2_server)
-    yield info
-    running.stop()
+def sd2_backend(sd2_served):
+    return sd2_served[1]
 
 
 _clients: dict[str, ClientModel] = {}
@@ -49,7 +51,8 @@ def _generate(model_dir, backend, **kw):
         return Generator(_clients[key], client).generate(params(steps=STEPS, **kw))
 
 
-def test_the_tiny_sd2_model_has_sd2s_features(sd2_pipe, sd2_server, server_model):
+def test_the_tiny_sd2_model_has_sd2s_features(sd2_pipe, sd2_served, server_model):
+    sd2_server = sd2_served[0]
     unet = sd2_pipe.unet.config
     assert sd2_pipe.scheduler.config.prediction_type == "v_prediction"
     assert unet.use_linear_projection and unet.upcast_attention and list(unet.attention_head_dim) == [2, 4]
