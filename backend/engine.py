@@ -76,6 +76,7 @@ class ServerModel:
         self.scheduler_config = models.load_scheduler_config(model_path)
         self.vae_scale_factor = models.vae_scale_factor(model_path)
         self.prompt_tokens = models.prompt_token_count(model_path)
+        self.weights_digest = models.unet_weights_digest(model_path)
         self.latent_channels = int(self.unet.config.in_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
         self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -123,6 +124,7 @@ class ServerModel:
                 "cross_attention_dim": self.cross_attention_dim,
                 "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""),
+                "weights_digest": self.weights_digest,
             },
             "schedulers": list(SCHEDULER_NAMES),
             "splits": self.splits,
@@ -194,6 +196,12 @@ class Engine:
             raise ProtocolError(
                 "the client's step plan differs from the server's (different scheduler config or library versions); "
                 "use the same model on both sides"
+            )
+        if settings.weights_digest != self.model.weights_digest:
+            raise ProtocolError(
+                f"the client's UNet weights (digest {settings.weights_digest[:12]}) are not the server's "
+                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r}): load the same model "
+                "folder (same fine-tune) on both sides, or ask the operator which model the server runs"
             )
         tokens_dim = (self.model.prompt_tokens, self.model.cross_attention_dim)
         cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))

@@ -221,6 +221,7 @@ class Target:
     token: str
     scheduler_config: dict
     cross_attention_dim: int
+    weights_digest: str  # the served UNet's, from /v1/capabilities
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120)
@@ -245,6 +246,7 @@ def open_frame(target: Target, encryption: str, preset: str | None, steps: int =
         he_preset=preset,
         activation_dtype="float32",
         plan_digest=plan.digest(),
+        weights_digest=target.weights_digest,
     )
     rng = np.random.default_rng(0)
     shape = (1, 77, target.cross_attention_dim)
@@ -594,8 +596,9 @@ def served_target(model: str, *serve_args: str):
         served = serve_subprocess(str(path), workdir, *serve_args)
         try:
             caps = httpx.get(served.url + "/v1/capabilities", headers={"Authorization": f"Bearer {served.token}"})
-            dim = caps.json()["model"]["cross_attention_dim"]
-            yield served, Target(served.url, served.token, load_scheduler_config(path), dim), path
+            model_caps = caps.json()["model"]
+            dim, weights = model_caps["cross_attention_dim"], model_caps["weights_digest"]
+            yield served, Target(served.url, served.token, load_scheduler_config(path), dim, weights), path
         finally:
             served.stop()
 

@@ -1,6 +1,8 @@
-"""Stable Diffusion 1.x model folders: resolving, validating, loading, and a tiny test model.
+"""Stable Diffusion 1.x / 2.x model folders: resolving, validating, loading, the UNet weight digest, and tiny
+test models.
 
-A *model folder* is a diffusers-format Stable Diffusion 1.x directory::
+A *model folder* is a diffusers-format Stable Diffusion 1.x or 2.x directory (a ``StableDiffusionPipeline``;
+SD 2.x differs only in configs: v-prediction, linear projections, upcast attention, a wider text encoder)::
 
     model_index.json
     unet/{config.json, diffusion_pytorch_model.safetensors}
@@ -20,9 +22,11 @@ This module must stay importable without any GUI or web framework.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ __all__ = [
     "ModelNotFoundError",
     "CLIP_TOKENIZER_CONFIG",
     "build_tiny_model",
+    "build_tiny_sd2_model",
     "count_prompt_tokens",
     "encode_prompt",
     "load_scheduler_config",
@@ -46,12 +51,14 @@ __all__ = [
     "load_unet",
     "load_unet_config",
     "load_vae",
+    "model_family",
     "prompt_is_truncated",
     "prompt_token_count",
     "resolve_model",
     "tiny_clip_vocab",
     "unet_weight_files",
     "vae_scale_factor",
+    "unet_weights_digest",
     "validate_model_folder",
     "write_clip_tokenizer",
 ]
@@ -177,6 +184,33 @@ def _tiny_unet_config() -> dict[str, Any]:
     }
 
 
+def _tiny_sd2_unet_config() -> dict[str, Any]:
+    """The tiny UNet with SD 2.x's differences: per-block head counts, linear projections in the transformers,
+    attention upcast to float32, and a wider text embedding (SD 2.x: 1024 instead of 768)."""
+    return {
+        **_tiny_unet_config(),
+        "cross_attention_dim": 48,
+        "attention_head_dim": [2, 4],  # a list, as SD 2.x's [5, 10, 20, 20]: heads per down block
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    }
+
+
+#: The SD 2.x (768 px, v-prediction) scheduler config: DDIM, as shipped with stabilityai/stable-diffusion-2-1.
+SD2_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "trained_betas": None,
+}
+
+
 #: tokenizer_config.json of a CLIP tokenizer folder with SD 1.x settings.
 CLIP_TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "CLIPTokenizer",
@@ -200,8 +234,11 @@ def write_clip_tokenizer(tok_dir: Path, vocab: dict[str, int], merges: list[tupl
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(CLIP_TOKENIZER_CONFIG, indent=2), encoding="utf-8")
 
 
-def _write_tiny_tokenizer(tok_dir: Path) -> None:
+def _write_tiny_tokenizer(tok_dir: Path, pad_token: str = "<|endoftext|>") -> None:
     write_clip_tokenizer(tok_dir, tiny_clip_vocab(), [])
+    if pad_token != CLIP_TOKENIZER_CONFIG["pad_token"]:  # SD 2.x pads with "!"
+        config = {**CLIP_TOKENIZER_CONFIG, "pad_token": pad_token}
+        (Path(tok_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
@@ -216,7 +253,33 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     (checked over timesteps 1..999), so no rescaling is applied; split/parity tests therefore compare
     values of order 0.1-1 rather than near-zero outputs. Decoded images are random-looking (untrained).
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler
+
+    # from_config keeps "clip_sample" (not a PNDM argument, but present in the real SD 1.x scheduler_config.json).
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    return _build_tiny(path, seed, _tiny_unet_config(), {"hidden_size": 32, "hidden_act": "quick_gelu"}, scheduler)
+
+
+def build_tiny_sd2_model(path: Path, seed: int = 0) -> Path:
+    """Like :func:`build_tiny_model`, an SD 2.x-style folder: v-prediction (DDIM, SD 2.1's scheduler config),
+    ``use_linear_projection``, ``upcast_attention``, per-block ``attention_head_dim``, a CLIP text encoder with
+    ``hidden_act="gelu"`` and hidden size 48, and SD 2.x's ``"!"`` padding token."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG)
+    text = {"hidden_size": 48, "hidden_act": "gelu"}
+    return _build_tiny(path, seed, _tiny_sd2_unet_config(), text, scheduler, pad_token="!")
+
+
+def _build_tiny(
+    path: Path,
+    seed: int,
+    unet_config: dict[str, Any],
+    text_config: dict[str, Any],
+    scheduler: Any,
+    pad_token: str = "<|endoftext|>",
+) -> Path:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -225,7 +288,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     # fork_rng: building must not disturb the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_tiny_unet_config())
+        unet = UNet2DConditionModel(**unet_config)
 
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
@@ -242,27 +305,24 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
 
         torch.manual_seed(seed + 2)
         vocab = tiny_clip_vocab()
-        text_config = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=37,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_TOKENIZER_CONFIG["model_max_length"],
-            hidden_act="quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                intermediate_size=37,
+                projection_dim=text_config["hidden_size"],
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=CLIP_TOKENIZER_CONFIG["model_max_length"],
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab[pad_token],
+                **text_config,
+            )
         )
-        text_encoder = CLIPTextModel(text_config)
-
-        # from_config keeps "clip_sample" (not a PNDM argument, but present in the real SD 1.x scheduler_config.json).
-        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
         # The tokenizer is loaded from written vocab/merges files, proving that from-file loading works.
         with tempfile.TemporaryDirectory(prefix="hediff-tok-") as tmp:
-            _write_tiny_tokenizer(Path(tmp))
+            _write_tiny_tokenizer(Path(tmp), pad_token)
             tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
     pipe = StableDiffusionPipeline(
@@ -279,7 +339,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     # transformers 5 saves tokenizer.json + a tokenizer_config.json with load-time noise ("is_local", ...)
     # and no vocab.json. Rewrite the plain files so the folder also loads with transformers 4's
     # vocab/merges-based CLIPTokenizer; tokenizer.json (same tokenizer, serialised) is kept.
-    _write_tiny_tokenizer(path / "tokenizer")
+    _write_tiny_tokenizer(path / "tokenizer", pad_token)
     return path
 
 
@@ -355,6 +415,78 @@ def unet_weight_files(path: Path) -> list[Path]:
     return _weight_files(path, "unet", "diffusion_pytorch_model", "UNet weights")
 
 
+# (resolved file, size, mtime_ns) -> {tensor name: sha256 of its dtype, shape and bytes}
+_TENSOR_DIGESTS: dict[tuple[str, int, int], dict[str, str]] = {}
+_HASH_CHUNK = 16 << 20
+
+
+def _tensor_digests(file: Path) -> dict[str, str]:
+    """Per-tensor SHA-256 of a safetensors file (header metadata excluded), computed once per (size, mtime)."""
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _TENSOR_DIGESTS:
+        return _TENSOR_DIGESTS[key]
+    out: dict[str, str] = {}
+    with open(file, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > stat.st_size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file")
+            header = json.loads(f.read(header_len))
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            for name in sorted(entries):
+                begin, end = (int(x) for x in entries[name]["data_offsets"])
+                if not 0 <= begin <= end <= stat.st_size - 8 - header_len:
+                    raise ValueError(f"tensor {name!r} lies outside the file")
+                h = hashlib.sha256(json.dumps([entries[name]["dtype"], entries[name]["shape"]]).encode())
+                f.seek(8 + header_len + begin)
+                left = end - begin
+                while left:
+                    chunk = f.read(min(left, _HASH_CHUNK))
+                    if not chunk:
+                        raise ValueError(f"tensor {name!r} is truncated")
+                    h.update(chunk)
+                    left -= len(chunk)
+                out[name] = h.hexdigest()
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            raise ModelFolderError(f"{file} is not a readable safetensors file ({exc}). {_FIX_HINT}") from None
+    _TENSOR_DIGESTS[key] = out
+    return out
+
+
+def unet_weights_digest(path: Path) -> str:
+    """SHA-256 (hex) of the UNet weights of a model folder: every tensor's name, dtype, shape and bytes, in name
+    order, however the files are sharded and whatever their header metadata. A client and a server compare it at
+    session open so a different fine-tune on the other side is an error, not a silently different image. Cached by
+    file (size, mtime): after the first call per process it costs a ``stat`` per file."""
+    combined = hashlib.sha256()
+    tensors: dict[str, str] = {}
+    for file in unet_weight_files(Path(path)):
+        tensors.update(_tensor_digests(file))
+    for name in sorted(tensors):
+        combined.update(f"{name}\0{tensors[name]}\n".encode())
+    return combined.hexdigest()
+
+
+#: the diffusers pipeline classes a model folder may hold (model_index.json's _class_name)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def model_family(path: Path) -> str:
+    """``"sd1"`` or ``"sd2"`` for a StableDiffusionPipeline folder, from its configs: SD 2.x's UNets use linear
+    projections and 1024-wide text embeddings (its 768 px models also predict v, which the scheduler config says).
+    Any other pipeline class is a ``ModelFolderError`` naming the class."""
+    folder = Path(path)
+    cls = _read_json(folder / "model_index.json", "pipeline index", folder).get("_class_name")
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelFolderError(
+            f"Model folder {folder} holds a {cls!r} (model_index.json); only {', '.join(SUPPORTED_PIPELINES)} "
+            "folders (Stable Diffusion 1.x and 2.x) can run here. Choose an SD 1.x or 2.x model."
+        )
+    unet = _read_json(folder / "unet" / "config.json", "UNet config", folder)
+    return "sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
 def validate_model_folder(path: Path) -> None:
     """Check that ``path`` is a complete SD 1.x diffusers folder; raise ``ModelFolderError`` otherwise.
 
@@ -387,6 +519,7 @@ def validate_model_folder(path: Path) -> None:
     if has_bpe_files:
         _read_json(tok / "vocab.json", "tokenizer vocabulary", folder)
     _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config", folder)
+    model_family(folder)  # an SDXL or other pipeline folder is refused here, naming its class
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -214,6 +214,8 @@ class SessionSettings:
     he_preset: settings.HEPreset | None
     activation_dtype: settings.ActivationDtype
     plan_digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    # models.unet_weights_digest of the client's model: the server must run the same weights
+    weights_digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,12 +269,14 @@ class SessionSettings:
 
 
 _HEADER_FIELDS = ("scheduler", "steps", "guidance", "height", "width", "split", "encryption", "he_preset")
-_HEADER_FIELDS += ("activation_dtype", "plan_digest")
+_HEADER_FIELDS += ("activation_dtype", "plan_digest", "weights_digest")
 
 
 def _rule(name: str) -> str:
     if name == "plan_digest":
         return "must be the 64-character hex digest of the client's step plan"
+    if name == "weights_digest":
+        return "must be the 64-character hex SHA-256 of the client's UNet weights"
     if name in ("height", "width"):
         return f"must be an integer in [{settings.SIZE_MULTIPLE}, {settings.MAX_SIDE}]"
     if name == "he_preset":

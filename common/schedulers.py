@@ -1,22 +1,32 @@
-"""HE-compatible affine descriptions of deterministic diffusers scheduler steps.
+"""HE-compatible affine descriptions of diffusers scheduler steps.
 
-For the deterministic samplers supported here, one denoising step is *affine* in the
-latents with public (plaintext) coefficients::
+For the samplers supported here, one denoising step is *affine* in the latents with public
+(plaintext) coefficients::
 
-    x_{i+1} = sum_j a_j * x_j + sum_k c_k * e_k
+    x_{i+1} = sum_j a_j * x_j + sum_k c_k * e_k + sum_k d_k * z_k
 
 where ``x_j`` are the latents the client has held so far (``x_0`` is the initial noise
-already multiplied by ``init_noise_sigma``) and ``e_k`` is the guided noise prediction
-computed at step ``k``.  The server holds an encrypted copy of one latent ``x_p`` (the
-*pivot*) and adds a plaintext vector built from its own noise predictions; the client,
-who holds the secret key, decrypts and applies the remaining latent coefficients.
+already multiplied by ``init_noise_sigma``), ``e_k`` is the guided noise prediction
+computed at step ``k`` and ``z_k`` is the fresh Gaussian noise a stochastic sampler
+(Euler a, DPM++ 2M SDE, LCM, DDPM) draws in step ``k``.  The server holds an encrypted copy
+of one latent ``x_p`` (the *pivot*) and adds a plaintext vector built from its own noise
+predictions; the client, who holds the secret key, decrypts and applies the remaining latent
+coefficients and the fresh-noise term, so the server never learns the noise.  The client
+draws ``z_k`` from the seed's CPU ``torch.Generator`` right after the initial latents, one
+draw per step whose :attr:`AffineStep.draws_noise` is set, in step order: exactly the order
+of diffusers' ``StableDiffusionPipeline`` (whose ``step()`` calls ``randn_tensor`` with the
+pipeline's generator), so a seed gives the same image.
 
 Coefficients are not derived by hand: :func:`build_plan` runs the real diffusers
 scheduler (built by :func:`make_scheduler`, exactly as ``StableDiffusionPipeline`` would
 use it after ``Scheduler.from_config(pipe.scheduler.config)``) on one-hot coefficient
 vectors ("symbolic linear execution").  Every supported ``step()`` is linear in
-``(sample, model_output, stored history)``, so the output vector *is* the coefficient
-vector of ``x_{i+1}`` in the basis ``(x_0..x_N, e_0..e_{N-1})``.
+``(sample, model_output, stored history, drawn noise)``, so the output vector *is* the
+coefficient vector of ``x_{i+1}`` in the basis ``(x_0..x_N, e_0..e_{N-1}, z_0..z_{N-1})``;
+during the trace the scheduler's ``randn_tensor`` hands out the one-hot ``z_i`` instead of
+random numbers (for the tracing thread only), which also records whether step ``i`` draws.
+The prediction type (epsilon, v_prediction, sample) is part of that linear map, so SD 2.x's
+v-prediction needs nothing special.
 
 Precision: the symbolic run uses float64 tensors.  DDIM and PNDM keep float64 throughout
 (their scalars ``alphas_cumprod`` are float32 values, applied in float64).  Euler and
@@ -33,20 +43,28 @@ Note that the number of steps in a plan is ``len(scheduler.timesteps)``, which f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -58,6 +76,7 @@ __all__ = [
     "build_plan",
     "client_finish",
     "make_scheduler",
+    "noise_term",
     "server_offset",
 ]
 
@@ -70,6 +89,12 @@ _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "plms": (PNDMScheduler, {"skip_prk_steps": True}),
     "euler": (EulerDiscreteScheduler, {}),
     "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
 }
 
 # step()-time knobs that would make a step stochastic; we always call step() with the
@@ -82,12 +107,15 @@ _STEP_KWARG_DEFAULTS: dict[str, float] = {
     "s_noise": 1.0,
 }
 
-_PLAN_FORMAT = "he-diffusion/affine-plan/v1"
+_PLAN_FORMAT = "he-diffusion/affine-plan/v2"  # v2: the fresh-noise term
 # Coefficients whose magnitude is below this fraction of the step's largest coefficient
 # are float64 cancellation noise (e.g. 1 - 1 in a derivative); they are dropped.
 _DROP_REL = 1e-13
 # A latent coefficient smaller than this fraction of the largest one cannot be a pivot.
 _PIVOT_REL = 1e-12
+# every prediction type diffusers' schedulers convert linearly (SD 1.x/XL: epsilon, SD 2.x 768: v_prediction)
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 # --------------------------------------------------------------------------------------
@@ -135,8 +163,10 @@ def _check_raw_config(name: str, raw: dict[str, Any]) -> None:
 
 def _check_resolved_config(name: str, cfg: dict[str, Any]) -> None:
     pred = cfg.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ValueError(f"scheduler {name!r}: prediction_type={pred!r} is not supported; only 'epsilon' is")
+    if pred not in _PREDICTION_TYPES:
+        raise ValueError(
+            f"scheduler {name!r}: prediction_type={pred!r} is not supported; use one of {', '.join(_PREDICTION_TYPES)}"
+        )
     if cfg.get("thresholding"):
         raise ValueError(f"scheduler {name!r}: thresholding=True is not supported (dynamic thresholding is not affine)")
     if cfg.get("clip_sample"):
@@ -149,12 +179,14 @@ def _check_resolved_config(name: str, cfg: dict[str, Any]) -> None:
             "timestep_spacing='leading'; StableDiffusionPipeline forces steps_offset=1, pass its "
             "scheduler.config (or set steps_offset=1)"
         )
-    if name == "dpmpp-2m":
-        if cfg.get("variance_type") is not None:
-            raise ValueError(
-                f"scheduler {name!r}: variance_type={cfg['variance_type']!r} is not supported "
-                "(only models predicting epsilon alone)"
-            )
+    if cfg.get("variance_type") in _LEARNED_VARIANCE or (
+        name.startswith("dpmpp") and cfg.get("variance_type") is not None
+    ):
+        raise ValueError(
+            f"scheduler {name!r}: variance_type={cfg['variance_type']!r} is not supported "
+            "(a learned variance needs a UNet that predicts it; Stable Diffusion's UNets do not)"
+        )
+    if name.startswith("dpmpp"):
         if cfg.get("use_dynamic_shifting"):
             raise ValueError(f"scheduler {name!r}: use_dynamic_shifting=True is not supported")
 
@@ -196,11 +228,13 @@ def _timestep_value(t: Any) -> int | float:
 
 @dataclass(frozen=True)
 class AffineStep:
-    """One denoising step: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k``.
+    """One denoising step: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k + sum_k d_k z_k``.
 
     ``timestep`` is the value fed to the UNet: an ``int`` for DDIM/PLMS/DPM-Solver++ and a
     ``float`` for Euler (its linspace timesteps are float32 and generally non-integral).
-    The model input is ``input_scale * x_index``.
+    The model input is ``input_scale * x_index``.  ``draws_noise``: diffusers' step draws one
+    latent-shaped ``z_index`` from the generator here (even where its coefficient is 0, as in
+    Euler a's last step: the draw still advances the generator).
     """
 
     index: int
@@ -209,16 +243,22 @@ class AffineStep:
     pivot: int
     latent_coeffs: dict[int, float]
     eps_coeffs: dict[int, float]
+    noise_coeffs: dict[int, float] = field(default_factory=dict)
+    draws_noise: bool = False
 
     def __post_init__(self) -> None:
         lat = _coeff_dict(self.latent_coeffs, "latent_coeffs")
         eps = _coeff_dict(self.eps_coeffs, "eps_coeffs")
+        noise = _coeff_dict(self.noise_coeffs, "noise_coeffs")
+        if not isinstance(self.draws_noise, bool):
+            raise TypeError(f"draws_noise must be a bool, got {type(self.draws_noise).__name__}")
         object.__setattr__(self, "index", int(self.index))
         object.__setattr__(self, "timestep", _timestep_value(self.timestep))
         object.__setattr__(self, "input_scale", float(self.input_scale))
         object.__setattr__(self, "pivot", int(self.pivot))
         object.__setattr__(self, "latent_coeffs", lat)
         object.__setattr__(self, "eps_coeffs", eps)
+        object.__setattr__(self, "noise_coeffs", noise)
         i = self.index
         if i < 0:
             raise ValueError(f"step index must be >= 0, got {i}")
@@ -230,6 +270,10 @@ class AffineStep:
             raise ValueError(f"step {i}: latent coefficients must reference x_0..x_{i}, got {sorted(lat)}")
         if any(k < 0 or k > i for k in eps):
             raise ValueError(f"step {i}: eps coefficients must reference e_0..e_{i}, got {sorted(eps)}")
+        if any(k < 0 or k > i for k in noise):
+            raise ValueError(f"step {i}: noise coefficients must reference z_0..z_{i}, got {sorted(noise)}")
+        if i in noise and not self.draws_noise:
+            raise ValueError(f"step {i}: a noise coefficient for z_{i} needs draws_noise=True")
 
     def __hash__(self) -> int:
         return hash(
@@ -240,6 +284,8 @@ class AffineStep:
                 self.pivot,
                 tuple(self.latent_coeffs.items()),
                 tuple(self.eps_coeffs.items()),
+                tuple(self.noise_coeffs.items()),
+                self.draws_noise,
             )
         )
 
@@ -256,6 +302,8 @@ class AffineStep:
             "pivot": self.pivot,
             "latent_coeffs": {str(k): v for k, v in self.latent_coeffs.items()},
             "eps_coeffs": {str(k): v for k, v in self.eps_coeffs.items()},
+            "noise_coeffs": {str(k): v for k, v in self.noise_coeffs.items()},
+            "draws_noise": self.draws_noise,
         }
 
     @classmethod
@@ -268,6 +316,8 @@ class AffineStep:
                 pivot=d["pivot"],
                 latent_coeffs=d["latent_coeffs"],
                 eps_coeffs=d["eps_coeffs"],
+                noise_coeffs=d["noise_coeffs"],
+                draws_noise=d["draws_noise"],
             )
         except KeyError as exc:
             raise ValueError(f"AffineStep dict is missing key {exc.args[0]!r}") from None
@@ -280,6 +330,8 @@ class AffineStep:
             "pivot": self.pivot,
             "latent_coeffs": {str(k): _round12(v) for k, v in self.latent_coeffs.items()},
             "eps_coeffs": {str(k): _round12(v) for k, v in self.eps_coeffs.items()},
+            "noise_coeffs": {str(k): _round12(v) for k, v in self.noise_coeffs.items()},
+            "draws_noise": self.draws_noise,
         }
 
 
@@ -314,6 +366,9 @@ class AffinePlan:
         for i, s in enumerate(steps):
             if s.index != i:
                 raise ValueError(f"plan steps out of order: position {i} holds step {s.index}")
+            undrawn = [k for k in s.noise_coeffs if not steps[k].draws_noise]
+            if undrawn:
+                raise ValueError(f"step {i} uses noise z_{undrawn[0]} that step {undrawn[0]} does not draw")
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -329,6 +384,10 @@ class AffinePlan:
     def client_history_needed(self) -> int:
         """How many plaintext latents (current one included) the client must keep (>= 1)."""
         return max(max(s.index - min(s.latent_coeffs) + 1 for s in self.steps), 1)
+
+    def noise_history_needed(self) -> int:
+        """How many drawn noise tensors (the current step's included) the client must keep."""
+        return max(((s.index - min(s.noise_coeffs)) + 1 for s in self.steps if s.noise_coeffs), default=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -380,6 +439,49 @@ def _sparse(vec: np.ndarray, lo: int, hi: int, scale: float) -> dict[int, float]
     return {j - lo: float(vec[j]) for j in range(lo, hi) if abs(vec[j]) > thresh}
 
 
+# one trace at a time may stand in for a scheduler module's randn_tensor
+_TRACE_LOCK = threading.Lock()
+
+
+class _NoiseTap:
+    """Stands in for ``randn_tensor`` during a trace: counts the draws of each step and returns ``make``'s tensor."""
+
+    def __init__(self, make: Callable[[int, tuple[int, ...], torch.dtype], torch.Tensor]):
+        self.make = make
+        self.step = -1  # the step whose step() is running
+        self.draws: dict[int, int] = {}
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.draws[self.step] = self.draws.get(self.step, 0) + 1
+        return self.make(self.step, shape, dtype)
+
+
+@contextlib.contextmanager
+def _tapped_noise(scheduler: SchedulerMixin, tap: _NoiseTap) -> Iterator[None]:
+    """Route the scheduler module's ``randn_tensor`` to ``tap`` for this thread; other threads (a local
+    diffusers run, say) keep drawing real noise from their generators."""
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    if original is None:  # this scheduler never draws
+        yield
+        return
+    tracer = threading.get_ident()
+
+    def randn_tensor(
+        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+    ) -> torch.Tensor:
+        if threading.get_ident() != tracer:
+            return original(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+        return tap(tuple(shape), dtype or torch.float32)
+
+    with _TRACE_LOCK:
+        module.randn_tensor = randn_tensor
+        try:
+            yield
+        finally:
+            module.randn_tensor = original
+
+
 def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> AffinePlan:
     """Derive the affine plan of scheduler ``name`` from the real diffusers implementation.
 
@@ -393,31 +495,35 @@ def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_ste
     scheduler.set_timesteps(n, device="cpu")
     timesteps = scheduler.timesteps
     num_calls = len(timesteps)
-    dim = 2 * num_calls + 1  # x_0..x_N, e_0..e_{N-1}
+    dim = 3 * num_calls + 1  # x_0..x_N, e_0..e_{N-1}, z_0..z_{N-1}
     e_off = num_calls + 1
+    z_off = 2 * num_calls + 1
 
-    def onehot(j: int) -> torch.Tensor:
-        v = torch.zeros(dim, dtype=torch.float64)
-        v[j] = 1.0
+    def onehot(j: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        v = torch.zeros((1, dim), dtype=dtype)  # a batch of one: UniPC's einsum wants a batch axis
+        v[0, j] = 1.0
         return v
 
+    tap = _NoiseTap(lambda i, shape, dtype: onehot(z_off + i, dtype))
     steps: list[AffineStep] = []
     for i, t in enumerate(timesteps):
         x_i = onehot(i)
+        tap.step = i
         try:
             scaled = scheduler.scale_model_input(x_i, t)
-            out = scheduler.step(model_output=onehot(e_off + i), timestep=t, sample=x_i, return_dict=True)
+            with _tapped_noise(scheduler, tap):
+                out = scheduler.step(model_output=onehot(e_off + i), timestep=t, sample=x_i, return_dict=True)
         except (IndexError, ZeroDivisionError) as exc:
             raise ValueError(
                 f"diffusers' {type(scheduler).__name__} cannot run {n} steps with this config "
                 f"(it fails at step {i}, timestep {t.item()}: {exc})"
             ) from exc
-        scaled_np = scaled.detach().to(torch.float64).cpu().numpy()
+        scaled_np = scaled.detach().to(torch.float64).cpu().numpy().ravel()
         input_scale = float(scaled_np[i])
         others = np.delete(scaled_np, i)
         if not math.isfinite(input_scale) or input_scale == 0.0 or np.any(others != 0.0):
             raise RuntimeError(f"{name}: scale_model_input at step {i} is not a nonzero scalar multiple")
-        vec = out.prev_sample.detach().to(torch.float64).cpu().numpy()
+        vec = out.prev_sample.detach().to(torch.float64).cpu().numpy().ravel()
         if not np.all(np.isfinite(vec)):
             dup = bool((timesteps[1:] == timesteps[:-1]).any()) and name != "plms"
             raise ValueError(
@@ -426,8 +532,11 @@ def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_ste
             )
         scale = float(np.max(np.abs(vec))) or 1.0
         lat = _sparse(vec, 0, num_calls + 1, scale)
-        eps = _sparse(vec, e_off, dim, scale)
-        if any(j > i for j in lat) or any(k > i for k in eps):
+        eps = _sparse(vec, e_off, z_off, scale)
+        noise = _sparse(vec, z_off, dim, scale)
+        if tap.draws.get(i, 0) > 1:
+            raise RuntimeError(f"{name}: step {i} draws noise {tap.draws[i]} times; one draw per step is supported")
+        if any(j > i for j in lat) or any(k > i for k in eps) or any(k > i for k in noise):
             raise RuntimeError(f"{name}: step {i} references future latents/noise predictions")
         if not lat:
             raise RuntimeError(f"{name}: step {i} does not depend on any latent")
@@ -442,6 +551,8 @@ def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_ste
                 pivot=pivot,
                 latent_coeffs=lat,
                 eps_coeffs=eps,
+                noise_coeffs=noise,
+                draws_noise=i in tap.draws,
             )
         )
 
@@ -457,20 +568,29 @@ def _self_check(plan: AffinePlan, scheduler_config: Mapping[str, Any], rtol: flo
     scheduler = make_scheduler(plan.scheduler, scheduler_config)
     scheduler.set_timesteps(plan.num_inference_steps, device="cpu")
     rng = np.random.default_rng(1234)
-    size = 8
+    size = (1, 8)
     x = rng.standard_normal(size) * plan.init_noise_sigma
     latents = {0: x}
     eps_hist: dict[int, np.ndarray] = {}
+    noise_hist: dict[int, np.ndarray] = {}
+
+    def draw(i: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        noise_hist[i] = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+        return torch.from_numpy(noise_hist[i]).to(dtype)
+
+    tap = _NoiseTap(draw)
     real = torch.from_numpy(x.copy())
     for step, t in zip(plan.steps, scheduler.timesteps, strict=True):
         i = step.index
+        tap.step = i
         eps_hist[i] = rng.standard_normal(size)
         model_in = scheduler.scale_model_input(real, t).to(torch.float64).numpy()
-        real = scheduler.step(torch.from_numpy(eps_hist[i]), t, real, return_dict=True).prev_sample
+        with _tapped_noise(scheduler, tap):
+            real = scheduler.step(torch.from_numpy(eps_hist[i]), t, real, return_dict=True).prev_sample
         real = real.to(torch.float64)
         want_out = real.numpy()
         got_in = step.input_scale * latents[i]
-        got_out = apply_step(step, latents, eps_hist)
+        got_out = apply_step(step, latents, eps_hist, noise_hist)
         for got, want in ((got_in, model_in), (got_out, want_out)):
             err = float(np.max(np.abs(got - want)))
             if not err <= rtol * max(float(np.max(np.abs(want))), 1e-30):
@@ -538,11 +658,28 @@ def client_finish(
     return out
 
 
+def noise_term(step: AffineStep, noise_history: Mapping[int, Any]) -> np.ndarray:
+    """``sum_k d_k z_k``, the fresh-noise part of ``x_{i+1}`` only the client knows (0 for a deterministic step).
+
+    ``noise_history`` maps step index ``k`` to the noise ``z_k`` drawn in that step.
+    """
+    total = np.zeros((), dtype=np.float64)
+    for k, d in step.noise_coeffs.items():
+        total = total + d * _get(noise_history, k, "noise_history", step)
+    return total
+
+
 def apply_step(
-    step: AffineStep, latent_history: Mapping[int, np.ndarray], eps_history: Mapping[int, np.ndarray]
+    step: AffineStep,
+    latent_history: Mapping[int, np.ndarray],
+    eps_history: Mapping[int, np.ndarray],
+    noise_history: Mapping[int, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Plaintext reference: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k`` in float64."""
+    """Plaintext reference: ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k`` in float64, plus
+    ``sum_k d_k z_k`` when ``noise_history`` is given (without it: the step's deterministic part)."""
     out = _eps_sum(step, eps_history)
     for j, a in step.latent_coeffs.items():
         out = out + a * _get(latent_history, j, "latent_history", step)
+    if noise_history is not None:
+        out = out + noise_term(step, noise_history)
     return out

@@ -56,7 +56,18 @@ PARTIAL_ENCRYPTION: tuple[str, ...] = (Encryption.MIN_DISTORTION.value, Encrypti
 
 # The vocabularies the settings choose from. common.split, common.schedulers and common.he implement them; they
 # are named here so that validating settings needs neither torch nor TenSEAL (tests check they agree).
-SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "plms", "euler", "dpmpp-2m")
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "ddim",
+    "plms",
+    "euler",
+    "dpmpp-2m",
+    "euler-a",
+    "dpmpp-2m-sde",
+    "unipc",
+    "heun",
+    "lcm",
+    "ddpm",
+)
 PAPER_SPLITS: tuple[str, ...] = ("conv_in", "down0.resnet0")
 # U-shaped split -> how many down blocks (and, mirrored, up blocks) run on the client; None: all of them (the
 # server runs only the mid block)

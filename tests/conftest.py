@@ -26,6 +26,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 2.x-style folder (common.models.build_tiny_sd2_model, seed 0: v-prediction, linear
+    projections, upcast attention, a 48-wide gelu text encoder), built once per session. Read-only."""
+    from hediff.common.models import build_tiny_sd2_model
+
+    return build_tiny_sd2_model(tmp_path_factory.mktemp("tiny-sd2-model") / "model", seed=0)
+
+
 # --- a real backend on loopback ------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ def _settings(server_model, **kw):
         s["plan_digest"] = build_plan(s["scheduler"], server_model.scheduler_config, s["steps"]).digest()
     except ValueError:  # the request under test is invalid anyway; the server must say why
         s["plan_digest"] = "0" * 64
+    s["weights_digest"] = server_model.weights_digest
     return s
 
 
@@ -94,7 +95,10 @@ def _post_step(http, sid, frame):
 def test_health_and_capabilities(http, backend):
     assert httpx.get(backend.url + "/v1/health").json()["status"] == "ok"
     caps = http.get("/v1/capabilities").json()
-    assert set(caps["schedulers"]) == {"ddim", "plms", "euler", "dpmpp-2m"}
+    assert caps["schedulers"] == ["ddim", "plms", "euler", "dpmpp-2m", "euler-a", "dpmpp-2m-sde", "unipc", "heun"] + [
+        "lcm",
+        "ddpm",
+    ]
     assert "fast" in caps["he_presets"] and "paper" in caps["he_presets"]
     spec = httpx.get(backend.url + "/openapi.json").json()
     assert "/v1/sessions/{session_id}/steps" in spec["paths"]

@@ -19,7 +19,13 @@ from hediff.common import protocol
 
 @pytest.fixture(scope="module")
 def target(backend, server_model):
-    return fuzz.Target(backend.url, backend.token, server_model.scheduler_config, server_model.cross_attention_dim)
+    return fuzz.Target(
+        backend.url,
+        backend.token,
+        server_model.scheduler_config,
+        server_model.cross_attention_dim,
+        server_model.weights_digest,
+    )
 
 
 def _assert_clean(tally: fuzz.Tally, backend) -> None:

@@ -50,7 +50,10 @@ def test_session_limits_hold_under_a_burst(server_model):
     running = start_in_thread(create_app(server_model, tokens, Limits(max_sessions=6, max_sessions_per_token=4)))
     try:
         caps = httpx.get(running.url + "/v1/capabilities", headers={"Authorization": f"Bearer {token}"}).json()
-        target = fuzz.Target(running.url, token, server_model.scheduler_config, caps["model"]["cross_attention_dim"])
+        model = caps["model"]
+        target = fuzz.Target(
+            running.url, token, server_model.scheduler_config, model["cross_attention_dim"], model["weights_digest"]
+        )
         frame = fuzz.open_frame(target, "full", "fast").encode()
         by_status, refused = load.session_burst(running.url, token, 12, frame)
         assert by_status == {201: 4, 429: 8}, by_status

@@ -255,6 +255,7 @@ def _open(http_backend, server_model, **meta):
     s.update(he_preset=None, activation_dtype="float32")
     s.update(meta)
     s["plan_digest"] = build_plan("ddim", server_model.scheduler_config, 2).digest()
+    s["weights_digest"] = server_model.weights_digest
     emb = np.zeros((1, 77, server_model.cross_attention_dim), dtype=np.float32)
     frame = protocol.Frame(meta=s, tensors={"cond": emb, "uncond": emb})
     headers = {"Authorization": f"Bearer {http_backend.token}", "content-type": protocol.FRAME_CONTENT_TYPE}

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hediff.common import he, protocol
-from hediff.common.schedulers import AffinePlan, build_plan
+from hediff.common import he, models, protocol
+from hediff.common.schedulers import AffinePlan, build_plan, noise_term
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
@@ -107,11 +107,17 @@ def describe_frame(frame: protocol.Frame) -> list[dict]:
     return items
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, init_noise_sigma: float) -> np.ndarray:
-    """x_T exactly as diffusers' pipeline draws it: randn on a CPU generator seeded with ``seed``."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
-    return (noise * init_noise_sigma)[0].numpy().astype(np.float64)
+class SeedNoise:
+    """Every random tensor of one generation, drawn from the seed's CPU generator in the order diffusers'
+    pipeline draws them: the initial latents, then each stochastic step's fresh noise, all float32."""
+
+    def __init__(self, seed: int):
+        self._generator = torch.Generator("cpu").manual_seed(seed)
+
+    def draw(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+        """One (1, *shape) draw, times ``scale`` in float32 as the pipeline multiplies (x_T by init_noise_sigma)."""
+        noise = torch.randn((1, *shape), generator=self._generator, dtype=torch.float32)
+        return (noise * scale)[0].numpy().astype(np.float64)
 
 
 class Generator:
@@ -141,7 +147,9 @@ class Generator:
 
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         result.key_fingerprint = strategy.key.fingerprint if strategy.key else None
-        history = {0: initial_noise(latent_shape, params.seed, plan.init_noise_sigma)}
+        seed_noise = SeedNoise(params.seed)
+        history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
+        noise_history: dict[int, np.ndarray] = {}  # step -> the fresh noise z it drew; never leaves this machine
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         strategy.start(plan, latent_shape, cond, uncond)
         result.setup_s = time.perf_counter() - t_start
@@ -157,11 +165,16 @@ class Generator:
                 exchange = self.client.step(session_id, request.frame, on_uploaded=request.on_uploaded)
                 _add_exchange_timings(timings, exchange)
                 try:
-                    history[step.index + 1] = strategy.finish(step, exchange.frame, history, timings)
+                    x_next = strategy.finish(step, exchange.frame, history, timings)
                 except (protocol.ProtocolError, he.HEError) as e:
                     raise BackendProtocolError(f"{self.client.url} sent an unusable step answer: {e}") from None
+                if step.draws_noise:  # drawn even when unused (coefficient 0): diffusers' generator advances too
+                    noise_history[step.index] = seed_noise.draw(latent_shape)
+                history[step.index + 1] = x_next + noise_term(step, noise_history)
                 for k in [k for k in history if k < step.index + 1 - keep]:
                     del history[k]
+                for k in [k for k in noise_history if k <= step.index - plan.noise_history_needed()]:
+                    del noise_history[k]
                 strategy.forget_before(step.index + 1 - keep)
 
                 result.step_timings.append(timings)
@@ -220,6 +233,7 @@ class Generator:
             he_preset=params.he_preset if strategy.key else None,
             activation_dtype=params.activation_dtype,
             plan_digest=plan.digest(),
+            weights_digest=models.unet_weights_digest(self.model.path),
         )
         open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
         open_frame.blobs.update(strategy.open_blobs())

@@ -76,7 +76,8 @@ class StepStrategy(ABC):
     def finish(
         self, step: AffineStep, answer: protocol.Frame, history: LatentHistory, timings: dict[str, float]
     ) -> np.ndarray:
-        """x_{step.index + 1} (float64) from the server's answer."""
+        """x_{step.index + 1} (float64) from the server's answer, less the step's fresh-noise term: the driver
+        draws that noise from the seed's generator and adds it (it never leaves this machine)."""
 
     def forget_before(self, index: int) -> None:
         """The driver no longer keeps latents before step ``index``: drop what belongs to them."""
