@@ -314,7 +314,8 @@ def cmd_generate(args) -> int:
         if not token:
             raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
     elif args.token:
-        raise UsageError("--token is for --server; without a server nothing is sent anywhere")
+        where = "--local-backend makes its own" if args.local_backend else "on this device nothing is sent anywhere"
+        raise UsageError(f"--token is for --server; {where}")
     with HEDiffusion(
         args.model,
         server=args.server,
