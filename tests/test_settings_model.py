@@ -13,7 +13,7 @@ from PIL import Image
 
 from hediff.common import protocol
 from hediff.common import settings as gs
-from hediff.common.settings import GenerationSettings, SettingsError, SizeLimits
+from hediff.common.settings import SCHEDULER_NAMES, GenerationSettings, SettingsError, SizeLimits
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ from hediff.common.settings import GenerationSettings, SettingsError, SizeLimits
         ("height", 30, "height must be a multiple of 8 in [0, 2048] (0: the model's native size), got 30"),
         ("seed", -1, f"seed must be an integer in [0, {gs.SEED_MAX}], got -1"),
         ("tau", 1.5, "tau must be a finite number in [0, 1], got 1.5"),
-        ("scheduler", "lms", "scheduler must be one of ddim, plms, euler, dpmpp-2m, got 'lms'"),
+        ("scheduler", "lms", f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got 'lms'"),
         ("encryption", "partial", "encryption must be one of full, min-distortion, random-mask, none, got 'partial'"),
         ("split", "u4", "split must be one of conv_in, down0.resnet0, u1, u2, u3, got 'u4'"),
     ],
@@ -143,7 +143,7 @@ def test_the_server_advertises_its_limits_and_refuses_what_exceeds_them(backend,
         "height": (dict(height=4096), "'height' must be an integer in [8, 2048], got 4096"),
         "guidance": (dict(guidance=math.nan), "'guidance' must be a finite number in [0, 50], got nan"),
         "steps": (dict(steps=501), "'steps' must be an integer in [1, 500] on this server, got 501"),
-        "scheduler": (dict(scheduler="lms"), "'scheduler' must be one of ddim, plms, euler, dpmpp-2m, got 'lms'"),
+        "scheduler": (dict(scheduler="lms"), f"'scheduler' must be one of {', '.join(SCHEDULER_NAMES)}, got 'lms'"),
         "activation_dtype": (dict(activation_dtype=1), "'activation_dtype' must be one of float32, float16, got 1"),
     }
     for meta, message in refused.values():
@@ -155,7 +155,7 @@ def test_the_server_advertises_its_limits_and_refuses_what_exceeds_them(backend,
 def test_the_wire_header_is_the_settings_models_serialisation():
     header = protocol.SessionSettings(
         scheduler="ddim", steps=2, guidance=7.5, height=32, width=32, split="conv_in", encryption="full",
-        he_preset="fast", activation_dtype="float16", plan_digest="ab" * 32,
+        he_preset="fast", activation_dtype="float16", plan_digest="ab" * 32, weights_digest="cd" * 32,
     )  # fmt: skip
     meta = protocol.decode_frame(protocol.Frame(meta=header.to_meta()).encode()).meta
     assert protocol.SessionSettings.from_meta(meta) == header
@@ -165,3 +165,5 @@ def test_the_wire_header_is_the_settings_models_serialisation():
         protocol.SessionSettings.from_meta({**meta, "he_preset": None})
     with pytest.raises(protocol.ProtocolError, match="'split' must be one of conv_in on this server"):
         protocol.SessionSettings.from_meta({**meta, "split": "u1", "encryption": "none"}, splits=("conv_in",))
+    with pytest.raises(protocol.ProtocolError, match="'weights_digest' must be the 64-character hex SHA-256"):
+        protocol.SessionSettings.from_meta({**meta, "weights_digest": "not hex"})

@@ -126,4 +126,5 @@ def test_the_same_weights_open_and_a_missing_or_malformed_digest_is_400(generato
             headers={"Authorization": f"Bearer {backend.token}", "content-type": protocol.FRAME_CONTENT_TYPE},
             timeout=60,
         )
-        assert r.status_code == 400 and "'weights_digest' must be the 64-character hex" in r.json()["detail"]
+        expected = "'weights_digest' is missing: it must be" if bad is None else "'weights_digest' must be"
+        assert r.status_code == 400 and f"{expected} the 64-character hex SHA-256" in r.json()["detail"]
