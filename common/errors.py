@@ -60,12 +60,6 @@ class CryptoError(HEDiffusionError):
     exit_code = EXIT_PROTOCOL
 
 
-class ProtocolViolation(HEDiffusionError, ValueError):
-    """A message that does not follow the wire protocol."""
-
-    exit_code = EXIT_PROTOCOL
-
-
 class Cancelled(HEDiffusionError):
     """The user stopped the job."""
 

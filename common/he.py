@@ -36,12 +36,13 @@ import tenseal as ts
 from tenseal import sealapi
 
 from hediff.common import flooding
+from hediff.common.errors import CryptoError
 
 _KEYLESS = {"save_public_key": False, "save_secret_key": False, "save_galois_keys": False, "save_relin_keys": False}
 _SEAL_ERRORS = (ValueError, RuntimeError, TypeError, OverflowError)
 
 
-class HEError(ValueError):
+class HEError(CryptoError, ValueError):
     """A context or ciphertext that cannot be used; the message says what is wrong."""
 
 
@@ -49,7 +50,7 @@ class SecretKeyInContextError(HEError):
     pass
 
 
-class DecryptionLimitError(RuntimeError):
+class DecryptionLimitError(CryptoError, RuntimeError):
     """A key was asked to decrypt more ciphertexts than its bound allows; the message names the bound.
 
     Not an HEError: nothing is wrong with the ciphertext or with what the server sent, the key is used up."""

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from hediff.common.errors import ModelError
+
 __all__ = [
     "EMBEDDED_MODEL_DIR",
     "REPO_ROOT",
@@ -146,11 +148,11 @@ _FIX_HINT = (
 )
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(ModelError, ValueError):
     """A model folder is missing a file or has an unreadable/corrupt one."""
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(ModelError, FileNotFoundError):
     """A model spec could not be resolved to a local folder (no such directory, hub offline, unknown repo)."""
 
 

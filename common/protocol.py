@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from hediff.common import settings
+from hediff.common.errors import EXIT_PROTOCOL, HEDiffusionError
 
 PROTOCOL_VERSION = 1
 MAGIC = b"HEDF"
@@ -32,8 +33,10 @@ TENSOR_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.flo
 ACTIVATION_DTYPES = settings.ACTIVATION_DTYPES
 
 
-class ProtocolError(ValueError):
+class ProtocolError(HEDiffusionError, ValueError):
     """A message that does not follow the protocol; the text says what is wrong."""
+
+    exit_code = EXIT_PROTOCOL
 
 
 @dataclass

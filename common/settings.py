@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from hediff.common.errors import UsageError
+
 __all__ = [
     "ACTIVATION_DTYPES",
     "DEFAULT_HE_PRESET",
@@ -116,7 +118,7 @@ ActivationDtype = Literal[ACTIVATION_DTYPES]  # type: ignore[valid-type]
 _CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
-class SettingsError(ValueError):
+class SettingsError(UsageError):
     """Settings that break a rule; ``field`` names the setting (None for a rule across settings)."""
 
     def __init__(self, message: str, field: str | None = None, allowed: str | None = None, value: Any = None):

@@ -66,6 +66,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hediff.common.errors import ModelError
+
 __all__ = [
     "DEFAULT_SPLIT",
     "PAPER_FAMILY",
@@ -115,7 +117,7 @@ _U_DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _U_UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-class UnsupportedUNetError(ValueError):
+class UnsupportedUNetError(ModelError, ValueError):
     """The UNet (config) uses a feature that the split does not reproduce, or is too shallow for it."""
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_USAGE = 2
+from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, HEDiffusionError, UsageError
 
 
 def _add_serve(sub) -> None:
@@ -157,25 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.cmd](args)
     except KeyboardInterrupt:
         print("hediff: cancelled", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if isinstance(e, _loaded_errors("hediff.desktop.core.engine", "GenerationCancelled")):
-            print("hediff: cancelled", file=sys.stderr)
-            return 130
-        usage = (ValueError, OSError)
-        usage += _loaded_errors("hediff.common.models", "ModelFolderError", "ModelNotFoundError")
-        usage += _loaded_errors("hediff.desktop.core.backend_client", "BackendError")
-        if not isinstance(e, usage):
-            raise
+        return EXIT_CANCELLED
+    except HEDiffusionError as e:  # written for the user; the class says how the command ends (common.errors)
+        print("hediff: cancelled" if e.exit_code == EXIT_CANCELLED else f"hediff: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, OSError) as e:  # a bad value or an unusable file: the command line cannot work
         print(f"hediff: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _loaded_errors(module: str, *names: str) -> tuple[type, ...]:
-    # an error of a module that was never imported cannot have been raised; importing it (torch, diffusers)
-    # only to compare would make every early error slow
-    loaded = sys.modules.get(module)
-    return tuple(getattr(loaded, name) for name in names) if loaded is not None else ()
 
 
 def cmd_gui(gui_args: list[str]) -> int:
@@ -203,7 +191,7 @@ def cmd_token(args) -> int:
             print(f"{r.id}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(r.created))}  {r.label}")
     else:
         if not store.revoke(args.token_id):
-            raise ValueError(f"no token with id {args.token_id!r} in {store.path}")
+            raise UsageError(f"no token with id {args.token_id!r} in {store.path}")
         print(f"revoked {args.token_id}")
     return 0
 
@@ -216,7 +204,7 @@ def cmd_serve(args) -> int:
     from hediff.common.models import resolve_model
 
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
     if args.confidential:
         _check_confidential_serve(args, tls)
@@ -227,11 +215,11 @@ def cmd_serve(args) -> int:
         ("--max-request-mb", args.max_request_mb),
     ):
         if not value > 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
+            raise UsageError(f"{flag} must be positive, got {value}")
     tokens_path = args.tokens_file or default_tokens_path()
     tokens = TokenStore.load(tokens_path)
     if not tokens.records():
-        raise ValueError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
+        raise UsageError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
     model_path = resolve_model(args.model)
     model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
     limits = Limits(
@@ -253,10 +241,6 @@ def cmd_serve(args) -> int:
         print("hediff backend: confidential mode, evidence from " + str(args.tsm_dir), file=sys.stderr)
     serve_forever(app, args.host, args.port, tls=tls)
     return 0
-
-
-class UsageError(ValueError):
-    """A command line that cannot work, found before anything is loaded."""
 
 
 def generation_settings(args):
@@ -384,8 +368,6 @@ def _print_summary(result, load_s: float, out: Path) -> None:
 
 # --- confidential servers and attestation (docs/attestation.md) -------------------------------------------------
 
-EXIT_REFUSED = 1
-
 
 def _add_attest(sub) -> None:
     p = sub.add_parser("attest", help="verify attestation evidence of a confidential backend")
@@ -430,7 +412,7 @@ def _read_evidence_file(path: Path, flag: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise ValueError(f"{flag} {path} cannot be read ({e.strerror or e})") from None
+        raise UsageError(f"{flag} {path} cannot be read ({e.strerror or e})") from None
 
 
 def cmd_attest(args) -> int:
@@ -440,9 +422,9 @@ def cmd_attest(args) -> int:
     try:
         expected = bytes.fromhex(args.report_data) if args.report_data is not None else None
     except ValueError:
-        raise ValueError(f"--report-data {args.report_data!r} is not hex") from None
+        raise UsageError(f"--report-data {args.report_data!r} is not hex") from None
     if expected is not None and len(expected) != 64:
-        raise ValueError(f"--report-data is {len(expected)} bytes; report_data is 64 (128 hex digits)")
+        raise UsageError(f"--report-data is {len(expected)} bytes; report_data is 64 (128 hex digits)")
     policy = Policy(
         measurements=Policy.parse_measurements(args.measurement),
         report_data=expected,
@@ -459,7 +441,7 @@ def cmd_attest(args) -> int:
         )
     except AttestationError as e:
         print(f"hediff attest: REFUSED ({e.check}): {e.reason}", file=sys.stderr)
-        return EXIT_REFUSED
+        return EXIT_ATTESTATION
     print(json.dumps({"verified": True, **verified.fields()}, indent=2))
     return 0
 
@@ -468,14 +450,14 @@ def _check_confidential_serve(args, tls) -> None:
     from hediff.backend.confidential import ConfigfsTsm, EvidenceError
 
     if tls is None:
-        raise ValueError(
+        raise UsageError(
             "--confidential needs --tls-cert/--tls-key: the evidence binds the TLS key, so make the key inside this "
             "confidential VM and serve HTTPS with it"
         )
     try:
         ConfigfsTsm(args.tsm_dir).check()
     except EvidenceError as e:
-        raise ValueError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def cmd_generate_confidential(args) -> int:
@@ -483,10 +465,10 @@ def cmd_generate_confidential(args) -> int:
     from hediff.desktop.core.confidential_client import ConfidentialClient, ConfidentialError, ConfidentialPolicy
 
     if not args.server:
-        raise ValueError("--confidential needs --server https://...: a local backend is not a confidential one")
+        raise UsageError("--confidential needs --server https://...: a local backend is not a confidential one")
     token = args.token or os.environ.get("HEDIFF_TOKEN")
     if not token:
-        raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+        raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
     policy = ConfidentialPolicy.from_options(args.measurement, args.allow_debug, args.min_tcb, args.allow_cpu_only_tee)
     client = ConfidentialClient(args.server, token, policy, tls_ca=args.tls_ca, timeout_s=args.timeout)
 
@@ -512,10 +494,10 @@ def cmd_generate_confidential(args) -> int:
         )
     except AttestationError as e:
         print(f"hediff: REFUSED, nothing was sent ({e.check}): {e.reason}", file=sys.stderr)
-        return EXIT_REFUSED
+        return EXIT_ATTESTATION
     except ConfidentialError as e:
         print(f"hediff: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(args.out)
     print(json.dumps({"out": str(args.out), "steps": len(result.steps)}))

@@ -22,6 +22,7 @@ from hediff.common.attest.verify import (
     verify_snp_report,
     verify_vcek_chain,
 )
+from hediff.common.errors import EXIT_ATTESTATION
 from hediff.desktop.cli import main
 from tests.attest_evidence import CHIP_ID, TCB, FakeAmdChain
 
@@ -264,7 +265,9 @@ def test_cli_refuses_in_one_line(capsys, case, extra, reason):
         if flag not in extra:
             args += [flag, value]
     rc, out, err = run_cli(capsys, *args, *extra)
-    assert rc == 1 and out == "" and err.startswith(f"hediff attest: {reason}:") and err.count("\n") == 1, err
+    assert (
+        rc == EXIT_ATTESTATION and out == "" and err.startswith(f"hediff attest: {reason}:") and err.count("\n") == 1
+    ), err
 
 
 def test_cli_refuses_an_unpinned_ark_and_a_truncated_report(capsys, tmp_path):
@@ -272,11 +275,11 @@ def test_cli_refuses_an_unpinned_ark_and_a_truncated_report(capsys, tmp_path):
     ark = tmp_path / "ark.der"
     ark.write_bytes(chain.ark)
     rc, _, err = run_cli(capsys, "--report", str(GOOD_REPORT), "--vcek", str(GOOD_VCEK), "--ark", str(ark))
-    assert rc == 1 and "REFUSED (pinned_root)" in err and "not one of the pinned AMD roots" in err
+    assert rc == EXIT_ATTESTATION and "REFUSED (pinned_root)" in err and "not one of the pinned AMD roots" in err
     short = tmp_path / "short.bin"
     short.write_bytes(GOOD_REPORT.read_bytes()[:1000])
     rc, _, err = run_cli(capsys, "--report", str(short), "--vcek", str(GOOD_VCEK))
-    assert rc == 1 and "REFUSED (format)" in err and "this one is 1000" in err
+    assert rc == EXIT_ATTESTATION and "REFUSED (format)" in err and "this one is 1000" in err
 
 
 def test_cli_bad_arguments_are_usage_errors(capsys, tmp_path):
@@ -289,4 +292,4 @@ def test_cli_bad_arguments_are_usage_errors(capsys, tmp_path):
     junk = tmp_path / "junk.der"
     junk.write_bytes(b"not a certificate")
     rc, _, err = run_cli(capsys, "--report", str(GOOD_REPORT), "--vcek", str(junk))
-    assert rc == 1 and "REFUSED (certificate)" in err and "VCEK" in err
+    assert rc == EXIT_ATTESTATION and "REFUSED (certificate)" in err and "VCEK" in err

@@ -30,6 +30,7 @@ from hediff.backend.confidential import (
 from hediff.backend.serve import check_tls_files, start_in_thread
 from hediff.common.attest.binding import report_data_for
 from hediff.common.attest.verify import AttestationError
+from hediff.common.errors import EXIT_ATTESTATION
 from hediff.common.schedulers import make_scheduler
 from hediff.desktop.cli import main
 from hediff.desktop.core.confidential_client import ConfidentialClient, ConfidentialPolicy
@@ -233,7 +234,9 @@ def test_the_products_roots_refuse_the_test_root_and_the_cli_sends_nothing(fresh
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and "REFUSED, nothing was sent (chain)" in err and "none of the pinned AMD ASKs" in err
+    assert (
+        rc == EXIT_ATTESTATION and "REFUSED, nothing was sent (chain)" in err and "none of the pinned AMD ASKs" in err
+    )
     assert not out.exists() and prompt_bodies(fresh) == []
 
 

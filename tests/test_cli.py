@@ -1,6 +1,7 @@
 import pytest
 
 from hediff.backend.auth import TokenStore
+from hediff.common.errors import EXIT_MODEL
 from hediff.desktop.cli import main
 
 
@@ -65,7 +66,7 @@ def test_generate_rejects_bad_parameters_before_any_network(tiny_model_dir, caps
 def test_missing_model_folder_is_named(tmp_path, capsys):
     rc = main(["generate", "--local-backend", "--model", str(tmp_path / "missing"), "--prompt", "x"])
     err = capsys.readouterr().err
-    assert rc == 2 and "missing" in err and "Traceback" not in err
+    assert rc == EXIT_MODEL and "missing" in err and "Traceback" not in err
 
 
 def test_generate_needs_a_token_for_a_remote_server(tiny_model_dir, capsys, monkeypatch):

@@ -189,7 +189,7 @@ def test_cli_generate_without_the_shipped_model_says_how_to_get_it(no_embedded_a
     from hediff.desktop.cli import main
 
     rc = main(["generate", "--local-backend", "--model", "embedded", "--prompt", "a red circle", "--quiet"])
-    assert rc == 2
+    assert rc == 5  # EXIT_MODEL
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hediff: error: The embedded model is not installed")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hediff.common.errors import HEDiffusionError
+
 REPORT_LEN = 0x4A0
 SIGNED_LEN = 0x2A0  # the VCEK signs bytes 0 .. 0x29F
 SUPPORTED_VERSIONS = range(2, 6)
@@ -25,7 +27,7 @@ SIGNING_KEY_VCEK = 0
 SIGNING_KEY_NAMES = {0: "VCEK", 1: "VLEK", 7: "none"}
 
 
-class ReportFormatError(ValueError):
+class ReportFormatError(HEDiffusionError, ValueError):
     """The bytes are not an SEV-SNP attestation report this verifier can read."""
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hediff.common.attest.roots import AMD_PRODUCTS
 from hediff.common.attest.snp import SIGNING_KEY_NAMES, SIGNING_KEY_VCEK, ReportFormatError, SnpReport, Tcb
+from hediff.common.errors import EXIT_ATTESTATION, HEDiffusionError
 
 # AMD's VCEK certificate extensions (AMD "Versioned Chip Endorsement Key (VCEK) Certificate and KDS Interface
 # Specification")
@@ -31,8 +32,10 @@ OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"
 OID_HW_ID = "1.3.6.1.4.1.3704.1.4"
 
 
-class AttestationError(Exception):
+class AttestationError(HEDiffusionError):
     """Evidence that does not verify. ``check`` names the failed check; the message says why, in one line."""
+
+    exit_code = EXIT_ATTESTATION
 
     def __init__(self, check: str, reason: str):
         super().__init__(reason)

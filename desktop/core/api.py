@@ -91,12 +91,12 @@ class HEDiffusion:
         accept_not_private: bool = False,
     ):
         if local_backend and server is not None:
-            raise ValueError("give either a server URL or local_backend=True, not both")
+            raise UsageError("give either a server URL or local_backend=True, not both")
         self.where = Where.SERVER if server is not None else Where.LOOPBACK if local_backend else Where.DEVICE
         if self.where is Where.DEVICE and token is not None:
-            raise ValueError("a generation on this device talks to no server: do not pass token=...")
+            raise UsageError("a generation on this device talks to no server: do not pass token=...")
         if local_backend and token is not None:
-            raise ValueError("local_backend=True starts its own backend with its own token: do not pass token=...")
+            raise UsageError("local_backend=True starts its own backend with its own token: do not pass token=...")
         if split not in SPLIT_POINTS:
             raise SettingsError(f"split must be one of {', '.join(SPLIT_POINTS)}, got {split!r}", "split")
         if self.where is Where.SERVER:
@@ -108,7 +108,7 @@ class HEDiffusion:
                 )
             token = token or os.environ.get("HEDIFF_TOKEN")
             if not token:
-                raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
+                raise UsageError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
         self.model_spec = str(model)
         self._model_path: Path | None = None
         self.split = split

@@ -10,20 +10,23 @@ from pathlib import Path
 import httpx
 
 from hediff.common import protocol
+from hediff.common.errors import EXIT_PROTOCOL, EXIT_SERVER_REFUSED, EXIT_UNREACHABLE, HEDiffusionError
 
 _UPLOAD_CHUNK = 1 << 20
 
 
-class BackendError(RuntimeError):
+class BackendError(HEDiffusionError, RuntimeError):
     """A failure talking to the backend; str() is a message for the user, no traceback needed."""
+
+    exit_code = EXIT_SERVER_REFUSED
 
 
 class BackendUnreachable(BackendError):
-    pass
+    exit_code = EXIT_UNREACHABLE
 
 
 class BackendTimeout(BackendError):
-    pass
+    exit_code = EXIT_UNREACHABLE
 
 
 class BackendTLSError(BackendUnreachable):
@@ -37,7 +40,7 @@ class BackendRejected(BackendError):
 
 
 class BackendProtocolError(BackendError):
-    pass
+    exit_code = EXIT_PROTOCOL
 
 
 @dataclass

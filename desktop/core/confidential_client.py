@@ -26,6 +26,7 @@ from PIL import Image
 from hediff.common.attest.binding import NONCE_LEN, report_data_for, tls_key_digest
 from hediff.common.attest.snp import Tcb
 from hediff.common.attest.verify import AttestationError, Policy, TrustedRoot, VerifiedReport, verify_snp_report
+from hediff.common.errors import EXIT_UNREACHABLE, HEDiffusionError
 from hediff.desktop.core.preview import SD1_PREVIEW_MAP, PreviewMap, latent_preview
 
 EVIDENCE_PATH = "/v1/attestation/evidence"
@@ -33,8 +34,10 @@ GENERATE_PATH = "/v1/confidential/generate"
 GPU_NOT_VERIFIED = "GPU evidence: not verified"
 
 
-class ConfidentialError(RuntimeError):
+class ConfidentialError(HEDiffusionError, RuntimeError):
     """The confidential server could not be reached or answered something unusable (not an attestation failure)."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from hediff.common import he, models, protocol
+from hediff.common.errors import Cancelled, UsageError
 from hediff.common.schedulers import AffinePlan, build_plan, noise_term
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
@@ -31,7 +32,7 @@ from hediff.desktop.core.step_strategies import StepStrategy, strategy_for
 TIMING_KEYS = ("head", "select", "encrypt", "upload", "server_body", "server_he", "download", "decrypt")
 
 
-class GenerationCancelled(Exception):
+class GenerationCancelled(Cancelled):
     pass
 
 
@@ -137,7 +138,7 @@ class Generator:
         native = self.model.native_size
         params = _with_changes(params, width=params.width or native, height=params.height or native)
         if params.split != self.model.split:
-            raise ValueError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
+            raise UsageError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
         t_start = time.perf_counter()
         plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
         cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hediff.common.errors import HEDiffusionError
 from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
 from hediff.desktop.core.engine import GenerationParams, GenerationResult
 from hediff.desktop.core.settings import params_from_dict
@@ -27,7 +28,7 @@ _ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{6}$")
 _MAX_SIDECAR = 1 << 20
 
 
-class GalleryError(ValueError):
+class GalleryError(HEDiffusionError, ValueError):
     """A gallery entry that cannot be used; str() names it and says why."""
 
 

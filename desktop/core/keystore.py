@@ -38,6 +38,7 @@ from keyring.backends import fail as _fail_backend
 from keyring.backends import null as _null_backend
 
 from hediff.common import he
+from hediff.common.errors import KeysError
 from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
 
 DEFAULT_SERVICE = "hediff"
@@ -77,7 +78,7 @@ def keyring_advice(platform: str | None = None) -> str:
     )
 
 
-class KeyringUnavailable(RuntimeError):
+class KeyringUnavailable(KeysError, RuntimeError):
     """The OS keyring cannot be used; str() says what is wrong and what to do."""
 
     def __init__(self, detail: str, platform: str | None = None):
@@ -85,7 +86,7 @@ class KeyringUnavailable(RuntimeError):
         super().__init__(f"The OS keyring is not available ({detail}): {keyring_advice(platform)}")
 
 
-class KeyStoreError(ValueError):
+class KeyStoreError(KeysError, ValueError):
     """A device key that cannot be used; str() says which and why."""
 
 

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hediff.common.errors import HEDiffusionError
+
 DATA_FILE = Path(__file__).resolve().parent / "data" / "leakage.json"
 FORMAT = "he-diffusion/leakage/v2"
 #: Which measurement to show when several models were measured: the shipped model first.
@@ -25,7 +27,7 @@ NOT_MEASURED = "not measured yet"
 PROMPT_READ_SHARE = 0.5
 
 
-class LeakageDataError(ValueError):
+class LeakageDataError(HEDiffusionError, ValueError):
     """The shipped leakage file is unreadable or not in the expected format."""
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hediff.common.errors import UsageError
 from hediff.common.local_pipeline import LocalPipeline, LocalStep, PipelineCancelled
 from hediff.desktop.core.engine import (
     TIMING_KEYS,
@@ -45,7 +46,7 @@ class OnDeviceGenerator:
         """Run one generation on this device. ``key`` is accepted for interface parity and must be None:
         nothing is encrypted here."""
         if key is not None:
-            raise ValueError("a generation on this device encrypts nothing: do not pass a key")
+            raise UsageError("a generation on this device encrypts nothing: do not pass a key")
         params.validate()
         native = self.native_size
         # nothing is encrypted here: the record says so

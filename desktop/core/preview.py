@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hediff.common.errors import ModelError
+
 # Widely used linear approximation of the SD 1.x VAE decoder (latent channel -> RGB in [-1, 1]).
 SD1_LATENT_RGB_FACTORS = np.array(
     [
@@ -35,7 +37,7 @@ class PreviewMap:
 SD1_PREVIEW_MAP = PreviewMap(SD1_LATENT_RGB_FACTORS, np.zeros(3), "SD 1.x factors")
 
 
-class PreviewMapError(ValueError):
+class PreviewMapError(ModelError, ValueError):
     """A model folder's preview.json is unreadable or has the wrong shape."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hediff.common import he, protocol
+from hediff.common.errors import UsageError
 from hediff.desktop.core.api import HEDiffusion, NotPrivateError
 from hediff.desktop.core.appdata import default_data_dir, ensure_private_dir
 from hediff.desktop.core.backend_client import BackendClient, BackendProtocolError
@@ -19,7 +20,7 @@ TEST_TIMEOUT_S = 15.0
 TEST_CONNECT_TIMEOUT_S = 5.0
 
 
-class NoServerToken(ValueError):
+class NoServerToken(UsageError):
     """A remote server without a stored API token."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hediff.common.errors import UsageError
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
 from hediff.desktop.core.keystore import KeyringUnavailable, SecretStore
@@ -44,24 +45,24 @@ class ServerEntry:
 def validate_url(url: str) -> str:
     """A backend URL: http(s), with a host, no credentials, query or fragment. Returns it normalised."""
     if not isinstance(url, str) or not url.strip():
-        raise ValueError("the server URL is empty")
+        raise UsageError("the server URL is empty")
     url = url.strip()
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise ValueError(f"the server URL {url!r} is malformed: {e}") from None
+        raise UsageError(f"the server URL {url!r} is malformed: {e}") from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError(f"the server URL must start with http:// or https://, got {url!r}")
+        raise UsageError(f"the server URL must start with http:// or https://, got {url!r}")
     if not parts.hostname:
-        raise ValueError(f"the server URL {url!r} has no host name")
+        raise UsageError(f"the server URL {url!r} has no host name")
     if parts.username is not None or parts.password is not None:
         # credentials in the URL would end up in the settings file; the token has its own field
-        raise ValueError("the server URL must not contain a user name or password; put the API token in its field")
+        raise UsageError("the server URL must not contain a user name or password; put the API token in its field")
     if parts.query or parts.fragment:
-        raise ValueError("the server URL must not have a query (?...) or fragment (#...); put the token in its field")
+        raise UsageError("the server URL must not have a query (?...) or fragment (#...); put the token in its field")
     if port is not None and port == 0:
-        raise ValueError(f"the server URL {url!r} has port 0")
+        raise UsageError(f"the server URL {url!r} has port 0")
     return url.rstrip("/")
 
 
@@ -122,12 +123,12 @@ class Settings:
     @classmethod
     def _from_dict(cls, path: Path, data) -> Settings:
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise UsageError("not a JSON object")
         s = cls(path=path)
         notes = []
         if "servers" in data:
             if not isinstance(data["servers"], list):
-                raise ValueError("'servers' is not a list")
+                raise UsageError("'servers' is not a list")
             servers, seen = [], set()
             for item in data["servers"]:
                 try:
@@ -190,7 +191,7 @@ class Settings:
     def save(self) -> None:
         """Write atomically (0600). Prompts are dropped from ``params`` unless ``remember_prompt``."""
         if self.key_policy not in KEY_POLICIES:
-            raise ValueError(f"key_policy must be one of {', '.join(KEY_POLICIES)}, got {self.key_policy!r}")
+            raise UsageError(f"key_policy must be one of {', '.join(KEY_POLICIES)}, got {self.key_policy!r}")
         ensure_private_dir(self.path.parent)
         atomic_write(self.path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"), mode=0o600)
 
@@ -236,9 +237,9 @@ class Settings:
             new_url = validate_url(url)
         if token is not None:
             if not entry.remote:
-                raise ValueError(f"{entry.name} needs no API token: it runs on this machine")
+                raise UsageError(f"{entry.name} needs no API token: it runs on this machine")
             if secrets is None:
-                raise ValueError("changing a token needs the secret store")
+                raise UsageError("changing a token needs the secret store")
             if token == "":
                 secrets.delete(TOKEN_NAME.format(id=id))
             else:
@@ -269,7 +270,7 @@ class Settings:
         """The user accepted once that this remote server can see their images and prompts. Saves."""
         entry = self.server(id)
         if not entry.remote:
-            raise ValueError(f"{entry.name} runs on this machine: there is nothing to acknowledge")
+            raise UsageError(f"{entry.name} runs on this machine: there is nothing to acknowledge")
         entry.not_private_ok = True
         self.save()
 
@@ -280,15 +281,15 @@ class Settings:
 
 def _server_from_dict(item) -> ServerEntry:
     if not isinstance(item, dict):
-        raise ValueError("not an object")
+        raise UsageError("not an object")
     sid, name, url = item["id"], item["name"], item.get("url", "")
     flags = {k: item.get(k, False) for k in ("local", "on_device", "not_private_ok")}
     if not isinstance(sid, str) or not sid or not isinstance(name, str):
-        raise ValueError("bad id or name")
+        raise UsageError("bad id or name")
     if not all(isinstance(v, bool) for v in flags.values()) or (flags["local"] and flags["on_device"]):
-        raise ValueError("bad local, on_device or not_private_ok flag")
+        raise UsageError("bad local, on_device or not_private_ok flag")
     if not isinstance(url, str):
-        raise ValueError("bad url")
+        raise UsageError("bad url")
     if not (flags["local"] or flags["on_device"]):
         url = validate_url(url)
     return ServerEntry(id=sid, name=name, url=url, **flags)
@@ -296,16 +297,16 @@ def _server_from_dict(item) -> ServerEntry:
 
 def _clean_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError("the server name is empty")
+        raise UsageError("the server name is empty")
     return name.strip()
 
 
 def _clean_token(token: str) -> str:
     token = token.strip()
     if not token:
-        raise ValueError("the API token is empty")
+        raise UsageError("the API token is empty")
     if any(c.isspace() for c in token):
-        raise ValueError("the API token must not contain spaces or line breaks")
+        raise UsageError("the API token must not contain spaces or line breaks")
     return token
 
 

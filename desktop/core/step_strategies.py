@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from hediff.common import he, protocol, split
+from hediff.common.errors import UsageError
 from hediff.common.latent import EncryptedLatent, decrypt_latent, encrypt_latent, pack_mask
 from hediff.common.schedulers import AffinePlan, AffineStep, apply_step, client_finish
 from hediff.common.selection import new_mask_seed, random_mask, select_mask
@@ -145,7 +146,7 @@ class EncryptedLatentSteps(_LatentSteps):
         if key is None:
             key = he.RotatingKey(params.he_preset)  # fresh keys per generation, each retired before its bound
         elif key.preset.name != params.he_preset:
-            raise ValueError(
+            raise UsageError(
                 f"the given key is for preset {key.preset.name!r}, the generation asks for {params.he_preset!r}"
             )
         self.key = key
@@ -274,5 +275,5 @@ def strategy_for(model: ClientModel, params: GenerationParams, key: he.ClientKey
     """The step strategy for a session with ``params`` (its split's family decides)."""
     family = split.split_family(params.split)
     if family not in STRATEGIES:
-        raise ValueError(f"no client step strategy for split {params.split!r} (family {family!r})")
+        raise UsageError(f"no client step strategy for split {params.split!r} (family {family!r})")
     return STRATEGIES[family](model, params, key)

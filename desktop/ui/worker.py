@@ -45,18 +45,11 @@ class Job:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is written for the user (shown as is); anything else is reported generically."""
-    from hediff.common.models import ModelFolderError, ModelNotFoundError
-    from hediff.desktop.core.backend_client import BackendError
+    """Exception types whose message is written for the user (shown as is); anything else is a bug, reported
+    generically (its text could hold anything)."""
+    from hediff.common.errors import HEDiffusionError
 
-    types: list[type[BaseException]] = [BackendError, ValueError, ModelFolderError, ModelNotFoundError]
-    try:
-        from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError
-
-        types += [KeyringUnavailable, KeyStoreError]
-    except ImportError:  # the key store is optional for the worker
-        pass
-    return tuple(types)
+    return (HEDiffusionError,)
 
 
 class GenerationWorker(QObject):
