@@ -96,7 +96,7 @@ def test_health_and_capabilities(http, backend):
     caps = http.get("/v1/capabilities").json()
     assert set(caps["schedulers"]) == {"ddim", "plms", "euler", "dpmpp-2m"}
     assert "fast" in caps["he_presets"] and "paper" in caps["he_presets"]
-    spec = httpx.get(backend.url + "/openapi.json").json()
+    spec = http.get("/openapi.json").json()
     assert "/v1/sessions/{session_id}/steps" in spec["paths"]
 
 

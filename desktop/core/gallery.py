@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.common.files import atomic_write
+from hediff.desktop.core.appdata import ensure_private_dir
 from hediff.desktop.core.engine import GenerationParams, GenerationResult
 from hediff.desktop.core.settings import params_from_dict
 

@@ -38,7 +38,8 @@ from keyring.backends import fail as _fail_backend
 from keyring.backends import null as _null_backend
 
 from hediff.common import he
-from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.common.files import atomic_write
+from hediff.desktop.core.appdata import ensure_private_dir
 
 DEFAULT_SERVICE = "hediff"
 WRAP_NAME = "device-key-wrap:{preset}"
