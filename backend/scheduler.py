@@ -1,7 +1,8 @@
 """Fair scheduling of model work across API tokens.
 
-Steps wait in one queue per token; workers take them round-robin across tokens, so a token with many (or huge)
-steps delays another token by at most one of its steps per turn, never by its whole backlog. Each token may have
+Steps wait in one queue per token; workers take the next step of the token served least recently (round-robin,
+with a newly arriving token first in line), so a token with many (or huge) steps delays another token by at most
+one of its steps per turn, never by its whole backlog. Each token may have
 at most ``max_per_token`` steps queued or running (more is a 429), the server at most ``max_queued`` (a 503).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,8 +44,10 @@ class FairScheduler:
         if workers < 1 or max_per_token < 1 or max_queued < 1:
             raise ValueError("workers, max_per_token and max_queued must be at least 1")
         self.max_per_token, self.max_queued = max_per_token, max_queued
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # order = whose turn is next
+        self._queues: dict[str, deque[_Job]] = {}
         self._active: dict[str, int] = {}  # token -> queued + running
+        self._last_served: dict[str, int] = {}  # token -> turn number of its latest step taken
+        self._turn = 0
         self._queued = 0
         self._cond = threading.Condition()
         self._stopped = False
@@ -66,11 +69,8 @@ class FairScheduler:
             if self._queued >= self.max_queued:
                 raise ServerBusy(f"the server has {self.max_queued} steps queued; try again shortly")
             job = _Job(token_id, fn, args)
-            queue = self._queues.setdefault(token_id, deque())
-            # round-robin: every other token gets at most one turn per turn of this token before this job
-            turns = len(queue) + 1
-            ahead = len(queue) + sum(min(len(q), turns) for t, q in self._queues.items() if t != token_id)
-            queue.append(job)
+            self._queues.setdefault(token_id, deque()).append(job)
+            ahead = self._position_locked(job)
             self._active[token_id] = self._active.get(token_id, 0) + 1
             self._queued += 1
             self._cond.notify()
@@ -110,14 +110,35 @@ class FairScheduler:
         else:
             self._active.pop(token_id, None)
 
+    def _pick_locked(self, queues: dict[str, deque], last_served: dict[str, int]) -> str:
+        return min(queues, key=lambda t: last_served.get(t, -1))
+
     def _next_locked(self) -> _Job:
-        token_id, queue = next(iter(self._queues.items()))
+        token_id = self._pick_locked(self._queues, self._last_served)
+        queue = self._queues[token_id]
         job = queue.popleft()
-        del self._queues[token_id]
-        if queue:  # to the back of the line
-            self._queues[token_id] = queue
+        if not queue:
+            del self._queues[token_id]
+        self._turn += 1
+        self._last_served[token_id] = self._turn
+        if len(self._last_served) > 4 * len(self._queues) + 1024:  # forget tokens that went quiet
+            self._last_served = {t: n for t, n in self._last_served.items() if t in self._queues}
         self._queued -= 1
         return job
+
+    def _position_locked(self, job: _Job) -> int:
+        """How many queued steps the workers will take before ``job`` (a dry run of the picking order)."""
+        queues = {t: deque(q) for t, q in self._queues.items()}
+        last_served, turn, ahead = dict(self._last_served), self._turn, 0
+        while True:
+            token_id = self._pick_locked(queues, last_served)
+            if queues[token_id].popleft() is job:
+                return ahead
+            if not queues[token_id]:
+                del queues[token_id]
+            turn += 1
+            last_served[token_id] = turn
+            ahead += 1
 
     def _work(self) -> None:
         while True:

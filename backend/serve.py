@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 import sys
@@ -15,17 +14,9 @@ import uvicorn
 
 from hediff.backend.guard import ConnectionGuard, ConnectionLimits, guarded_protocol, install_log_limits
 from hediff.common import he
+from hediff.common.net import is_loopback
 
 log = logging.getLogger("hediff.backend")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,11 @@ def _add_generate(sub) -> None:
         default=None,
         help="CA bundle or self-signed certificate to verify an https:// --server with (default: system CAs)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the token over plain http:// to another machine (anyone on the path can read it)",
+    )
     p.add_argument("--model", default="embedded")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -331,6 +336,10 @@ def cmd_generate(args) -> int:
     token = args.token if args.local_backend else (args.token or os.environ.get("HEDIFF_TOKEN"))
     if not args.local_backend and not token:
         raise ValueError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+    if not args.local_backend:
+        from hediff.desktop.core.backend_client import refuse_plaintext_token
+
+        refuse_plaintext_token(args.server, args.insecure)  # before the model loads: fail fast
     with HEDiffusion(
         args.model,
         server=None if args.local_backend else args.server,
@@ -340,6 +349,7 @@ def cmd_generate(args) -> int:
         backend_device=args.device,
         timeout_s=args.timeout,
         tls_ca=args.tls_ca,
+        insecure=args.insecure,
     ) as hd:
         params = hd.params(
             args.prompt,
@@ -370,7 +380,9 @@ def cmd_generate(args) -> int:
         finally:
             bar.close()
 
-    result.save(args.out, include_prompt=args.embed_prompt)
+    from hediff.desktop.core.gallery import save_png_private
+
+    save_png_private(result, args.out, include_prompt=args.embed_prompt)  # 0600: the image is the private output
     if args.latents_out:
         import numpy as np
 

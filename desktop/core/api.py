@@ -33,6 +33,7 @@ class HEDiffusion:
         backend_device: str = "cpu",
         timeout_s: float = 120.0,
         tls_ca: str | Path | None = None,
+        insecure: bool = False,
     ):
         if local_backend == (server is not None):
             raise ValueError("give either a server URL or local_backend=True")
@@ -53,7 +54,7 @@ class HEDiffusion:
             token = token or os.environ.get("HEDIFF_TOKEN")
             if not token:
                 raise ValueError(f"{server} needs an API token: pass token=... or set HEDIFF_TOKEN")
-        self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
+        self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca, insecure=insecure)
         self._generator = Generator(self.client_model, self.client)
 
     @property
