@@ -191,10 +191,14 @@ class RateLimitedLog(logging.Filter):
 LOGGERS_TO_LIMIT = ("asyncio", "uvicorn.error", "uvicorn.access", "hediff.backend")
 
 
-def install_log_limits(burst: int = 5, window_s: float = 10.0) -> RateLimitedLog:
-    limiter = RateLimitedLog(burst, window_s)
-    for name in LOGGERS_TO_LIMIT:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RateLimitedLog) for f in logger.filters):
-            logger.addFilter(limiter)
-    return limiter
+_limiter: RateLimitedLog | None = None
+
+
+def install_log_limits() -> RateLimitedLog:
+    """Rate-limit the server's loggers (once per process; later calls return the same limiter)."""
+    global _limiter
+    if _limiter is None:
+        _limiter = RateLimitedLog()
+        for name in LOGGERS_TO_LIMIT:
+            logging.getLogger(name).addFilter(_limiter)
+    return _limiter

@@ -6,6 +6,7 @@ Shared by the backend (token store) and the desktop app (settings, wrapped keys,
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -82,7 +83,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 def read_regular(path: Path, max_bytes: int) -> bytes:
     """The bytes of a regular file opened without following a symlink, refused when larger than ``max_bytes``."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePathError(f"{path} is a symbolic link; refusing to read through it (remove the link)") from None
+        raise
     with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
