@@ -117,21 +117,22 @@ class HeldBytes:
 
     COPIES = 2
 
-    def __init__(self, budget: InflightBudget):
-        self.budget, self.n = budget, 0
+    def __init__(self, budget: InflightBudget, token_id: str):
+        self.budget, self.token_id, self.n = budget, token_id, 0
 
     def add(self, n: int) -> None:
-        if not self.budget.try_reserve(self.COPIES * n):
+        if not self.budget.try_reserve(self.COPIES * n, self.token_id):
             raise ApiError(
                 429,
                 "upload_budget_full",
-                f"the server holds its maximum of {self.budget.max_bytes} bytes of requests in flight; retry shortly",
+                f"the server holds its maximum of request bytes in flight ({self.budget.max_bytes} in all, "
+                f"{self.budget.max_bytes_per_owner} per token); retry shortly",
                 {"Retry-After": "1"},
             )
         self.n += self.COPIES * n
 
     def release(self) -> None:
-        self.budget.release(self.n)
+        self.budget.release(self.n, self.token_id)
         self.n = 0
 
 
@@ -147,6 +148,11 @@ def create_app(
     model: ServerModel, tokens: TokenStore, limits: Limits | None = None, store: SessionStore | None = None
 ) -> FastAPI:
     limits = limits or Limits()
+    if limits.max_inflight_bytes < 2 * HeldBytes.COPIES * limits.max_request_bytes:
+        raise ValueError(
+            f"max_inflight_bytes {limits.max_inflight_bytes} cannot hold one largest request for one token "
+            f"(needs {2 * HeldBytes.COPIES} x max_request_bytes {limits.max_request_bytes})"
+        )
     store = store or SessionStore(limits.session_ttl_s, limits.max_sessions, limits.max_sessions_per_token)
     engine = Engine(model, limits, store)
     scheduler = FairScheduler(limits.model_workers, limits.max_steps_per_token, limits.max_queued_steps)
@@ -253,7 +259,7 @@ def create_app(
     @app.post("/v1/sessions", status_code=201, response_model=SessionOpened, responses=ERRORS, openapi_extra=FRAME_BODY)
     async def open_session(request: Request):
         tid = require_token(request)
-        held = HeldBytes(budget)
+        held = HeldBytes(budget, tid)
         try:
             frame = await read_frame(request, held, limits.max_request_bytes)
             with as_api_errors():
@@ -270,7 +276,7 @@ def create_app(
         tid = require_token(request)
         with as_api_errors():
             session = store.get(session_id, tid)
-        held = HeldBytes(budget)
+        held = HeldBytes(budget, tid)
         try:
             frame = await read_frame(request, held, min(limits.max_request_bytes, session.max_step_bytes))
             with as_api_errors():

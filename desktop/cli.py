@@ -61,7 +61,8 @@ def _add_serve(sub) -> None:
         "--max-inflight-mb",
         type=float,
         default=lim.max_inflight_bytes / (1 << 20),
-        help="request bytes held in memory at once, all clients together, MiB (%(default)s); over it: 429",
+        help="request bytes held in memory at once, all clients together, MiB (%(default)s; one token may hold "
+        "half; each request counts twice while parsed); over it: 429",
     )
     g.add_argument(
         "--max-steps-per-token",
@@ -289,10 +290,11 @@ def cmd_serve(args) -> int:
     ):
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
-    if args.max_inflight_mb < 2 * args.max_request_mb:
+    if args.max_inflight_mb < 4 * args.max_request_mb:
         raise ValueError(
-            f"--max-inflight-mb {args.max_inflight_mb:g} must be at least twice --max-request-mb "
-            f"{args.max_request_mb:g} (a request counts twice while it is parsed), or the largest request never fits"
+            f"--max-inflight-mb {args.max_inflight_mb:g} must be at least 4 x --max-request-mb "
+            f"{args.max_request_mb:g}: a request counts twice while it is parsed and one token may hold half the "
+            "budget, so a smaller budget could never take the largest request"
         )
     tokens_path = args.tokens_file or default_tokens_path()
     tokens = TokenStore.load(tokens_path)

@@ -323,42 +323,52 @@ def _status(s: socket.socket) -> int:
 
 
 def test_uploads_are_bounded_before_they_are_read(server_model):
-    tokens, token = TokenStore.ephemeral()
+    tokens = TokenStore()
+    a, b, c3 = (tokens.create(name, persist=False) for name in ("a", "b", "c"))
     mib = 1 << 20
-    running, app = serve(server_model, tokens, max_request_bytes=mib, max_inflight_bytes=3 * mib)
+    running, app = serve(server_model, tokens, max_request_bytes=mib, max_inflight_bytes=4 * mib)
     key = he.ClientKey("fast")
     try:
         first = raw_connect(running.url)
-        first.sendall(_post_head(token, "/v1/sessions", mib) + b"\0" * 1000)  # holds 2 MiB of the 3 MiB budget
+        first.sendall(_post_head(a, "/v1/sessions", mib) + b"\0" * 1000)  # holds 2 MiB: token a's half
         deadline = time.monotonic() + WAIT_S
         while app.state.budget.used == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        second = raw_connect(running.url)
-        second.sendall(_post_head(token, "/v1/sessions", mib))  # headers only: refused before any body
-        assert _status(second) == 429
-        too_big = raw_connect(running.url)
-        too_big.sendall(_post_head(token, "/v1/sessions", mib + 1))
-        assert _status(too_big) == 413
-        first.close()
-        while app.state.budget.used:  # released when the first client went away
+        same_token = raw_connect(running.url)
+        same_token.sendall(_post_head(a, "/v1/sessions", mib))  # headers only: refused before any body
+        assert _status(same_token) == 429
+        other = raw_connect(running.url)
+        other.sendall(_post_head(b, "/v1/sessions", mib) + b"\0" * 1000)  # another token still fits: 4 MiB in all
+        while app.state.budget.used < 4 * mib:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert app.state.budget.peak == 2 * mib
-        with httpx.Client(base_url=running.url, headers=auth(token), timeout=60) as c:
+        third = raw_connect(running.url)
+        third.sendall(_post_head(c3, "/v1/sessions", 1000))  # the whole budget is taken
+        assert _status(third) == 429
+        too_big = raw_connect(running.url)
+        too_big.sendall(_post_head(c3, "/v1/sessions", mib + 1))
+        assert _status(too_big) == 413
+        first.close()
+        other.close()
+        while app.state.budget.used:  # released when the clients went away
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert app.state.budget.peak == 4 * mib
+        with httpx.Client(base_url=running.url, headers=auth(a), timeout=60) as c:
             opened = _open(c, server_model, key)
             # a step body larger than this session can ever need: refused on its Content-Length alone
             step_path = f"/v1/sessions/{opened['session_id']}/steps"
-            session = app.state.engine.store.get(opened["session_id"], tokens.verify(token))
+            session = app.state.engine.store.get(opened["session_id"], tokens.verify(a))
             over = raw_connect(running.url)
-            over.sendall(_post_head(token, step_path, session.max_step_bytes + 1))
+            over.sendall(_post_head(a, step_path, session.max_step_bytes + 1))
             assert _status(over) == 413
             # fields the session does not use are refused, not carried along
             r = c.post(step_path, content=_step_frame(opened, key, zzz=b"x" * 100).encode(), headers=FRAME)
             assert r.status_code == 400 and "unexpected fields" in r.json()["detail"] and "zzz" in r.json()["detail"]
             r = c.post(step_path, content=_step_frame(opened, key).encode(), headers=FRAME)
             assert r.status_code == 200  # nothing changed: step 0 still works
-        for s in (second, too_big, over):
+        for s in (same_token, third, too_big, over):
             s.close()
     finally:
         running.stop()
