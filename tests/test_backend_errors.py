@@ -267,8 +267,17 @@ class _RawServer:
                 return
             self.conns.append(conn)
             if self.answer is not None:
-                conn.recv(65536)
-                conn.sendall(self.answer)
+                conn.settimeout(0.3)
+                try:
+                    while conn.recv(65536):  # the whole request first: closing on unread bytes resets the answer
+                        pass
+                except TimeoutError:
+                    pass
+                try:
+                    conn.sendall(self.answer)
+                    conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # a client that stopped reading (an answer over its cap) and went away
                 conn.close()
 
     def close(self):

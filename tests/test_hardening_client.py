@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from hediff.common import he, protocol
-from hediff.desktop.core.backend_client import BackendClient, BackendInsecure, BackendProtocolError
+from hediff.desktop.core.backend_client import BackendClient, BackendInsecure, BackendProtocolError, BackendRejected
 from hediff.desktop.core.engine import GenerationParams, GenerationResult
 from hediff.desktop.core.gallery import Gallery, save_png_private
 from hediff.desktop.core.keystore import CorruptKeyFile, DeviceKeys, MemoryKeyring, SecretStore
-from tests.test_backend_errors import _open_frame, _step_frame
+from tests.test_backend_errors import _open_frame, _RawServer, _step_frame
 
 PROMPT = "a private prompt about a patient"
 
@@ -27,48 +27,14 @@ PROMPT = "a private prompt about a patient"
 # --- 8: answers are bounded by what the protocol allows ----------------------------------------------------------
 
 
-class _Answer:
-    """A loopback HTTP server that reads the whole request, then sends ``answer`` and closes cleanly."""
-
-    def __init__(self, answer: bytes):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.answer = answer
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(0.3)
-                try:
-                    while conn.recv(65536):  # drain until the client has sent all of it
-                        pass
-                except TimeoutError:
-                    pass
-                try:
-                    conn.sendall(self.answer)
-                    conn.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # the client stopped reading and went away: that is the point
-
-    def close(self):
-        self.sock.close()
-
-
 def test_client_stops_reading_oversized_answers():
-    announced = _Answer(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000000\r\n\r\n{")
+    announced = _RawServer(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000000\r\n\r\n{")
     with BackendClient(announced.url, "t") as c, pytest.raises(BackendProtocolError, match="at most 1048576"):
         c.health()
     announced.close()
 
     chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"  # chunked, no length announced: 64 KiB chunks, 4 MiB in all
-    endless = _Answer(
+    endless = _RawServer(
         b"HTTP/1.1 200 OK\r\ncontent-type: application/x-hediff-frame\r\ntransfer-encoding: chunked\r\n\r\n"
         + chunk * 64
         + b"0\r\n\r\n"
@@ -151,6 +117,18 @@ def test_a_step_whose_answer_is_lost_is_retried_and_replayed(backend, server_mod
             c.close_session(opened["session_id"])
     finally:
         proxy.close()
+
+
+def test_a_busy_server_is_asked_once_more_then_the_error_is_shown():
+    body = b'{"error":"server_busy","detail":"the server has 256 steps queued; try again shortly"}'
+    busy = _RawServer(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with BackendClient(busy.url, "t") as c, pytest.raises(BackendRejected) as e:
+        c.step("s", protocol.Frame(meta={"step": 0}))
+    assert e.value.status == 503 and e.value.code == "server_busy" and len(busy.conns) == 2  # one retry, no more
+    busy.close()
 
 
 # --- 10: no bearer token over plain http to another machine -------------------------------------------------------
