@@ -7,6 +7,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +102,12 @@ class RunningServer:
     server: uvicorn.Server
     thread: threading.Thread
     url: str
-    on_stop: object = None
+    on_stop: Callable[[], None] | None = None  # the app's shutdown (model workers, token watcher)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
-        if callable(self.on_stop):
+        if self.on_stop is not None:
             self.on_stop()
 
 
@@ -157,7 +158,9 @@ def warn_if_exposed(host: str, tls: TLSFiles | None) -> bool:
     return True
 
 
-def serve_forever(app, host: str, port: int, tls: TLSFiles | None = None, connections: ConnectionLimits | None = None):
+def serve_forever(
+    app, host: str, port: int, tls: TLSFiles | None = None, connections: ConnectionLimits | None = None
+) -> None:
     warn_if_exposed(host, tls)
     prepare_process()
     uvicorn.run(
