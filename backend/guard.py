@@ -70,8 +70,6 @@ class ConnectionGuard:
             return self._refused
 
 
-MAX_DISCARDED_BODY_BYTES = 64 << 10
-
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
 )
@@ -103,12 +101,6 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
-        if self.cycle is not None and self.cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
-            # answered (a 413/429 before reading) while the body keeps coming: h11 would read and drop all of it
-            self._discarded = getattr(self, "_discarded", 0) + len(data)
-            if self._discarded > MAX_DISCARDED_BODY_BYTES:
-                self.transport.close()
-                return
         idle = self.cycle is None or self.cycle.response_complete
         if idle and self._watchdog is None:  # first byte of a next request on a kept-alive connection
             self._phase_cycle, self._phase_start = None, now

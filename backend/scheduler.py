@@ -91,8 +91,14 @@ class FairScheduler:
             return len(queue)
 
     def queued(self) -> int:
+        """Steps waiting for a worker."""
         with self._cond:
             return self._queued
+
+    def active(self) -> int:
+        """Steps queued or running."""
+        with self._cond:
+            return sum(self._active.values())
 
     def stop(self) -> None:
         with self._cond:

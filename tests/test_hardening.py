@@ -179,7 +179,7 @@ def test_health_and_session_control_never_wait_for_the_model(server_model):
                 )
                 t.start()
                 deadline = time.monotonic() + WAIT_S
-                while app.state.scheduler.queued() or "step" in answers:  # taken by the worker, now blocked
+                while app.state.scheduler.active() != 1 or app.state.scheduler.queued():  # the worker has it
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
                 with httpx.Client(base_url=running.url, headers=auth(light), timeout=WAIT_S) as c:
@@ -199,8 +199,17 @@ def test_steps_are_scheduled_fairly_across_tokens(server_model):
     tokens, heavy, light = _two_tokens()
     running, app = serve(server_model, tokens, max_steps_per_token=4)
     key = he.ClientKey("fast")
-    finished: list[str] = []
+    finished: list[str] = []  # session ids in the order the server's worker finished their steps
     positions: dict[str, int] = {}
+    engine = app.state.engine
+    real_step = engine.step
+
+    def recording_step(session, frame):  # observes the order on the server; the step itself is the real one
+        data = real_step(session, frame)
+        finished.append(session.id)
+        return data
+
+    engine.step = recording_step
 
     def step(client, opened, name):
         r = client.post(
@@ -208,7 +217,6 @@ def test_steps_are_scheduled_fairly_across_tokens(server_model):
         )
         assert r.status_code == 200, r.text
         positions[name] = int(r.headers[QUEUE_POSITION_HEADER])
-        finished.append(name)
 
     try:
         with (
@@ -223,7 +231,7 @@ def test_steps_are_scheduled_fairly_across_tokens(server_model):
                     threads.append(threading.Thread(target=step, args=(h, opened, f"heavy{i}")))
                     threads[-1].start()
                     deadline = time.monotonic() + WAIT_S
-                    while app.state.scheduler.queued() != i:  # heavy0 runs (blocked), the rest wait in line
+                    while app.state.scheduler.active() != i + 1:  # heavy0 runs (blocked), the rest wait in line
                         assert time.monotonic() < deadline
                         time.sleep(0.02)
                 # a fifth heavy step is over the token's share: refused at once, not queued
@@ -235,13 +243,14 @@ def test_steps_are_scheduled_fairly_across_tokens(server_model):
                 assert r.status_code == 429 and r.json()["error"] == "too_many_steps"
                 threads.append(threading.Thread(target=step, args=(lc, small, "light")))
                 threads[-1].start()
-                while app.state.scheduler.queued() != 4:
+                while app.state.scheduler.active() != 5:
                     assert time.monotonic() < deadline
                     time.sleep(0.02)
             for t in threads:
                 t.join(120)
         # the light token's step ran right after the step that was running, not after the heavy backlog
-        assert finished[:2] == ["heavy0", "light"], finished
+        names = {s["session_id"]: f"heavy{i}" for i, s in enumerate(heavy_sessions)} | {small["session_id"]: "light"}
+        assert [names[sid] for sid in finished] == ["heavy0", "light", "heavy1", "heavy2", "heavy3"]
         assert positions == {"heavy0": 0, "heavy1": 0, "heavy2": 1, "heavy3": 2, "light": 0}
     finally:
         running.stop()
