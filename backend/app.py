@@ -1,21 +1,33 @@
-"""HTTP routes: auth, size limits, error mapping. The work itself is in backend.engine."""
+"""HTTP routes: auth, size limits, upload budget, error mapping. The work itself is in backend.engine.
+
+Nothing on the event loop waits for the model: health, capabilities and closing a session answer at once; steps
+wait in ``FairScheduler``'s per-token queues for its model workers; opening a session (parsing an HE context)
+runs in the thread pool, which model work never occupies.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from hediff.backend.auth import TokenStore
+from hediff.backend.budget import InflightBudget
 from hediff.backend.engine import Engine, Limits, ServerModel
+from hediff.backend.scheduler import FairScheduler, QueueRefused
 from hediff.backend.sessions import SessionError, SessionStore, TooManySessions
 from hediff.common import protocol
 from hediff.common.he import HEError
 
 log = logging.getLogger("hediff.backend")
+
+QUEUE_POSITION_HEADER = "X-Queue-Position"  # steps that were queued ahead of this one when it arrived
 
 
 class ApiError(Exception):
@@ -26,7 +38,6 @@ class ApiError(Exception):
 class Health(BaseModel):
     status: str
     protocol_version: int
-    model: str
 
 
 class SessionOpened(BaseModel):
@@ -49,7 +60,7 @@ FRAME_BODY = {
         "content": {protocol.FRAME_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 410, 413, 415, 429)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 410, 413, 415, 429, 503)}
 
 
 class ContainFailures:
@@ -83,14 +94,102 @@ class ContainFailures:
                 await body(scope, receive, send)
 
 
+@contextlib.contextmanager
+def as_api_errors():
+    """The one mapping from the engine's, session store's and scheduler's exceptions to wire errors."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except (TooManySessions, QueueRefused) as e:
+        raise ApiError(e.status, e.code, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    except SessionError as e:
+        raise ApiError(e.status, e.code, str(e)) from None
+    except (protocol.ProtocolError, HEError) as e:
+        raise ApiError(400, "bad_request", str(e)) from None
+
+
+class HeldBytes:
+    """The request bytes one request holds against the server's in-flight budget, released when it is answered.
+
+    A body counts twice: the raw bytes and the decoded frame coexist while it is parsed.
+    """
+
+    COPIES = 2
+
+    def __init__(self, budget: InflightBudget, token_id: str):
+        self.budget, self.token_id, self.n = budget, token_id, 0
+
+    def add(self, n: int) -> None:
+        if not self.budget.try_reserve(self.COPIES * n, self.token_id):
+            raise ApiError(
+                429,
+                "upload_budget_full",
+                f"the server holds its maximum of request bytes in flight ({self.budget.max_bytes} in all, "
+                f"{self.budget.max_bytes_per_owner} per token); retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.n += self.COPIES * n
+
+    def release(self) -> None:
+        self.budget.release(self.n, self.token_id)
+        self.n = 0
+
+
+def _watch_tokens(tokens: TokenStore, stop: threading.Event) -> None:
+    while not stop.wait(tokens.reload_interval_s):
+        try:
+            tokens.reload_if_changed()
+        except Exception as e:  # noqa: BLE001 - the watcher must outlive one bad read
+            log.error("token file check failed: %s", type(e).__name__)
+
+
 def create_app(
     model: ServerModel, tokens: TokenStore, limits: Limits | None = None, store: SessionStore | None = None
 ) -> FastAPI:
     limits = limits or Limits()
+    if limits.max_inflight_bytes < 2 * HeldBytes.COPIES * limits.max_request_bytes:
+        raise ValueError(
+            f"max_inflight_bytes {limits.max_inflight_bytes} cannot hold one largest request for one token "
+            f"(needs {2 * HeldBytes.COPIES} x max_request_bytes {limits.max_request_bytes})"
+        )
     store = store or SessionStore(limits.session_ttl_s, limits.max_sessions, limits.max_sessions_per_token)
     engine = Engine(model, limits, store)
-    app = FastAPI(title="HE-Diffusion backend", version=str(protocol.PROTOCOL_VERSION))
-    app.state.engine = engine
+    scheduler = FairScheduler(limits.model_workers, limits.max_steps_per_token, limits.max_queued_steps)
+    budget = InflightBudget(limits.max_inflight_bytes)
+    watch_stop = threading.Event()
+
+    def shutdown() -> None:
+        watch_stop.set()
+        scheduler.stop()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        shutdown()
+
+    # the OpenAPI document is served behind the token below; the interactive docs pages are off
+    app = FastAPI(
+        lifespan=lifespan,
+        title="HE-Diffusion backend",
+        version=str(protocol.PROTOCOL_VERSION),
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.engine, app.state.scheduler, app.state.budget = engine, scheduler, budget
+
+    def on_revoked(token_ids: set[str]) -> None:
+        for tid in token_ids:
+            closed = store.close_token(tid)
+            dropped = scheduler.drop_token(tid, ApiError(401, "unauthorized", "the bearer token was revoked"))
+            log.warning("revoked token: closed %d session(s), dropped %d queued step(s)", closed, dropped)
+
+    tokens.on_revoked(on_revoked)
+    if tokens.path is not None:  # revocations apply even while no request arrives to notice them
+        threading.Thread(target=_watch_tokens, args=(tokens, watch_stop), name="hediff-tokens", daemon=True).start()
+
+    app.state.shutdown = shutdown
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -99,7 +198,8 @@ def create_app(
 
     app.add_middleware(ContainFailures)
 
-    def token_id(request: Request) -> str:
+    def require_token(request: Request) -> str:
+        """The one token check of every route but health: the token's id, or a 401."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -109,7 +209,8 @@ def create_app(
             raise ApiError(401, "unauthorized", "the bearer token is not valid for this server")
         return tid
 
-    async def read_frame(request: Request) -> protocol.Frame:
+    async def read_frame(request: Request, held: HeldBytes, max_bytes: int) -> protocol.Frame:
+        """The body as a frame; refused before reading when its declared size is over ``max_bytes`` or the budget."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip()
         if ctype != protocol.FRAME_CONTENT_TYPE:
             raise ApiError(
@@ -118,45 +219,53 @@ def create_app(
                 f"send the body as {protocol.FRAME_CONTENT_TYPE}, not {ctype or 'nothing'}",
             )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
-            raise ApiError(
-                413, "payload_too_large", f"request of {declared} bytes exceeds {limits.max_request_bytes} bytes"
-            )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_request_bytes:
-                raise ApiError(413, "payload_too_large", f"request exceeds {limits.max_request_bytes} bytes")
-            chunks.append(chunk)
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "bad_request", f"Content-Length {declared[:40]!r} is not a byte count")
+            if int(declared) > max_bytes:
+                raise ApiError(413, "payload_too_large", f"request of {declared} bytes exceeds {max_bytes} bytes")
+            held.add(int(declared))
+        body, size = bytearray(), 0
         try:
-            return protocol.decode_frame(b"".join(chunks), limits.max_request_bytes)
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ApiError(413, "payload_too_large", f"request exceeds {max_bytes} bytes")
+                if declared is None:
+                    held.add(len(chunk))
+                body += chunk
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client went away before its request arrived") from None
+        try:
+            return protocol.decode_frame(bytes(body), max_bytes)
         except protocol.ProtocolError as e:
             raise ApiError(400, "bad_frame", str(e)) from None
 
-    async def run(fn, *args):
-        try:
-            return await run_in_threadpool(fn, *args)
-        except TooManySessions as e:
-            raise ApiError(e.status, type(e).__name__, str(e), {"Retry-After": str(e.retry_after_s)}) from None
-        except SessionError as e:
-            raise ApiError(e.status, type(e).__name__, str(e)) from None
-        except (protocol.ProtocolError, HEError) as e:
-            raise ApiError(400, "bad_request", str(e)) from None
-
     @app.get("/v1/health", response_model=Health)
-    def health():
-        return Health(status="ok", protocol_version=protocol.PROTOCOL_VERSION, model=model.model_id)
+    async def health():
+        # unauthenticated, so it names nothing about the deployment (the model is in /v1/capabilities)
+        return Health(status="ok", protocol_version=protocol.PROTOCOL_VERSION)
+
+    @app.get("/openapi.json", include_in_schema=False, responses=ERRORS)
+    async def openapi(request: Request):
+        require_token(request)
+        return app.openapi()
 
     @app.get("/v1/capabilities", responses=ERRORS)
-    def capabilities(request: Request):
-        token_id(request)
+    async def capabilities(request: Request):
+        require_token(request)
         return model.capabilities(limits)
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionOpened, responses=ERRORS, openapi_extra=FRAME_BODY)
     async def open_session(request: Request):
-        tid = token_id(request)
-        frame = await read_frame(request)
-        return await run(engine.open_session, tid, frame)
+        tid = require_token(request)
+        held = HeldBytes(budget, tid)
+        try:
+            frame = await read_frame(request, held, limits.max_request_bytes)
+            with as_api_errors():
+                return await run_in_threadpool(engine.open_session, tid, frame)
+        finally:
+            held.release()
 
     @app.post(
         "/v1/sessions/{session_id}/steps",
@@ -164,16 +273,25 @@ def create_app(
         openapi_extra=FRAME_BODY,
     )
     async def step(session_id: str, request: Request):
-        tid = token_id(request)
-        session = await run(store.get, session_id, tid)
-        frame = await read_frame(request)
-        data = await run(engine.step, session, frame)
-        return Response(content=data, media_type=protocol.FRAME_CONTENT_TYPE)
+        tid = require_token(request)
+        with as_api_errors():
+            session = store.get(session_id, tid)
+        held = HeldBytes(budget, tid)
+        try:
+            frame = await read_frame(request, held, min(limits.max_request_bytes, session.max_step_bytes))
+            with as_api_errors():
+                data, ahead = await scheduler.run(tid, engine.step, session, frame)
+        finally:
+            held.release()
+        return Response(
+            content=data, media_type=protocol.FRAME_CONTENT_TYPE, headers={QUEUE_POSITION_HEADER: str(ahead)}
+        )
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def close_session(session_id: str, request: Request):
-        tid = token_id(request)
-        await run(store.close, session_id, tid)
+        tid = require_token(request)
+        with as_api_errors():
+            store.close(session_id, tid)
         return Response(status_code=204)
 
     return app

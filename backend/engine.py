@@ -24,6 +24,14 @@ from hediff.common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
 
 class StepOrderError(SessionError):
     status = 409
+    code = "step_out_of_order"
+
+
+class SessionTooLarge(SessionError):
+    """Settings the server would accept but whose steps it could never take (blob count or request size)."""
+
+    status = 413
+    code = "session_too_large"
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,11 @@ class Limits:
     session_ttl_s: float = 600.0
     max_sessions: int = 64
     max_sessions_per_token: int = 8
+    # bytes of request bodies held at once (read, queued or being worked on), all clients together; full -> 429
+    max_inflight_bytes: int = 256 << 20
+    max_steps_per_token: int = 4  # steps one token may have queued or running
+    max_queued_steps: int = 256  # steps the server queues in total
+    model_workers: int = 1  # threads running model steps (one forward pass at a time on the device anyway)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -169,6 +182,50 @@ def _cached_plan(scheduler: str, frozen_config: tuple, steps: int):
     return build_plan(scheduler, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}, steps)
 
 
+_HEADER_BYTES_PER_FIELD = 256
+_HEADER_BYTES_BASE = 16 << 10
+
+
+def ciphertext_bytes_bound(preset: he.HEPreset) -> int:
+    """The most bytes one serialised fresh ciphertext of this preset takes (two polynomials, every prime, plus
+    SEAL's header and the worst case of its compression)."""
+    raw = 2 * preset.poly_modulus_degree * len(preset.coeff_mod_bit_sizes) * 8
+    return raw + raw // 64 + 4096
+
+
+def step_fields(session: Session) -> list[str]:
+    """Every field name a step request of this session may carry."""
+    names = list(session.activation_shapes)
+    settings = session.settings
+    if split.is_u_shaped(settings.split):
+        return names
+    if settings.encryption == "none":
+        return [*names, "latent"]
+    n = int(np.prod(session.latent_shape))
+    names += protocol.ciphertext_names(session.context.preset.ciphertexts_for(n))
+    if settings.encryption in protocol.PARTIAL_ENCRYPTION:
+        names += ["mask", "remainder"]
+    return names
+
+
+def step_bounds(settings: SessionSettings, latent_shape, activation_shapes) -> tuple[int, int]:
+    """(most fields, most bytes) of one step request of a session with these settings."""
+    itemsize = np.dtype(settings.activation_dtype).itemsize
+    n_blobs = len(activation_shapes)
+    n_bytes = sum(int(np.prod(s)) * itemsize for s in activation_shapes.values())
+    n = int(np.prod(latent_shape))
+    if not split.is_u_shaped(settings.split):
+        if settings.encryption == "none":
+            n_blobs, n_bytes = n_blobs + 1, n_bytes + 8 * n
+        else:
+            preset = he.get_preset(settings.he_preset)
+            n_ct = preset.ciphertexts_for(n)  # all of the latent encrypted: the worst case of every mode
+            n_blobs, n_bytes = n_blobs + n_ct, n_bytes + n_ct * ciphertext_bytes_bound(preset)
+            if settings.encryption in protocol.PARTIAL_ENCRYPTION:
+                n_blobs, n_bytes = n_blobs + 2, n_bytes + (n + 7) // 8 + 8 * n
+    return n_blobs, n_bytes + _HEADER_BYTES_BASE + _HEADER_BYTES_PER_FIELD * n_blobs
+
+
 class Engine:
     def __init__(self, model: ServerModel, limits: Limits, store: SessionStore):
         self.model = model
@@ -215,6 +272,18 @@ class Engine:
             if "context" not in frame.blobs:
                 raise ProtocolError("an encrypted session needs the 'context' blob (the HE evaluation parameters)")
             context = he.EvaluationContext(frame.blobs["context"], settings.he_preset)
+        unknown = sorted((set(frame.tensors) | set(frame.blobs)) - {"cond", "uncond", "context"})
+        if unknown:
+            raise ProtocolError(f"unexpected fields in a session request: {', '.join(unknown[:8])}")
+        activation_shapes = self.model.activation_shapes(settings.split, latent_shape, len(embeds))
+        max_blobs, max_step_bytes = step_bounds(settings, latent_shape, activation_shapes)
+        if max_blobs > protocol.MAX_BLOBS or max_step_bytes > self.limits.max_request_bytes:
+            raise SessionTooLarge(
+                f"a {settings.width}x{settings.height} session with encryption {settings.encryption!r} needs steps "
+                f"of up to {max_step_bytes} bytes in {max_blobs} parts; this server takes at most "
+                f"{self.limits.max_request_bytes} bytes in {protocol.MAX_BLOBS} parts per request: choose a smaller "
+                "size, or ask the operator to raise --max-request-mb"
+            )
         embeddings = torch.from_numpy(np.concatenate(embeds)).to(self.model.device, self.model.dtype)
         session = self.store.add(
             token_id,
@@ -223,7 +292,8 @@ class Engine:
             context=context,
             embeddings=embeddings,
             latent_shape=latent_shape,
-            activation_shapes=self.model.activation_shapes(settings.split, latent_shape, len(embeds)),
+            activation_shapes=activation_shapes,
+            max_step_bytes=max_step_bytes,
         )
         return {
             "session_id": session.id,
@@ -243,6 +313,9 @@ class Engine:
             if step_index != session.next_step:
                 raise StepOrderError(f"expected step {session.next_step}, got step {step_index}")
             settings = session.settings
+            unknown = sorted((set(frame.tensors) | set(frame.blobs)) - set(step_fields(session)))
+            if unknown:
+                raise ProtocolError(f"unexpected fields in a step request: {', '.join(unknown[:8])}")
             acts = {
                 name: protocol.require_tensor(frame, name, shape, (settings.activation_dtype,))
                 for name, shape in session.activation_shapes.items()

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
+from hediff.backend.guard import ConnectionGuard, ConnectionLimits, guarded_protocol, install_log_limits
+from hediff.common import he
+from hediff.common.net import is_loopback
+
 log = logging.getLogger("hediff.backend")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -74,15 +69,46 @@ def _uvicorn_tls(tls: TLSFiles | None) -> dict:
     return {} if tls is None else {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
 
 
+def _uvicorn_limits(connections: ConnectionLimits) -> dict:
+    """uvicorn settings that bound what one client can hold: our guarded h11 protocol, keep-alive, backlog."""
+    return {
+        "http": guarded_protocol(ConnectionGuard(connections)),
+        "timeout_keep_alive": connections.keep_alive_s,
+        "backlog": min(2048, connections.max_connections),
+        "h11_max_incomplete_event_size": 64 << 10,  # request line + headers; ours are a few hundred bytes
+    }
+
+
+def _app_shutdown(app):
+    """The app's own shutdown hook (model workers, token watcher), looking through ASGI wrappers."""
+    for _ in range(4):
+        hook = getattr(getattr(app, "state", None), "shutdown", None)
+        if hook is not None:
+            return hook
+        app = getattr(app, "app", None)
+    return None
+
+
+def prepare_process() -> None:
+    """Once per server process: quiet repeated log lines and remove ciphertext scratch files of dead processes."""
+    install_log_limits()
+    removed = he.remove_stale_scratch_files()
+    if removed:
+        log.warning("removed %d ciphertext scratch file(s) left by a stopped backend", removed)
+
+
 @dataclass
 class RunningServer:
     server: uvicorn.Server
     thread: threading.Thread
     url: str
+    on_stop: Callable[[], None] | None = None  # the app's shutdown (model workers, token watcher)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
+        if self.on_stop is not None:
+            self.on_stop()
 
 
 def start_in_thread(
@@ -93,10 +119,19 @@ def start_in_thread(
     tls: TLSFiles | None = None,
     log_level: str = "warning",
     access_log: bool = False,
+    connections: ConnectionLimits | None = None,
 ) -> RunningServer:
     """Serve ``app`` from a daemon thread; returns once it accepts connections (port 0 picks a free port)."""
+    prepare_process()
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="off", **_uvicorn_tls(tls)
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="off",
+        **_uvicorn_tls(tls),
+        **_uvicorn_limits(connections or ConnectionLimits()),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="hediff-backend", daemon=True)
@@ -111,7 +146,7 @@ def start_in_thread(
         time.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
     scheme = "http" if tls is None else "https"
-    return RunningServer(server=server, thread=thread, url=f"{scheme}://{host}:{bound}")
+    return RunningServer(server=server, thread=thread, url=f"{scheme}://{host}:{bound}", on_stop=_app_shutdown(app))
 
 
 def warn_if_exposed(host: str, tls: TLSFiles | None) -> bool:
@@ -123,6 +158,17 @@ def warn_if_exposed(host: str, tls: TLSFiles | None) -> bool:
     return True
 
 
-def serve_forever(app, host: str, port: int, tls: TLSFiles | None = None) -> None:
+def serve_forever(
+    app, host: str, port: int, tls: TLSFiles | None = None, connections: ConnectionLimits | None = None
+) -> None:
     warn_if_exposed(host, tls)
-    uvicorn.run(app, host=host, port=port, log_level="info", **_uvicorn_tls(tls))
+    prepare_process()
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        **_uvicorn_tls(tls),
+        **_uvicorn_limits(connections or ConnectionLimits()),
+    )
+    he.remove_stale_scratch_files(include_own=True)

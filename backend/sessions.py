@@ -16,19 +16,25 @@ from hediff.common.schedulers import AffinePlan
 
 
 class SessionError(Exception):
+    """A request about a session that cannot be served; ``code`` is its snake_case error code on the wire."""
+
     status = 400
+    code = "bad_request"
 
 
 class SessionNotFound(SessionError):
     status = 404
+    code = "session_not_found"
 
 
 class SessionExpired(SessionError):
     status = 410
+    code = "session_expired"
 
 
 class TooManySessions(SessionError):
     status = 429
+    code = "too_many_sessions"
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
@@ -51,6 +57,7 @@ class Session:
     eps_history: dict[int, Any] = field(default_factory=dict)  # step -> guided noise prediction (float64)
     latents: dict[int, Any] = field(default_factory=dict)  # step -> EncryptedLatent or plaintext array
     last_response: tuple[int, bytes] | None = None
+    max_step_bytes: int = 0  # the largest step request this session can need; larger bodies are refused unread
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -115,6 +122,14 @@ class SessionStore:
             if session is None or session.token_id != token_id:
                 raise SessionNotFound(f"no session {session_id} for this token")
             del self._sessions[session_id]
+
+    def close_token(self, token_id: str) -> int:
+        """Close every session of this token (it was revoked); returns how many."""
+        with self._lock:
+            doomed = [sid for sid, s in self._sessions.items() if s.token_id == token_id]
+            for sid in doomed:
+                del self._sessions[sid]
+            return len(doomed)
 
     def count(self) -> int:
         with self._lock:

@@ -542,7 +542,7 @@ def fuzz_openapi(target: Target, n_per_operation: int, seed: int, tally: Tally) 
 
     schemathesis.serializer.alias(protocol.FRAME_CONTENT_TYPE, "application/octet-stream")
     with target.client() as http:
-        spec = http.get("/openapi.json").json()
+        spec = http.get("/openapi.json", headers=target.auth()).json()  # the document needs the token
         live = open_session(http, target, "full", "fast")
         schema = schemathesis.openapi.from_dict(spec)
         auths = [target.auth(), {}, target.auth("hdt_wrong"), {"Authorization": "Basic Zm9vOmJhcg=="}]

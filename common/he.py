@@ -22,12 +22,14 @@ API; TenSEAL's serialisation is kept for the parameter-only context that the ser
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import math
 import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,20 +183,64 @@ def _seal_context(preset: HEPreset):
 
 # --- ciphertexts on the wire ---------------------------------------------------------------------------------
 
-_scratch = threading.local()
+SCRATCH_PREFIX = "hediff-ct-"
 
 
-def _scratch_path() -> str:
-    """A private per-thread file for SEAL's path-only save/load (in RAM where /dev/shm exists).
+def _scratch_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
-    Only ciphertexts pass through it, never key material.
+
+@contextlib.contextmanager
+def _scratch_file():
+    """A private file for one SEAL path-only save/load (in RAM where /dev/shm exists), deleted right after.
+
+    Only ciphertexts pass through it, never key material. The name carries the pid, so a later process can remove
+    what a crashed one left (``remove_stale_scratch_files``).
     """
-    path = getattr(_scratch, "path", None)
-    if path is None or not os.path.exists(path):
-        fd, path = tempfile.mkstemp(prefix="hediff-ct-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.close(fd)
-        _scratch.path = path
-    return path
+    fd, path = tempfile.mkstemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=_scratch_dir())
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def remove_stale_scratch_files(include_own: bool = False) -> int:
+    """Delete ciphertext scratch files whose process is gone (and this process's, if ``include_own``)."""
+    removed = 0
+    folder = _scratch_dir()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        pid_text = name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit():
+            pid = int(pid_text)
+            if (pid == os.getpid() and not include_own) or (pid != os.getpid() and _process_alive(pid)):
+                continue
+        else:  # an older version's per-thread file (no pid): remove only once it has been idle for an hour
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) < 3600:
+                    continue
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 class Ciphertext:
@@ -206,24 +252,24 @@ class Ciphertext:
         self.seal = seal_ct
 
     def serialize(self) -> bytes:
-        path = _scratch_path()
-        self.seal.save(path)
-        with open(path, "rb") as f:
-            return f.read()
+        with _scratch_file() as path:
+            self.seal.save(path)
+            with open(path, "rb") as f:
+                return f.read()
 
     @classmethod
     def load(cls, seal_context, blob: bytes) -> Ciphertext:
         """SEAL validates the data against the context on load; anything else is refused with HEError."""
         if not isinstance(blob, (bytes, bytearray)) or len(blob) < 16:
             raise HEError("not a ciphertext for this session's parameters: too short")
-        path = _scratch_path()
-        with open(path, "wb") as f:
-            f.write(blob)
         ct = sealapi.Ciphertext()
-        try:
-            ct.load(seal_context, path)
-        except _SEAL_ERRORS as e:
-            raise HEError(f"not a ciphertext for this session's parameters: {e}") from None
+        with _scratch_file() as path:
+            with open(path, "wb") as f:
+                f.write(blob)
+            try:
+                ct.load(seal_context, path)
+            except _SEAL_ERRORS as e:
+                raise HEError(f"not a ciphertext for this session's parameters: {e}") from None
         if ct.size() != 2:
             raise HEError(f"ciphertext has {ct.size()} polynomials, expected 2")
         return cls(ct)

@@ -8,6 +8,7 @@ follow in that order with nothing in between or after. Large arrays never go thr
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ _PREFIX = struct.Struct("<4sBBI")
 MAX_HEADER_BYTES = 1 << 20
 MAX_BLOBS = 256
 MAX_DIMS = 6
+MAX_TENSOR_ELEMENTS = 1 << 31  # far above any latent or activation; bounds what a shape may claim
 DEFAULT_MAX_FRAME_BYTES = 256 << 20
 
 TENSOR_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "uint8": np.uint8}
@@ -143,8 +145,13 @@ def _tensor_from(entry: dict, name: str, chunk: bytes) -> np.ndarray:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape)
     ):
         raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+    elements = math.prod(shape)  # Python ints: numpy's int64 product wraps for crafted shapes
+    if elements > MAX_TENSOR_ELEMENTS:
+        raise ProtocolError(
+            f"tensor {name!r} of shape {shape} has {elements} elements; at most {MAX_TENSOR_ELEMENTS} are allowed"
+        )
     np_dtype = np.dtype(TENSOR_DTYPES[dtype]).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = elements * np_dtype.itemsize
     if expected != len(chunk):
         raise ProtocolError(
             f"tensor {name!r} of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(chunk)}"

@@ -14,21 +14,100 @@ from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, H
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run the backend (UNet body + HE update)")
+    from hediff.backend.auth import DEFAULT_RELOAD_INTERVAL_S
+    from hediff.backend.engine import Limits
+    from hediff.backend.guard import ConnectionLimits
+
+    lim, conn = Limits(), ConnectionLimits()
+    p = sub.add_parser(
+        "serve",
+        help="run the backend (UNet body + HE update)",
+        description="Run the backend. Every limit below bounds what one client (with or without a token) can hold; "
+        "docs/threat-model.md explains each.",
+    )
     p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     p.add_argument(
-        "--tokens-file", type=Path, default=None, help="hashed API tokens (default ~/.config/hediff/tokens.json)"
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help="hashed API tokens (default ~/.config/hediff/tokens.json); `hediff token create/revoke` take effect "
+        f"on the running server within {DEFAULT_RELOAD_INTERVAL_S:.0f} s, and a revoked token's sessions close",
     )
-    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds an idle session is kept")
-    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted")
-    p.add_argument("--max-sessions", type=int, default=64, help="open sessions the server holds at most")
-    p.add_argument("--max-sessions-per-token", type=int, default=8, help="open sessions one API token may hold")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (chain) to serve HTTPS with")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    g = p.add_argument_group("limits (per request and session)")
+    g.add_argument(
+        "--session-ttl", type=float, default=lim.session_ttl_s, help="seconds an idle session is kept (%(default)s)"
+    )
+    g.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=lim.max_request_bytes / (1 << 20),
+        help="largest request body accepted, MiB (%(default)s); a session whose steps would need more is refused",
+    )
+    g.add_argument("--max-sessions", type=int, default=lim.max_sessions, help="open sessions in total (%(default)s)")
+    g.add_argument(
+        "--max-sessions-per-token",
+        type=int,
+        default=lim.max_sessions_per_token,
+        help="open sessions one API token may hold (%(default)s)",
+    )
+    g = p.add_argument_group("limits (memory and scheduling)")
+    g.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=lim.max_inflight_bytes / (1 << 20),
+        help="request bytes held in memory at once, all clients together, MiB (%(default)s; one token may hold "
+        "half; each request counts twice while parsed); over it: 429",
+    )
+    g.add_argument(
+        "--max-steps-per-token",
+        type=int,
+        default=lim.max_steps_per_token,
+        help="steps one token may have queued or running (%(default)s); tokens take turns round-robin",
+    )
+    g.add_argument(
+        "--max-queued-steps", type=int, default=lim.max_queued_steps, help="steps queued in total (%(default)s); 503"
+    )
+    g.add_argument(
+        "--model-workers", type=int, default=lim.model_workers, help="threads running model steps (%(default)s)"
+    )
+    g = p.add_argument_group("limits (connections)")
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=conn.header_timeout_s,
+        help="seconds a client has to send complete request headers (%(default)s); then 408 and close",
+    )
+    g.add_argument(
+        "--body-idle-timeout",
+        type=float,
+        default=conn.body_idle_timeout_s,
+        help="longest silence while a request body arrives, seconds (%(default)s)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        default=conn.body_timeout_s,
+        help="seconds for a whole request body (%(default)s)",
+    )
+    g.add_argument("--keep-alive", type=float, default=conn.keep_alive_s, help="idle keep-alive seconds (%(default)s)")
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=conn.max_connections,
+        help="open connections in total (%(default)s); keep under the open-file limit (ulimit -n)",
+    )
+    g.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=conn.max_connections_per_address,
+        help="open connections from one client address (%(default)s)",
+    )
 
 
 def _add_token(sub) -> None:
@@ -92,6 +171,11 @@ def _add_generate(sub) -> None:
         type=Path,
         default=None,
         help="CA bundle or self-signed certificate to verify an https:// --server with (default: system CAs)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the token over plain http:// to another machine (anyone on the path can read it)",
     )
     p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
     # one option per field of the settings model: its help, choices and range come from there
@@ -200,6 +284,7 @@ def cmd_serve(args) -> int:
     from hediff.backend.app import create_app
     from hediff.backend.auth import TokenStore, default_tokens_path
     from hediff.backend.engine import Limits, ServerModel
+    from hediff.backend.guard import ConnectionLimits
     from hediff.backend.serve import check_tls_files, serve_forever
     from hediff.common.models import resolve_model
 
@@ -213,9 +298,25 @@ def cmd_serve(args) -> int:
         ("--max-sessions-per-token", args.max_sessions_per_token),
         ("--session-ttl", args.session_ttl),
         ("--max-request-mb", args.max_request_mb),
+        ("--max-inflight-mb", args.max_inflight_mb),
+        ("--max-steps-per-token", args.max_steps_per_token),
+        ("--max-queued-steps", args.max_queued_steps),
+        ("--model-workers", args.model_workers),
+        ("--header-timeout", args.header_timeout),
+        ("--body-idle-timeout", args.body_idle_timeout),
+        ("--body-timeout", args.body_timeout),
+        ("--keep-alive", args.keep_alive),
+        ("--max-connections", args.max_connections),
+        ("--max-connections-per-address", args.max_connections_per_address),
     ):
         if not value > 0:
             raise UsageError(f"{flag} must be positive, got {value}")
+    if args.max_inflight_mb < 4 * args.max_request_mb:
+        raise UsageError(
+            f"--max-inflight-mb {args.max_inflight_mb:g} must be at least 4 x --max-request-mb "
+            f"{args.max_request_mb:g}: a request counts twice while it is parsed and one token may hold half the "
+            "budget, so a smaller budget could never take the largest request"
+        )
     tokens_path = args.tokens_file or default_tokens_path()
     tokens = TokenStore.load(tokens_path)
     if not tokens.records():
@@ -227,6 +328,18 @@ def cmd_serve(args) -> int:
         session_ttl_s=args.session_ttl,
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
+        max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)),
+        max_steps_per_token=args.max_steps_per_token,
+        max_queued_steps=args.max_queued_steps,
+        model_workers=args.model_workers,
+    )
+    connections = ConnectionLimits(
+        header_timeout_s=args.header_timeout,
+        body_idle_timeout_s=args.body_idle_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        keep_alive_s=args.keep_alive,
     )
     scheme = "https" if tls else "http"
     print(
@@ -239,7 +352,7 @@ def cmd_serve(args) -> int:
 
         confidential.enable(app, tokens, model_path, args.device, tls.cert, args.tsm_dir, args.vcek)
         print("hediff backend: confidential mode, evidence from " + str(args.tsm_dir), file=sys.stderr)
-    serve_forever(app, args.host, args.port, tls=tls)
+    serve_forever(app, args.host, args.port, tls=tls, connections=connections)
     return 0
 
 
@@ -297,6 +410,9 @@ def cmd_generate(args) -> int:
         token = args.token or os.environ.get("HEDIFF_TOKEN")
         if not token:
             raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")
+        from hediff.desktop.core.backend_client import refuse_plaintext_token
+
+        refuse_plaintext_token(args.server, args.insecure)  # before the model loads: fail fast
     elif args.token:
         where = "--local-backend makes its own" if args.local_backend else "on this device nothing is sent anywhere"
         raise UsageError(f"--token is for --server; {where}")
@@ -310,6 +426,7 @@ def cmd_generate(args) -> int:
         timeout_s=args.timeout,
         tls_ca=args.tls_ca,
         accept_not_private=args.accept_not_private,
+        insecure=args.insecure,
     ) as hd:
         try:  # the given values against the model's config or the server's capabilities: no torch, no weights
             hd.check(settings)
@@ -332,7 +449,9 @@ def cmd_generate(args) -> int:
         finally:
             bar.close()
     load_s = time.perf_counter() - t0 - result.total_s  # the models load on the first generation
-    result.save(args.out, include_prompt=args.embed_prompt)
+    from hediff.desktop.core.gallery import save_png_private
+
+    save_png_private(result, args.out, include_prompt=args.embed_prompt)  # 0600: the image is the private output
     if args.latents_out:
         import numpy as np
 

@@ -10,6 +10,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import json
 import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -188,7 +189,8 @@ def test_generate_end_to_end(qtbot, services, make_window):
 
     entries = services.gallery.entries()
     assert len(entries) == 1
-    assert entries[0].params == result.params
+    # "remember prompt" is off by default: the gallery keeps every setting but the prompts
+    assert entries[0].params == replace(result.params, prompt="", negative_prompt="")
     assert entries[0].image_path.is_file()
     assert "finished" in window.statusBar().currentMessage()
     assert window.queue_view.pending_ids() == []
@@ -273,6 +275,7 @@ def test_cancel_mid_job_then_the_next_job_runs(qtbot, services, make_window):
 
 
 def test_queue_takes_jobs_while_one_runs_and_keeps_order(qtbot, services, make_window):
+    services.settings.remember_prompt = True  # the gallery keeps the prompts, which tell the jobs apart below
     window = make_window(services)
     added: list[int] = []
     pending_seen: list[list[int]] = []
@@ -407,6 +410,7 @@ def test_bad_input_is_refused_before_queueing(qtbot, services, make_window):
 
 
 def test_closing_mid_job_stops_the_worker_and_keeps_finished_images(qtbot, services, make_window):
+    services.settings.remember_prompt = True  # the gallery keeps the prompts, which tell the jobs apart below
     window = make_window(services)
     rec = Recorder(window.worker)
     done = queue(window, "kept", steps=2)

@@ -430,7 +430,7 @@ def test_passphrase_dialog(qtbot):
 
 
 def _filled_gallery(services, results, n=2):
-    return [services.gallery.add(r, include_prompt_in_png=False) for r in results[:n]]
+    return [services.gallery.add(r, include_prompt_in_png=False, remember_prompt=True) for r in results[:n]]
 
 
 def test_gallery_lists_loads_exports_opens_deletes(qtbot, services, results, tmp_path):

@@ -279,17 +279,35 @@ def test_device_key_count_survives_restarts_and_the_bound_holds(tmp_path, device
     key = device_keys.get_or_create("paper")  # bound 2
     x = np.ones(10)
     ct = key.encrypt(x)  # reserves 2 decryptions, recorded before the ciphertext leaves
-    record = json.loads(device_keys.uses_path("paper").read_text())
-    assert record == {"fingerprint": key.fingerprint, "spent": 2, "max_decryptions": 2}
+    path = device_keys.path("paper")
+    header = json.loads(path.read_text())
+    assert header["spent"] == 2 and header["fingerprint"] == key.fingerprint  # kept in the wrapped key's file
+    assert not device_keys.uses_path("paper").exists()  # no separate file to delete
     again = DeviceKeys(tmp_path, device_keys.secrets).load("paper")  # a new session
     assert again.fingerprint == key.fingerprint and again.decryptions == 2
     with pytest.raises(he.DecryptionLimitError, match="at most 2"):
         again.decrypt(again.deserialize([c.serialize() for c in ct]), x.size)
-    device_keys.uses_path("paper").write_text("{not json")
-    with pytest.raises(CorruptKeyFile, match="record of its decryptions"):
-        DeviceKeys(tmp_path, device_keys.secrets).load("paper")
     device_keys.delete("paper")
-    assert not device_keys.uses_path("paper").exists()
+    assert not path.exists()
+
+
+def test_device_key_count_reset_is_detected_and_the_key_rotated(tmp_path, device_keys):
+    key = device_keys.get_or_create("fast")
+    key.encrypt(np.ones(10))
+    path = device_keys.path("fast")
+    header = json.loads(path.read_text())
+    assert header["spent"] == 2
+    path.write_text(json.dumps({**header, "spent": 0}))  # the attack: reset the count
+    with pytest.raises(CorruptKeyFile, match="authentication failed"):
+        DeviceKeys(tmp_path, device_keys.secrets).load("fast")
+    stripped = {k: v for k, v in header.items() if k != "spent"}  # or drop it, posing as the old format
+    path.write_text(json.dumps(stripped))
+    with pytest.raises(CorruptKeyFile, match="authentication failed"):
+        DeviceKeys(tmp_path, device_keys.secrets).load("fast")
+    rotating = DeviceKeys(tmp_path, device_keys.secrets).rotating("fast")  # what generation uses: a new key
+    assert rotating.fingerprint != key.fingerprint
+    replaced = json.loads(path.read_text())
+    assert replaced["fingerprint"] == rotating.fingerprint and replaced["spent"] == 0
 
 
 def test_rotating_device_key_replaces_the_stored_key_at_the_bound(tmp_path, device_keys):

@@ -194,9 +194,9 @@ def test_gallery_add_list_and_prompt_privacy(tmp_path, results):
     encrypted, plain = results
     times = iter([1000.5, 1000.25, 2000.0])
     g = Gallery(tmp_path / "gallery", clock=lambda: next(times))
-    a = g.add(encrypted, include_prompt_in_png=False)
-    b = g.add(plain, include_prompt_in_png=True)
-    c = g.add(encrypted, include_prompt_in_png=False)
+    a = g.add(encrypted, include_prompt_in_png=False, remember_prompt=True)
+    b = g.add(plain, include_prompt_in_png=True, remember_prompt=True)
+    c = g.add(encrypted, include_prompt_in_png=False, remember_prompt=True)
     assert len({a.id, b.id, c.id}) == 3
     assert sorted([a.id, b.id, c.id]) == [b.id, a.id, c.id]  # ids sort by time
 
@@ -250,7 +250,7 @@ def test_gallery_skips_and_reports_bad_entries(tmp_path, results):
 
 def test_gallery_export(tmp_path, results):
     g = Gallery(tmp_path / "gallery")
-    entry = g.add(results[0], include_prompt_in_png=True)  # stored with the prompt ...
+    entry = g.add(results[0], include_prompt_in_png=True, remember_prompt=True)  # stored with the prompt ...
     out = g.export(entry.id, tmp_path / "out" / "plain.png", include_prompt=False)  # ... exported without
     text = _png_text(out)
     assert "hediff:prompt" not in text and "hediff:negative_prompt" not in text

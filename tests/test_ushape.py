@@ -286,10 +286,14 @@ def test_server_checks_the_activation_shape(backend, server_model):
     opened = _open(backend, server_model).json()
     assert opened["activation_shapes"] == {"h": [2, 32, 8, 8]}
     headers = {"Authorization": f"Bearer {backend.token}", "content-type": protocol.FRAME_CONTENT_TYPE}
-    bad = protocol.Frame(meta={"step": 0}, tensors={"h": np.zeros((2, 32, 16, 16), dtype=np.float32)})
+    bad = protocol.Frame(meta={"step": 0}, tensors={"h": np.zeros((2, 32, 4, 16), dtype=np.float32)})
     url = f"{backend.url}/v1/sessions/{opened['session_id']}/steps"
     r = httpx.post(url, content=bad.encode(), headers=headers, timeout=60)
     assert r.status_code == 400 and "'h'" in r.json()["detail"]
+    # larger than any step of this session can be: refused from its size, before it is read
+    big = protocol.Frame(meta={"step": 0}, tensors={"h": np.zeros((2, 32, 16, 16), dtype=np.float32)})
+    r = httpx.post(url, content=big.encode(), headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
     good = protocol.Frame(meta={"step": 0}, tensors={"h": np.zeros((2, 32, 8, 8), dtype=np.float32)})
     answer = protocol.decode_frame(httpx.post(url, content=good.encode(), headers=headers, timeout=60).content)
     assert set(answer.tensors) == {split.RETURN_NAME} and answer.blobs == {}

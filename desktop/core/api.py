@@ -89,6 +89,7 @@ class HEDiffusion:
         timeout_s: float = 120.0,
         tls_ca: str | Path | None = None,
         accept_not_private: bool = False,
+        insecure: bool = False,
     ):
         if local_backend and server is not None:
             raise UsageError("give either a server URL or local_backend=True, not both")
@@ -122,7 +123,7 @@ class HEDiffusion:
         if self.where is Where.SERVER:
             from hediff.desktop.core.backend_client import BackendClient
 
-            self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca)
+            self.client = BackendClient(server, token, timeout_s=timeout_s, tls_ca=tls_ca, insecure=insecure)
 
     # --- what the model and the server accept (no weights loaded) ---
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import platformdirs
 
+from hediff.common.files import atomic_write  # noqa: F401 - re-exported: the one implementation lives in common
+
 APP_DIR_NAME = "hediff"
 DATA_DIR_ENV = "HEDIFF_DATA_DIR"
 
@@ -36,39 +38,3 @@ def ensure_private_dir(path: Path, tighten_existing: bool = False) -> Path:
         except OSError:  # not ours to change; the files themselves are still 0600
             pass
     return path
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename) with ``mode``.
-
-    The temp file is created with 0600 from the start, so the bytes are never readable by others, not even briefly.
-    """
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.name == "posix":
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if os.name == "posix":
-        try:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)

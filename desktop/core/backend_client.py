@@ -6,13 +6,19 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from hediff.common import protocol
 from hediff.common.errors import EXIT_PROTOCOL, EXIT_SERVER_REFUSED, EXIT_UNREACHABLE, HEDiffusionError
+from hediff.common.net import is_loopback
 
 _UPLOAD_CHUNK = 1 << 20
+MAX_JSON_ANSWER_BYTES = 1 << 20  # health, capabilities, a session's plan: a few KiB in practice
+# A step's answer is the updated latent (no larger than the one sent) or, in a U-shaped split, the hidden state
+# entering the client's up blocks; neither exceeds this multiple of the step's request, plus a frame header.
+STEP_ANSWER_FACTOR = 16
 
 
 class BackendError(HEDiffusionError, RuntimeError):
@@ -41,6 +47,26 @@ class BackendRejected(BackendError):
 
 class BackendProtocolError(BackendError):
     exit_code = EXIT_PROTOCOL
+
+
+class BackendInsecure(BackendError, ValueError):
+    """A bearer token would cross the network in the clear."""
+
+
+def step_answer_limit(request_bytes: int) -> int:
+    return STEP_ANSWER_FACTOR * request_bytes + protocol.MAX_HEADER_BYTES
+
+
+def refuse_plaintext_token(url: str, insecure: bool) -> None:
+    """Plain http to another machine hands the token (and everything else) to anyone on the path: refuse unless
+    the caller said ``insecure`` (``--insecure``, like curl's -k)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not is_loopback(parts.hostname or "") and not insecure:
+        raise BackendInsecure(
+            f"refusing to send the API token over plain http to {parts.hostname}, which is not this machine: anyone "
+            "on the path could read and reuse it. Use an https:// URL (serve with --tls-cert/--tls-key), or pass "
+            "--insecure (insecure=True) if the network is trusted"
+        )
 
 
 @dataclass
@@ -76,8 +102,10 @@ class BackendClient:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 10.0,
         tls_ca: str | Path | None = None,
+        insecure: bool = False,
     ):
         self.url = url.rstrip("/")
+        refuse_plaintext_token(self.url, insecure)
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
@@ -108,8 +136,24 @@ class BackendClient:
     def close_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
 
-    def step(self, session_id: str, frame: protocol.Frame, on_uploaded=None) -> Exchange:
+    def step(
+        self, session_id: str, frame: protocol.Frame, on_uploaded=None, max_answer_bytes: int | None = None
+    ) -> Exchange:
+        """One step. A connection dropped before the answer, or a 503, is retried once with the same step index:
+        the server answers a repeated step with its stored answer, so a retry never advances the session twice."""
         body = frame.encode()
+        limit = max_answer_bytes or step_answer_limit(len(body))
+        try:
+            return self._step_once(session_id, body, on_uploaded, limit)
+        except BackendRejected as e:
+            if e.status != 503:
+                raise
+        except BackendUnreachable as e:
+            if isinstance(e, BackendTLSError):
+                raise
+        return self._step_once(session_id, body, on_uploaded, limit)
+
+    def _step_once(self, session_id: str, body: bytes, on_uploaded, limit: int) -> Exchange:
         marks = {}
 
         def chunks():
@@ -124,7 +168,7 @@ class BackendClient:
         with self._guard():
             with self._http.stream("POST", f"/v1/sessions/{session_id}/steps", content=chunks(), headers=headers) as r:
                 t_headers = time.perf_counter()
-                data = r.read()
+                data = self._read_capped(r, limit)
                 t_end = time.perf_counter()
                 self._raise_for(r, data)
         if r.headers.get("content-type", "").split(";")[0] != protocol.FRAME_CONTENT_TYPE:
@@ -132,7 +176,7 @@ class BackendClient:
                 f"{self.url} answered a step with {r.headers.get('content-type')!r}, not a frame"
             )
         try:
-            answer = protocol.decode_frame(data)
+            answer = protocol.decode_frame(data, limit)
         except protocol.ProtocolError as e:
             raise BackendProtocolError(f"{self.url} sent a malformed step answer: {e}") from None
         uploaded = marks.get("uploaded", t0)
@@ -160,9 +204,26 @@ class BackendClient:
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         with self._guard():
-            r = self._http.request(method, path, **kw)
-        self._raise_for(r, r.content)
-        return r
+            with self._http.stream(method, path, **kw) as r:
+                data = self._read_capped(r, MAX_JSON_ANSWER_BYTES)
+        self._raise_for(r, data)
+        return httpx.Response(r.status_code, headers=r.headers, content=data)
+
+    def _read_capped(self, r: httpx.Response, limit: int) -> bytes:
+        """The body, read no further than ``limit`` bytes: a broken or hostile server cannot make us buffer more."""
+        declared = r.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BackendProtocolError(
+                f"{self.url} announced an answer of {declared} bytes; the protocol allows at most {limit} here"
+            )
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise BackendProtocolError(
+                    f"{self.url} sent more than the {limit} bytes the protocol allows for this answer; stopped reading"
+                )
+        return bytes(body)
 
     def _guard(self):
         client = self

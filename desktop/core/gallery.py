@@ -1,25 +1,27 @@
 """Finished images in the app's private data folder: ``<id>.png`` plus a ``<id>.json`` sidecar. Qt-free.
 
-The sidecar keeps the full parameters, prompt included, so "load settings back" works; it never leaves the
-private data folder. The PNG carries the prompt only if the user asked for that, and an export decides again.
+The sidecar keeps the full parameters so "load settings back" works; the prompts only when the user turned on
+"remember prompt" (the same choice that keeps them in the settings). It never leaves the private data folder. The
+PNG carries the prompt only if the user asked for that, and an export decides again. Every file is 0600.
 Ids are UTC timestamps with microseconds plus a random suffix: unique, and they sort by creation time.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from hediff.common.errors import HEDiffusionError
-from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.common.files import atomic_write
+from hediff.desktop.core.appdata import ensure_private_dir
 from hediff.desktop.core.engine import GenerationParams, GenerationResult
 from hediff.desktop.core.settings import params_from_dict
 
@@ -67,6 +69,22 @@ def new_entry_id(now: float) -> str:
     return f"{stamp}-{micros:06d}-{secrets.token_hex(3)}"
 
 
+def save_png_private(result: GenerationResult, path: Path, include_prompt: bool) -> Path:
+    """The result's PNG (parameters in its metadata, the prompts only if ``include_prompt``) written atomically,
+    readable by this user only (0600) from the first byte."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in result.metadata(include_prompt).items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    result.image.save(buf, format="PNG", pnginfo=info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue(), mode=0o600)
+    return path
+
+
 def _check_id(entry_id: str) -> str:
     if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
         raise GalleryError(f"{entry_id!r} is not a gallery entry id")
@@ -87,8 +105,9 @@ class Gallery:
 
     # --- adding ---
 
-    def add(self, result: GenerationResult, include_prompt_in_png: bool) -> GalleryEntry:
-        """Store a finished result: the PNG (prompt in its metadata only if asked) and the full-params sidecar."""
+    def add(self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False) -> GalleryEntry:
+        """Store a finished result: the PNG (prompt in its metadata only if asked) and the parameters sidecar
+        (the prompts only if ``remember_prompt``)."""
         if result.image is None:
             raise GalleryError("the result has no image to store")
         ensure_private_dir(self.root, tighten_existing=True)
@@ -96,16 +115,7 @@ class Gallery:
         entry_id = new_entry_id(created)
         while self._sidecar(entry_id).exists() or self._png(entry_id).exists():
             entry_id = new_entry_id(created)
-        png = self._png(entry_id)
-        tmp = self.root / f".{entry_id}.tmp.png"  # PIL picks the format from the suffix
-        try:
-            result.save(tmp, include_prompt=include_prompt_in_png)
-            if os.name == "posix":
-                os.chmod(tmp, 0o600)
-            os.replace(tmp, png)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        png = save_png_private(result, self._png(entry_id), include_prompt_in_png)
         fractions = list(result.encrypted_fractions)
         entry = GalleryEntry(
             id=entry_id,
@@ -125,7 +135,7 @@ class Gallery:
             "format": SIDECAR_FORMAT,
             "id": entry.id,
             "image": png.name,
-            "params": asdict(entry.params),
+            "params": asdict(entry.params if remember_prompt else replace(entry.params, prompt="", negative_prompt="")),
             "created": entry.created,
             "total_s": entry.total_s,
             "steps": entry.steps,
@@ -250,10 +260,8 @@ class Gallery:
             raise GalleryError(f"gallery image {entry.image_path.name} cannot be read: {e}") from None
         fractions = [entry.encrypted_fraction] if entry.encrypted_fraction is not None else []
         latent = np.zeros(0)  # not needed for the PNG
-        GenerationResult(params=entry.params, image=image, latent=latent, encrypted_fractions=fractions).save(
-            dest, include_prompt=include_prompt
-        )
-        return dest
+        exported = GenerationResult(params=entry.params, image=image, latent=latent, encrypted_fractions=fractions)
+        return save_png_private(exported, dest, include_prompt)
 
 
 def _number(value, what: str) -> float:

@@ -10,9 +10,13 @@
   header (format, preset, fingerprint, created, protection, KDF parameters), so a swapped or edited header
   does not decrypt.
 - A CKKS key may decrypt only a bounded number of ciphertexts (common/he.py, docs/key-recovery.md). A device key
-  outlives sessions, so its count (decryptions made or promised) is kept beside it in ``<preset>.uses``,
-  written before its ciphertexts leave the machine. ``get_or_create``/``load`` give the key itself, which refuses
-  past the bound; ``rotating`` gives it behind a RotatingKey that replaces it with a new stored key instead.
+  outlives sessions, so its count (decryptions made or promised) is kept in the key file itself, as the header
+  field ``spent``, rewritten (new nonce) before its ciphertexts leave the machine. Being in the AES-GCM associated
+  data, the count cannot be edited or reset without the file failing to open, and deleting it deletes the key;
+  ``rotating`` replaces such a tampered key with a new one. (Files of the previous format kept the count in a
+  separate ``<preset>.uses`` file; it is read once and folded into the header.)
+  ``get_or_create``/``load`` give the key itself, which refuses past the bound; ``rotating`` gives it behind a
+  RotatingKey that replaces it with a new stored key instead.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from keyring.backends import null as _null_backend
 
 from hediff.common import he
 from hediff.common.errors import KeysError
-from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.common.files import atomic_write
+from hediff.desktop.core.appdata import ensure_private_dir
 
 DEFAULT_SERVICE = "hediff"
 WRAP_NAME = "device-key-wrap:{preset}"
@@ -49,7 +54,9 @@ USES_SUFFIX = ".uses"
 # scrypt N=2**17, r=8, p=1: OWASP's minimum for scrypt; 128 MiB and ~0.25 s per derivation on a laptop core,
 # paid once per unlock (loaded keys are cached in memory). Stored per file, so it can be raised later.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
-_SCRYPT_MAX_MEMORY = 1 << 30  # refuse files asking for more (a crafted file must not exhaust memory)
+# A crafted file must not make unlocking exhaust memory or take minutes: at most 4x the default's work and memory.
+_SCRYPT_MAX_MEMORY = 4 * 128 * SCRYPT_N * SCRYPT_R  # 512 MiB
+_SCRYPT_MAX_WORK = 4 * SCRYPT_N * SCRYPT_R * SCRYPT_P  # n * r * p, proportional to the time one derivation takes
 _MAX_KEY_FILE = 16 << 20
 _AAD_PREFIX = b"hediff/device-key/v1\0"
 _PROBE_NAME = "hediff-availability-probe"
@@ -356,6 +363,7 @@ class DeviceKeys:
         self.clock = clock
         self._passphrase: str | None = None
         self._cache: dict[str, tuple[tuple, he.ClientKey]] = {}
+        self._wraps: dict[str, bytes] = {}  # preset -> AES key of its file, to rewrite the count (memory only)
         self._lock = threading.RLock()
         self.set_passphrase(passphrase)
 
@@ -368,6 +376,7 @@ class DeviceKeys:
         with self._lock:
             self._passphrase = passphrase
             self._cache.clear()
+            self._wraps.clear()
 
     @property
     def uses_passphrase(self) -> bool:
@@ -430,7 +439,10 @@ class DeviceKeys:
             with self._lock:
                 if first:
                     first = False
-                    key = self.get_or_create(preset)
+                    try:
+                        key = self.get_or_create(preset)
+                    except CorruptKeyFile:  # e.g. its count was edited: its true count is unknown, so replace it
+                        return self._create(preset)
                     if key.can_reserve(1):
                         return key
                 return self._create(preset)
@@ -441,6 +453,7 @@ class DeviceKeys:
         path = self.path(preset)
         with self._lock:
             self._cache.pop(preset, None)
+            self._wraps.pop(preset, None)
             for p in (path, self.uses_path(preset)):
                 try:
                     p.unlink()
@@ -460,6 +473,7 @@ class DeviceKeys:
             "created": float(self.clock()),
             "protection": "passphrase" if self._passphrase is not None else "keyring",
             "cipher": "AES-256-GCM",
+            "spent": 0,
         }
         if self._passphrase is not None:
             salt = os.urandom(16)
@@ -476,13 +490,11 @@ class DeviceKeys:
             # one wrapping key per preset, kept across rotations: the file's atomic replace is then the only
             # commit point, and a crash mid-rotation cannot leave a file whose wrapping key was overwritten
             wrap = self._wrapping_key(preset, create=True)
-        nonce = os.urandom(12)
-        ciphertext = AESGCM(wrap).encrypt(nonce, key.export_secret(), _aad(header))
-        header["nonce"], header["ciphertext"] = _b64(nonce), _b64(ciphertext)
         ensure_private_dir(self.dir, tighten_existing=True)
-        atomic_write(path, json.dumps(header, indent=1).encode("utf-8"), mode=0o600)
+        self._write_wrapped(path, header, wrap, key)
+        self._wraps[preset] = wrap
         try:
-            self.uses_path(preset).unlink()  # the old key's count; a stale one is ignored (other fingerprint)
+            self.uses_path(preset).unlink()  # a count file of the previous format
         except FileNotFoundError:
             pass
         if self._passphrase is not None:
@@ -491,15 +503,34 @@ class DeviceKeys:
         self._cache[preset] = ((st.st_mtime_ns, st.st_size, st.st_ino), key)
         return key
 
+    def _write_wrapped(self, path: Path, header: dict, wrap: bytes, key: he.ClientKey) -> None:
+        """Encrypt the secret under ``wrap`` with a fresh nonce, the header (count included) as associated data."""
+        header = {k: v for k, v in header.items() if k not in ("nonce", "ciphertext")}
+        nonce = os.urandom(12)
+        ciphertext = AESGCM(wrap).encrypt(nonce, key.export_secret(), _aad(header))
+        header["nonce"], header["ciphertext"] = _b64(nonce), _b64(ciphertext)
+        atomic_write(path, json.dumps(header, indent=1).encode("utf-8"), mode=0o600)
+
     def _record_use(self, key: he.ClientKey) -> None:
         """Persist how many decryptions the stored key has made or promised (before its ciphertexts leave)."""
         preset = key.preset.name
         with self._lock:
-            info = self.info(preset)
-            if info is None or info.fingerprint != key.fingerprint:
+            path = self.path(preset)
+            wrap = self._wraps.get(preset)
+            if wrap is None or not path.exists():
+                return  # deleted, or opened under another passphrase setting: nothing of this key to update
+            header = self._read(path, preset)
+            if header["fingerprint"] != key.fingerprint:
                 return  # a key rotated away (still finishing its ciphertexts): never loaded again
-            record = {"fingerprint": key.fingerprint, "spent": key.spent, "max_decryptions": key.max_decryptions}
-            atomic_write(self.uses_path(preset), json.dumps(record).encode("utf-8"), mode=0o600)
+            if header.get("spent", -1) >= key.spent:
+                return
+            self._write_wrapped(path, {**header, "spent": key.spent}, wrap, key)
+            st = path.stat()
+            self._cache[preset] = ((st.st_mtime_ns, st.st_size, st.st_ino), key)
+            try:
+                self.uses_path(preset).unlink()  # folded into the header from now on
+            except FileNotFoundError:
+                pass
 
     def _spent(self, preset: str, fingerprint: str) -> int:
         path = self.uses_path(preset)
@@ -585,8 +616,19 @@ class DeviceKeys:
         n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, r, p)):
             raise CorruptKeyFile(path, "the scrypt parameters are not integers")
-        if n < 2**10 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16 or 128 * n * r > _SCRYPT_MAX_MEMORY:
-            raise CorruptKeyFile(path, f"scrypt parameters n={n}, r={r}, p={p} are out of range")
+        if (
+            n < 2**10
+            or n & (n - 1)
+            or not 1 <= r <= 32
+            or not 1 <= p <= 16
+            or 128 * n * r > _SCRYPT_MAX_MEMORY
+            or n * r * p > _SCRYPT_MAX_WORK
+        ):
+            raise CorruptKeyFile(
+                path,
+                f"scrypt parameters n={n}, r={r}, p={p} are out of range (at most {_SCRYPT_MAX_MEMORY >> 20} MiB "
+                f"and n*r*p <= {_SCRYPT_MAX_WORK}, 4x this app's default)",
+            )
         salt = _unb64(kdf.get("salt"), "the salt", path)
         if len(salt) < 16:
             raise CorruptKeyFile(path, "the salt is too short")
@@ -617,11 +659,16 @@ class DeviceKeys:
                 "" if header["protection"] == "passphrase" else " (or the keyring's wrapping key does not match it)"
             )
             raise CorruptKeyFile(path, why) from None
-        spent = self._spent(preset, header["fingerprint"])
+        spent = header.get("spent")
+        if spent is None:  # previous format: the count lived in <preset>.uses
+            spent = self._spent(preset, header["fingerprint"])
+        elif isinstance(spent, bool) or not isinstance(spent, int) or spent < 0:
+            raise CorruptKeyFile(path, "the record of its decryptions is not a count")
         try:
             key = he.ClientKey(preset, secret=secret, spent=spent, on_use=self._record_use)
         except he.HEError as e:
             raise CorruptKeyFile(path, f"the decrypted key is unusable: {e}") from None
         if key.fingerprint != header["fingerprint"]:
             raise CorruptKeyFile(path, "the key does not match the fingerprint in the header")
+        self._wraps[preset] = wrap
         return key

@@ -223,7 +223,11 @@ class GenerationWorker(QObject):
             return
         try:
             settings = self._services.settings
-            self._services.gallery.add(result, bool(getattr(settings, "embed_prompt_in_png", False)))
+            self._services.gallery.add(
+                result,
+                bool(getattr(settings, "embed_prompt_in_png", False)),
+                remember_prompt=bool(getattr(settings, "remember_prompt", False)),
+            )
         except Exception as e:  # noqa: BLE001 - the result stays on screen even if it could not be stored
             log.error("could not add job %d to the gallery: %s", job.id, type(e).__name__)
             self.notice.emit(f"The image of job #{job.id} could not be saved to the gallery: {e}")
