@@ -19,11 +19,11 @@ import pytest
 
 from hediff.backend.app import QUEUE_POSITION_HEADER, create_app
 from hediff.backend.auth import TokenStore
-from hediff.backend.engine import Limits
+from hediff.backend.engine import Limits, step_bounds
 from hediff.backend.guard import ConnectionLimits
 from hediff.backend.serve import start_in_thread
 from hediff.common import he, protocol
-from tests.test_backend_errors import FRAME, _open, _open_frame, _step_frame
+from tests.test_backend_errors import FRAME, _open, _open_frame, _settings, _step_frame
 
 WAIT_S = 10.0  # upper bound on how long any single thing below may take on a loaded machine
 
@@ -257,12 +257,19 @@ def test_steps_are_scheduled_fairly_across_tokens(server_model):
 
 
 def test_a_session_too_large_to_step_is_refused_when_opened(server_model):
+    def step_bytes(side: int) -> int:
+        header = protocol.SessionSettings.from_meta(_settings(server_model, height=side, width=side))
+        latent = server_model.latent_shape(side, side)
+        return step_bounds(header, latent, server_model.activation_shapes("conv_in", latent))[1]
+
+    # a request limit between the steps of the usual size and of the largest size the model accepts
+    limit = (step_bytes(32) + step_bytes(64)) // 2
     tokens, token = TokenStore.ephemeral()
-    running, _app = serve(server_model, tokens, max_side=2048, max_request_bytes=64 << 20)
+    running, _app = serve(server_model, tokens, max_request_bytes=limit, max_inflight_bytes=4 * limit)
     key = he.ClientKey("fast")
     try:
         with httpx.Client(base_url=running.url, headers=auth(token), timeout=60) as c:
-            big = _open_frame(server_model, key, height=2048, width=2048)
+            big = _open_frame(server_model, key, height=64, width=64)
             r = c.post("/v1/sessions", content=big.encode(), headers=FRAME)
             assert r.status_code == 413 and r.json()["error"] == "session_too_large", r.text
             assert "choose a smaller size" in r.json()["detail"] and "256 parts" in r.json()["detail"]

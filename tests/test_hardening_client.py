@@ -146,7 +146,8 @@ def test_plain_http_to_another_host_is_refused_unless_insecure():
 def test_cli_refuses_plain_http_before_loading_anything(tiny_model_dir, capsys):
     from hediff.desktop.cli import main
 
-    rc = main(["generate", "--server", "http://192.0.2.10:8470", "--token", "t", "--model", "nowhere", "--prompt", "x"])
+    argv = ["generate", "--server", "http://192.0.2.10:8470", "--accept-not-private", "--token", "t", "--model"]
+    rc = main([*argv, "nowhere", "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "refusing to send the API token over plain http" in err and "Traceback" not in err
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from hediff.common import protocol
-from hediff.common.errors import EXIT_PROTOCOL, EXIT_SERVER_REFUSED, EXIT_UNREACHABLE, HEDiffusionError
+from hediff.common.errors import EXIT_PROTOCOL, EXIT_SERVER_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, HEDiffusionError
 from hediff.common.net import is_loopback
 
 _UPLOAD_CHUNK = 1 << 20
@@ -50,7 +50,9 @@ class BackendProtocolError(BackendError):
 
 
 class BackendInsecure(BackendError, ValueError):
-    """A bearer token would cross the network in the clear."""
+    """A bearer token would cross the network in the clear (found before anything is sent: a usage error)."""
+
+    exit_code = EXIT_USAGE
 
 
 def step_answer_limit(request_bytes: int) -> int:
