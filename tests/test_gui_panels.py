@@ -242,6 +242,63 @@ def test_connection_test_names_both_protocol_versions(qtbot, services):
     )
 
 
+def test_a_self_signed_server_is_trusted_after_the_user_checks_its_fingerprint(qtbot, services, server_model, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from hediff.backend.app import create_app
+    from hediff.backend.auth import TokenStore
+    from hediff.backend.serve import check_tls_files, start_in_thread
+    from tests.test_tls import self_signed
+
+    cert, key = self_signed(tmp_path, "lab")
+    expected = x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(hashes.SHA256()).hex().upper()
+    tokens, token = TokenStore.ephemeral()
+    running = start_in_thread(create_app(server_model, tokens), tls=check_tls_files(cert, key))
+    try:
+        panel = ServersPanel(services)
+        qtbot.addWidget(panel)
+        entry = panel.add_server("Lab (self-signed)", running.url, token)
+        asked = []
+        panel.confirm = lambda title, text: asked.append(text) or False
+        panel.select(entry.id)
+        result = panel.test_selected(timeout_s=60)
+        assert "certificate" in result.lower() and len(asked) == 1  # refused, then offered with the fingerprint
+        shown = asked[0].split("SHA-256 fingerprint:\n")[1].split("\n")[0]
+        assert shown.replace(":", "") == expected
+        assert services.settings.server(entry.id).tls_ca is None  # declined: nothing changes
+
+        panel.confirm = lambda title, text: asked.append(text) or True
+        panel.test_selected(timeout_s=60)  # refused again, offered again, trusted, tested again
+        qtbot.waitUntil(lambda: panel.last_test is not None and panel.last_test[0], timeout=60_000)
+        assert panel.last_test[1].startswith("Lab (self-signed): OK: model tiny-test")
+        stored = Settings.load(services.data_dir).server(entry.id)
+        assert stored.tls_ca and Path(stored.tls_ca).read_bytes().strip() == cert.read_bytes().strip()
+        assert oct(Path(stored.tls_ca).stat().st_mode & 0o777) == "0o600"
+    finally:
+        running.stop()
+
+
+def test_the_server_dialog_takes_a_ca_file_and_refuses_a_bad_one(qtbot, services, tmp_path):
+    from tests.test_tls import self_signed
+
+    cert, _key = self_signed(tmp_path, "ca")
+    panel = ServersPanel(services)
+    qtbot.addWidget(panel)
+    panel.ask_server = lambda **kw: ServerValues("Private CA box", "https://gpu.lab:8470", TOKEN, str(cert))
+    with qtbot.waitSignal(panel.serversChanged, timeout=2000):
+        qtbot.mouseClick(panel.add_button, LEFT)
+    added = next(s for s in services.settings.servers if s.name == "Private CA box")
+    assert added.tls_ca == str(cert)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    errors = []
+    answers = [ServerValues("Bad CA", "https://x.lab", TOKEN, str(tmp_path / "junk.pem"))]
+    panel.ask_server = lambda **kw: errors.append(kw.get("error")) or (answers.pop() if answers else None)
+    qtbot.mouseClick(panel.add_button, LEFT)
+    assert errors[1] and "cannot be used as PEM certificates" in errors[1]
+    assert all(s.name != "Bad CA" for s in services.settings.servers)
+
+
 def test_connection_test_runs_off_the_gui_thread(qtbot, services):
     panel = ServersPanel(services)
     qtbot.addWidget(panel)

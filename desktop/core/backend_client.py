@@ -89,11 +89,14 @@ def tls_verification(url: str, tls_ca: str | Path | None) -> ssl.SSLContext | bo
     if not url.lower().startswith("https://"):
         raise ValueError(f"a TLS CA ({tls_ca}) was given for {url}, which is not an https:// URL")
     try:
-        return ssl.create_default_context(cafile=str(tls_ca))
+        context = ssl.create_default_context(cafile=str(tls_ca))
     except FileNotFoundError:
         raise ValueError(f"the TLS CA file {tls_ca} does not exist") from None
     except (OSError, ssl.SSLError) as e:
         raise ValueError(f"the TLS CA file {tls_ca} cannot be used as PEM certificates ({e})") from None
+    # a certificate the user pinned ("trust this certificate") is trusted as it is, even when it is not a CA's
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 class BackendClient:

@@ -3,13 +3,16 @@ connections. Qt-free; paths and the keyring are injectable."""
 
 from __future__ import annotations
 
+import hashlib
+import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hediff.common import he, protocol
 from hediff.common.errors import UsageError
 from hediff.desktop.core.api import HEDiffusion, NotPrivateError
 from hediff.desktop.core.appdata import default_data_dir, ensure_private_dir
-from hediff.desktop.core.backend_client import BackendClient, BackendProtocolError
+from hediff.desktop.core.backend_client import BackendClient, BackendProtocolError, BackendUnreachable
 from hediff.desktop.core.engine import GenerationParams
 from hediff.desktop.core.gallery import Gallery
 from hediff.desktop.core.keystore import DeviceKeys, SecretStore
@@ -18,6 +21,12 @@ from hediff.desktop.core.settings import ServerEntry, Settings
 
 TEST_TIMEOUT_S = 15.0
 TEST_CONNECT_TIMEOUT_S = 5.0
+
+
+def certificate_fingerprint(pem: str) -> str:
+    """SHA-256 of the certificate's DER, as browsers and ``openssl x509 -fingerprint -sha256`` show it."""
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 class NoServerToken(UsageError):
@@ -62,7 +71,14 @@ class AppServices:
                 f"{server.name} ({server.url}) proves nothing about what it runs: "
                 f"{self.privacy(server, split, 'full').text}. Acknowledge it once to send to this server"
             )
-        return HEDiffusion(model, server=server.url, token=self.token(server), split=split, accept_not_private=True)
+        return HEDiffusion(
+            model,
+            server=server.url,
+            token=self.token(server),
+            split=split,
+            accept_not_private=True,
+            tls_ca=server.tls_ca,
+        )
 
     def privacy(self, server: ServerEntry, split: str, encryption: str) -> PrivacyLabel:
         """The privacy label of generating with ``server`` in this mode (shown before Generate)."""
@@ -84,7 +100,11 @@ class AppServices:
             )
         token = self.token(server)
         with BackendClient(
-            server.url, token, timeout_s=TEST_TIMEOUT_S, connect_timeout_s=TEST_CONNECT_TIMEOUT_S
+            server.url,
+            token,
+            timeout_s=TEST_TIMEOUT_S,
+            connect_timeout_s=TEST_CONNECT_TIMEOUT_S,
+            tls_ca=server.tls_ca,
         ) as client:
             health = client.health()
             caps = client.capabilities()
@@ -111,6 +131,18 @@ class AppServices:
         if isinstance(presets, dict) and presets:
             text += f", HE presets {', '.join(map(str, presets))}"
         return text
+
+    def server_certificate(self, server: ServerEntry) -> tuple[str, str]:
+        """The certificate an https:// server presents right now, unverified, as (PEM, SHA-256 fingerprint in
+        colon-separated hex): what the user compares with the operator's before trusting it."""
+        parts = urlsplit(server.url)
+        if parts.scheme.lower() != "https" or not parts.hostname:
+            raise UsageError(f"{server.name} ({server.url}) is not an https:// server: it has no certificate")
+        try:
+            pem = ssl.get_server_certificate((parts.hostname, parts.port or 443), timeout=TEST_CONNECT_TIMEOUT_S)
+        except OSError as e:
+            raise BackendUnreachable(f"cannot read the certificate of {server.url}: {e}") from None
+        return pem, certificate_fingerprint(pem)
 
     # --- keys ---
 

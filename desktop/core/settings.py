@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets as _random
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from hediff.common.errors import UsageError
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.appdata import atomic_write, ensure_private_dir
+from hediff.desktop.core.backend_client import tls_verification
 from hediff.desktop.core.keystore import KeyringUnavailable, SecretStore
 
 SETTINGS_FILE = "settings.json"
@@ -23,6 +25,7 @@ SETTINGS_VERSION = 1
 TOKEN_NAME = "server-token:{id}"
 LOCAL_SERVER_ID = "local"
 DEVICE_SERVER_ID = "device"
+TRUSTED_CERTS_DIR = "trusted-certs"
 KEY_POLICIES = ("fresh", "device")
 _PROMPT_FIELDS = ("prompt", "negative_prompt")
 
@@ -36,6 +39,9 @@ class ServerEntry:
     on_device: bool = False  # no server at all: the whole pipeline in this process (url is ignored)
     # a remote server proves nothing about what it runs: the user acknowledged once that it is not private
     not_private_ok: bool = False
+    # PEM file to verify an https:// server with instead of the system CAs: a private CA's bundle, or the server's
+    # own certificate that the user chose to trust (shown by its SHA-256 fingerprint first)
+    tls_ca: str | None = None
 
     @property
     def remote(self) -> bool:
@@ -210,11 +216,14 @@ class Settings:
                 return entry
         return self.servers[0] if self.servers else None
 
-    def add_server(self, name: str, url: str, token: str | None, secrets: SecretStore) -> ServerEntry:
+    def add_server(
+        self, name: str, url: str, token: str | None, secrets: SecretStore, tls_ca: str | None = None
+    ) -> ServerEntry:
         """Add a remote server; its token goes to the keyring only (KeyringUnavailable if it cannot). Saves."""
         name = _clean_name(name)
         url = validate_url(url)
-        entry = ServerEntry(id=_new_server_id({e.id for e in self.servers}), name=name, url=url)
+        tls_ca = _clean_tls_ca(url, tls_ca)
+        entry = ServerEntry(id=_new_server_id({e.id for e in self.servers}), name=name, url=url, tls_ca=tls_ca)
         if token:
             secrets.set(TOKEN_NAME.format(id=entry.id), _clean_token(token))  # before anything is added
         self.servers.append(entry)
@@ -228,8 +237,10 @@ class Settings:
         url: str | None = None,
         token: str | None = None,
         secrets: SecretStore | None = None,
+        tls_ca: str | None = None,
     ) -> ServerEntry:
-        """Change a server. ``token``: None keeps the stored one, "" removes it, anything else replaces it. Saves."""
+        """Change a server. ``token``: None keeps the stored one, "" removes it, anything else replaces it;
+        ``tls_ca`` likewise ("" back to the system CAs). Saves."""
         entry = self.server(id)
         new_name = _clean_name(name) if name is not None else entry.name
         new_url = entry.url
@@ -244,9 +255,26 @@ class Settings:
                 secrets.delete(TOKEN_NAME.format(id=id))
             else:
                 secrets.set(TOKEN_NAME.format(id=id), _clean_token(token))
+        if tls_ca is not None:
+            entry.tls_ca = _clean_tls_ca(new_url, tls_ca or None)
         entry.name, entry.url = new_name, new_url
         self.save()
         return entry
+
+    def trust_certificate(self, id: str, pem: str) -> Path:
+        """Verify this server with ``pem`` (its own certificate, which the user checked by its fingerprint) from
+        now on: written next to the settings and named in the server entry. Saves; returns the file."""
+        entry = self.server(id)
+        if not entry.remote or not entry.url.lower().startswith("https://"):
+            raise UsageError(f"{entry.name} is not an https:// server: there is no certificate to trust")
+        ssl.PEM_cert_to_DER_cert(pem)  # ValueError unless it is one PEM certificate
+        folder = self.path.parent / TRUSTED_CERTS_DIR
+        ensure_private_dir(folder)
+        target = folder / f"{entry.id}.pem"
+        atomic_write(target, pem.encode("ascii"), mode=0o600)
+        entry.tls_ca = str(target)
+        self.save()
+        return target
 
     def remove_server(self, id: str, secrets: SecretStore) -> None:
         """Remove a server and its stored token. Saves.
@@ -284,6 +312,9 @@ def _server_from_dict(item) -> ServerEntry:
         raise UsageError("not an object")
     sid, name, url = item["id"], item["name"], item.get("url", "")
     flags = {k: item.get(k, False) for k in ("local", "on_device", "not_private_ok")}
+    tls_ca = item.get("tls_ca")
+    if tls_ca is not None and not isinstance(tls_ca, str):
+        raise ValueError("bad tls_ca")
     if not isinstance(sid, str) or not sid or not isinstance(name, str):
         raise UsageError("bad id or name")
     if not all(isinstance(v, bool) for v in flags.values()) or (flags["local"] and flags["on_device"]):
@@ -292,7 +323,15 @@ def _server_from_dict(item) -> ServerEntry:
         raise UsageError("bad url")
     if not (flags["local"] or flags["on_device"]):
         url = validate_url(url)
-    return ServerEntry(id=sid, name=name, url=url, **flags)
+    return ServerEntry(id=sid, name=name, url=url, tls_ca=tls_ca, **flags)
+
+
+def _clean_tls_ca(url: str, tls_ca: str | None) -> str | None:
+    """A usable PEM file for an https:// URL, or None (system CAs); UsageError naming what is wrong."""
+    if not tls_ca:
+        return None
+    tls_verification(url, tls_ca)  # ValueError: not https, no such file, not PEM
+    return str(Path(tls_ca).expanduser())
 
 
 def _clean_name(name: str) -> str:

@@ -129,6 +129,7 @@ class ServerValues:
     name: str = ""
     url: str = ""
     token: str = ""
+    tls_ca: str = ""  # PEM file (a private CA, or the server's own certificate); empty: the system CAs
 
 
 class ServerDialog(QDialog):
@@ -170,11 +171,19 @@ class ServerDialog(QDialog):
             "leave empty to keep the current token" if editing else "the API token the server's admin gave you"
         )
         self.token_edit.setEnabled(not local and token_blocked is None)
+        self.ca_edit = QLineEdit(values.tls_ca)
+        self.ca_edit.setPlaceholderText("system CAs (or a PEM file: your private CA or the server's certificate)")
+        self.ca_edit.setToolTip(
+            "For a server with a self-signed or private-CA certificate. Test the connection to be shown the "
+            "certificate's fingerprint and trust it from there."
+        )
+        self.ca_edit.setEnabled(not local)
 
         form = QFormLayout()
         form.addRow("Name", self.name_edit)
         form.addRow("URL", self.url_edit)
         form.addRow("API token", self.token_edit)
+        form.addRow("TLS certificate", self.ca_edit)
 
         self.token_note = MessageLabel(self)
         if local:
@@ -208,6 +217,7 @@ class ServerDialog(QDialog):
             name=self.name_edit.text().strip(),
             url="" if self._local else self.url_edit.text().strip(),
             token=self.token_edit.text().strip() if self.token_edit.isEnabled() else "",
+            tls_ca="" if self._local else self.ca_edit.text().strip(),
         )
 
     @classmethod

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from hediff.desktop.core.backend_client import BackendTLSError
 from hediff.desktop.ui.dialogs import (
     MessageLabel,
     PanelMessages,
@@ -74,6 +75,7 @@ class ServersPanel(PanelMessages, QWidget):
         self.thread_pool = QThreadPool.globalInstance()
         self._relay = _Relay(self)
         self._relay.finished.connect(self._on_test_finished)
+        self._untrusted: tuple[str, str, str] | None = None  # set by a test that met an untrusted certificate
         self._ticket = 0
         self._testing: int | None = None
         self.last_test: tuple[bool, str] | None = None
@@ -210,7 +212,9 @@ class ServersPanel(PanelMessages, QWidget):
         if refusal:
             return refusal
         try:
-            entry = self.settings.add_server(values.name, values.url, values.token or None, self.services.secrets)
+            entry = self.settings.add_server(
+                values.name, values.url, values.token or None, self.services.secrets, tls_ca=values.tls_ca or None
+            )
             self._changed(f"Added server {entry.name!r}.", select=entry.id)
         except Exception as e:  # noqa: BLE001 - shown to the user, the app keeps working
             return error_text(e)
@@ -230,6 +234,7 @@ class ServersPanel(PanelMessages, QWidget):
                 url=None if not server.remote else (values.url or None),
                 token=values.token or None,
                 secrets=self.services.secrets,
+                tls_ca=values.tls_ca if server.remote else None,
             )
             self._changed(f"Saved server {values.name or server.name!r}.", select=server_id)
         except Exception as e:  # noqa: BLE001
@@ -286,7 +291,7 @@ class ServersPanel(PanelMessages, QWidget):
         server = self.selected_server()
         if server is None:
             return
-        values, error = ServerValues(name=server.name, url=server.url), None
+        values, error = ServerValues(name=server.name, url=server.url, tls_ca=server.tls_ca or ""), None
         while True:
             values = self.ask_server(
                 values=values, editing=True, local=not server.remote, token_blocked=self.keyring_message(), error=error
@@ -316,7 +321,17 @@ class ServersPanel(PanelMessages, QWidget):
         self.statusMessage.emit(f"Testing the connection to {server.name}…")
         self._update_buttons()
         services = self.services
-        self.thread_pool.start(_Job(lambda: services.test_connection(server), self._ticket, self._relay))
+        self._untrusted = None
+
+        def test() -> str:
+            try:
+                return services.test_connection(server)
+            except BackendTLSError:
+                # what the server presents, for the user to compare with the operator's fingerprint
+                self._untrusted = (server.id, *services.server_certificate(server))
+                raise
+
+        self.thread_pool.start(_Job(test, self._ticket, self._relay))
         return True
 
     def _on_test_finished(self, ticket: int, ok: bool, text: str) -> None:
@@ -330,6 +345,30 @@ class ServersPanel(PanelMessages, QWidget):
         self.statusMessage.emit(text)
         self._update_buttons()
         self.testFinished.emit(ok, text)
+        untrusted, self._untrusted = self._untrusted, None
+        if not ok and untrusted is not None:
+            self.offer_trust(*untrusted)
+
+    def offer_trust(self, server_id: str, pem: str, fingerprint: str) -> bool:
+        """Show the certificate's fingerprint; if the user trusts it, verify this server with it from now on and
+        test again. True when it was trusted."""
+        server = next((s for s in self.settings.servers if s.id == server_id), None)
+        if server is None or not self.confirm(
+            "Trust this certificate?",
+            f"{server.name} ({server.url}) presents a certificate that your system does not trust.\n\n"
+            f"SHA-256 fingerprint:\n{fingerprint}\n\n"
+            "Trust it only if this is exactly the fingerprint the server's operator gave you "
+            "(`openssl x509 -noout -fingerprint -sha256 -in cert.pem` on the server).",
+        ):
+            return False
+        try:
+            self.settings.trust_certificate(server_id, pem)
+        except Exception as e:  # noqa: BLE001 - shown to the user, the app keeps working
+            self._fail(error_text(e))
+            return False
+        self._changed(f"Trusted the certificate of {server.name!r} ({fingerprint[:23]}…).", select=server_id)
+        self.start_test()
+        return True
 
     def test_selected(self, timeout_s: float | None = None) -> str:
         """Test the selected server and wait for the result (the event loop keeps running meanwhile)."""
