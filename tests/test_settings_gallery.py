@@ -315,7 +315,13 @@ def test_connect_builds_the_right_client(tmp_path, store, monkeypatch):
     svc.connect(remote, "/models/sd", "down0.resnet0")
     assert calls[-1] == (
         ("/models/sd",),
-        {"server": "https://gpu.example", "token": TOKEN, "split": "down0.resnet0", "accept_not_private": True},
+        {
+            "server": "https://gpu.example",
+            "token": TOKEN,
+            "split": "down0.resnet0",
+            "accept_not_private": True,
+            "tls_ca": None,
+        },
     )
 
     bare = svc.settings.add_server("Bare", "https://bare.example", None, store)
