@@ -546,3 +546,28 @@ def apply_step(
     for j, a in step.latent_coeffs.items():
         out = out + a * _get(latent_history, j, "latent_history", step)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Predicted final latent (x0) for previews
+# --------------------------------------------------------------------------------------
+
+
+def x0_coefficients(plan: AffinePlan, scheduler_config: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """Per step ``(s_i, q_i)`` with ``x0 = s_i x_i + q_i e_i``: the final latent the step's noise estimate predicts.
+
+    Schedulers that scale the model input (Euler-type, sigma space) have ``x_i = x0 + sigma e_i`` with
+    ``input_scale = 1 / sqrt(sigma^2 + 1)``; the others (DDIM, PLMS, DPM-Solver++) work in the variance-preserving
+    form ``x_i = sqrt(abar_t) x0 + sqrt(1 - abar_t) e_i``. Only epsilon prediction exists here (make_scheduler
+    refuses the others), so these two cases are all.
+    """
+    alphas_cumprod = make_scheduler(plan.scheduler, scheduler_config).alphas_cumprod.to(torch.float64).numpy()
+    coeffs: list[tuple[float, float]] = []
+    for step in plan.steps:
+        if abs(step.input_scale - 1.0) > 1e-12:
+            sigma = math.sqrt(max(1.0 / step.input_scale**2 - 1.0, 0.0))
+            coeffs.append((1.0, -sigma))
+        else:
+            abar = float(alphas_cumprod[int(round(step.timestep))])
+            coeffs.append((1.0 / math.sqrt(abar), -math.sqrt((1.0 - abar) / abar)))
+    return coeffs

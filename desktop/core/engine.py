@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from hediff.common import he, protocol
-from hediff.common.schedulers import AffinePlan, build_plan
+from hediff.common.schedulers import AffinePlan, build_plan, x0_coefficients
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
-from hediff.desktop.core.preview import latent_preview
+from hediff.desktop.core.preview import X0Estimator, latent_preview
 from hediff.desktop.core.step_strategies import StepStrategy, strategy_for
 
 # "head" is all UNet work on this machine: in a U-shaped split it includes the tail, guidance and scheduler step
@@ -45,7 +45,7 @@ class StepUpdate:
     total: int
     timestep: int
     latent: np.ndarray  # decrypted x_{i+1}
-    preview: Image.Image
+    preview: Image.Image  # of x0, the final latent this step predicts (of x_{i+1} where that cannot be estimated)
     timings: dict[str, float]
     bytes_sent: int
     bytes_received: int
@@ -142,6 +142,7 @@ class Generator:
         history = {0: initial_noise(latent_shape, params.seed, plan.init_noise_sigma)}
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         strategy.start(plan, latent_shape, cond, uncond)
+        x0 = X0Estimator(plan, x0_coefficients(plan, self.model.scheduler_config)) if on_step is not None else None
         result.setup_s = time.perf_counter() - t_start
         loop_start = time.perf_counter()
         try:
@@ -158,6 +159,7 @@ class Generator:
                     history[step.index + 1] = strategy.finish(step, exchange.frame, history, timings)
                 except (protocol.ProtocolError, he.HEError) as e:
                     raise BackendProtocolError(f"{self.client.url} sent an unusable step answer: {e}") from None
+                predicted = x0.update(step, history) if x0 is not None else None
                 for k in [k for k in history if k < step.index + 1 - keep]:
                     del history[k]
                 strategy.forget_before(step.index + 1 - keep)
@@ -174,7 +176,7 @@ class Generator:
                             total=len(plan.steps),
                             timestep=step.timestep,
                             latent=history[done],
-                            preview=self._preview(history[done], params),
+                            preview=self._preview(history[done] if predicted is None else predicted, params),
                             timings=timings,
                             bytes_sent=exchange.bytes_sent,
                             bytes_received=exchange.bytes_received,
