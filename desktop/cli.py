@@ -108,13 +108,24 @@ def _add_gui(sub) -> None:
     sub.add_parser("gui", help="open the desktop app (its options: hediff gui --help)", add_help=False)
 
 
+class _VersionAction(argparse.Action):
+    # argparse's own "version" action wants the text when the parser is built: reading the installed version
+    # costs more than the rest of `hediff --help`
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from hediff import __version__
+
+        print(f"hediff {__version__}")
+        parser.exit()
+
+
 def build_parser(with_generate_settings: bool = True) -> argparse.ArgumentParser:
     """The whole command line. ``with_generate_settings=False`` leaves out generate's options, which import the
     settings model: main() does that unless the command is ``generate``, so ``hediff --help`` stays fast."""
-    from hediff import __version__
-
     parser = argparse.ArgumentParser(prog="hediff", description="HE-Diffusion: private Stable Diffusion")
-    parser.add_argument("--version", action="version", version=f"hediff {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_gui(sub)
     _add_serve(sub)

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from hediff.common import settings as gs
 
+U_SPLIT_ENCRYPTION_TEXT = "none (latent stays here)"
 ENCRYPTION_LABELS = {
     gs.Encryption.FULL: "Full: encrypt the whole latent",
     gs.Encryption.MIN_DISTORTION: "Min-distortion: encrypt a selection",
@@ -237,8 +238,13 @@ class ParamsForm(QWidget):
         if value % multiple:
             spin.setValue((value + multiple // 2) // multiple * multiple)
 
+    def native_side(self) -> int | None:
+        """The chosen model's native image side, once its config or server has told; None before."""
+        return getattr(self, "_native_side", None)
+
     def set_size_limits(self, limits: gs.SizeLimits) -> None:
         """Cap the size fields at what this model on this server accepts (e.g. from the server's capabilities)."""
+        self._native_side = limits.native_side
         for spin in (self.width_spin, self.height_spin):
             spin.setMaximum(limits.max_side)
             spin.setSingleStep(limits.multiple)
@@ -263,7 +269,17 @@ class ParamsForm(QWidget):
     def _encryption_changed(self, *_args) -> None:
         # a U-shaped split never sends the latent: there is nothing to encrypt or select
         latent_sent = self.split_combo.currentText() not in gs.U_SPLITS
-        mode = self.encryption_combo.currentData()
+        combo = self.encryption_combo
+        combo.blockSignals(True)
+        if not latent_sent and combo.currentIndex() >= 0:
+            # show what happens (nothing is encrypted) instead of a mode that does not apply; keep the choice
+            self._encryption_index = combo.currentIndex()
+            combo.setPlaceholderText(U_SPLIT_ENCRYPTION_TEXT)
+            combo.setCurrentIndex(-1)
+        elif latent_sent and combo.currentIndex() < 0:
+            combo.setCurrentIndex(getattr(self, "_encryption_index", 0))
+        combo.blockSignals(False)
+        mode = combo.currentData()
         self.encryption_combo.setEnabled(latent_sent)
         self.tau_spin.setEnabled(latent_sent and mode == "min-distortion")
         self.fraction_spin.setEnabled(latent_sent and mode == "random-mask")
