@@ -3,6 +3,7 @@ the right. Generation runs on a GenerationWorker in its own thread; this window 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from PySide6.QtCore import QByteArray, Qt
@@ -235,7 +236,7 @@ class MainWindow(QMainWindow):
             return None
         native = self.form.native_side()
         if native and not (params.width and params.height):  # the queue and captions show the real size, not 0x0
-            params = params.model_copy(update={"width": params.width or native, "height": params.height or native})
+            params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
         server_name = self.form.server_combo.currentText()
         job_id = self.worker.submit(params, server_id, self.form.model())
         self._submitted[job_id] = (params, server_name)
