@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import command_line, machine_info, save_report
+from bench.report import process_timing_report, save_report
 
 CASES = {
     "hediff --help": ["--help"],
@@ -40,9 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-first-image", action="store_true", help="skip the (slow) first-image run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the report")
     args = parser.parse_args(argv)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    bare_python_s = time.perf_counter() - t
     rows = []
     for name, case in CASES.items():
         runs = [run(case) for _ in range(args.repeats)]
@@ -62,16 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 "generation_s": total_s,
             }
         )
-    report = {
-        "command": command_line("bench.cli_startup", argv),
-        "machine": machine_info(),
-        "repeats": args.repeats,
-        "bare_python_s": bare_python_s,
-        "rows": rows,
-    }
-    lines = [
-        f"`{report['command']}` ({args.repeats} runs each; a bare `python -c pass` took {bare_python_s:.2f} s)",
-        "",
+    report, lines = process_timing_report("bench.cli_startup", argv, args.repeats, rows)
+    lines += [
         "| command | exit code | median s | max s |",
         "|---|---|---|---|",
     ]

@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("PySide6")
@@ -108,7 +110,7 @@ def test_u_shaped_split_shows_that_nothing_is_encrypted(qtbot, services, make_wi
 
 def test_plms_progress_names_its_warm_up_evaluation():
     assert progress_text(3, 3, 3) == "step 3 / 3"
-    assert progress_text(7, 21, 20) == "evaluation 7 / 21: 20 steps (+1 warm-up evaluation)"
+    assert progress_text(7, 21, 20) == "7 / 21: 20 steps (+1 warm-up evaluation)"
 
 
 def test_a_job_shows_the_real_size_its_progress_and_clears_the_last_ones_traces(qtbot, services, make_window):  # noqa: F811
@@ -134,8 +136,8 @@ def test_a_job_shows_the_real_size_its_progress_and_clears_the_last_ones_traces(
     assert f"{native}×{native}" in seen["queue"] and "0×0" not in seen["queue"]
     assert seen["message"] == ""  # the old error went when the job started
     assert seen["title"] == f"25% · job #{job} · {WINDOW_TITLE}"  # 1 of 4 evaluations
-    assert seen["progress"].startswith("evaluation 1 / 4: 3 steps (+1 warm-up evaluation), ETA")
-    assert seen["caption"].startswith("Predicted final image, evaluation 1 / 4")
+    assert seen["progress"].startswith("1 / 4: 3 steps (+1 warm-up evaluation), ETA")
+    assert seen["caption"] == "Predicted final image at 1 / 4"
     assert window.progress.format().startswith("Done: 3 steps (+1 warm-up evaluation) in")
     assert f"{native}×{native}" in window.preview.caption()
     assert window.windowTitle() == WINDOW_TITLE
@@ -162,3 +164,30 @@ def test_quitting_with_queued_jobs_asks_first(qtbot, services, make_window, monk
     answer[0] = QMessageBox.StandardButton.Yes
     assert window.close()
     assert not window.worker.is_busy() or window._shut_down
+
+
+def test_changing_the_model_applies_its_recommendations_except_fields_set_by_hand(
+    qtbot,
+    services,  # noqa: F811
+    make_window,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    import json
+    import shutil
+
+    first = Path(shutil.copytree(tiny_model_dir, tmp_path / "first"))
+    (first / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 3.5, "steps": 9}}))
+    second = Path(shutil.copytree(tiny_model_dir, tmp_path / "second"))
+    (second / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 1.5, "steps": 14}}))
+    services.settings.model = str(first)
+    services.settings.params = {"seed": 7}
+    form = make_window(services).form
+    assert (form.guidance_spin.value(), form.steps_spin.value()) == (3.5, 9)
+
+    form.set_model(str(second))  # nothing set by hand: both recommendations apply
+    assert (form.guidance_spin.value(), form.steps_spin.value()) == (1.5, 14)
+
+    form.steps_spin.setValue(5)  # the user's own steps stay; guidance still follows the model
+    form.set_model(str(first))
+    assert (form.guidance_spin.value(), form.steps_spin.value()) == (3.5, 5)

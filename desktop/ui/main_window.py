@@ -53,7 +53,7 @@ def warm_up_note(evaluations: int, requested: int) -> str:
 def progress_text(done: int, evaluations: int, requested: int) -> str:
     if evaluations == requested:
         return f"step {done} / {requested}"
-    return f"evaluation {done} / {evaluations}: {requested} steps{warm_up_note(evaluations, requested)}"
+    return f"{done} / {evaluations}: {requested} steps{warm_up_note(evaluations, requested)}"
 
 
 def format_eta(seconds: float) -> str:
@@ -172,10 +172,10 @@ class MainWindow(QMainWindow):
         self.splitter.addWidget(centre)
         self.splitter.addWidget(right)
         self.splitter.setStretchFactor(0, 0)
-        self.splitter.setStretchFactor(1, 1)
-        self.splitter.setStretchFactor(2, 0)
+        self.splitter.setStretchFactor(1, 3)  # a wider window widens the image most, the tabs some (gallery buttons)
+        self.splitter.setStretchFactor(2, 1)
         self.splitter.setChildrenCollapsible(False)
-        self.splitter.setSizes([left.minimumWidth(), 500, 400])
+        self.splitter.setSizes([left.minimumWidth(), 600, 400])
         self.setCentralWidget(self.splitter)
 
         self.server_status = QLabel("")
@@ -320,7 +320,7 @@ class MainWindow(QMainWindow):
         done = update.index + 1
         params, _server = self._submitted.get(self._current_job, (None, ""))
         counted = progress_text(done, update.total, params.steps if params is not None else update.total)
-        self.preview.set_image(update.preview, caption=f"Predicted final image, {counted} (not decoded yet)")
+        self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
         self.progress.setRange(0, update.total)
         self.progress.setValue(done)
         self.progress.setFormat(f"{counted}, ETA {format_eta(update.eta_s)}")

@@ -211,6 +211,19 @@ class ParamsForm(QWidget):
         outer.addWidget(backend)
         outer.addStretch(1)
         self._encryption_changed()
+        # a model's recommendations (its hediff.json) fill the fields the user has not set by hand this session
+        self._user_set: set[str] = set()
+        self._filling = False
+        for name, signal in (
+            ("steps", self.steps_spin.valueChanged),
+            ("guidance", self.guidance_spin.valueChanged),
+            ("scheduler", self.scheduler_combo.currentIndexChanged),
+            ("width", self.width_spin.valueChanged),
+            ("height", self.height_spin.valueChanged),
+        ):
+            signal.connect(lambda *_args, name=name: self._filling or self._user_set.add(name))
+        self.model_combo.activated.connect(lambda _i: self.set_model(self.model_combo.currentText()))
+        self.model_combo.lineEdit().editingFinished.connect(lambda: self.set_model(self.model()))
 
     # --- construction helpers ---
 
@@ -357,6 +370,13 @@ class ParamsForm(QWidget):
         self._fill(current)
 
     def _fill(self, p: gs.GenerationSettings) -> None:
+        self._filling = True
+        try:
+            self._fill_fields(p)
+        finally:
+            self._filling = False
+
+    def _fill_fields(self, p: gs.GenerationSettings) -> None:
         self.prompt_edit.setPlainText(p.prompt)
         self.negative_edit.setPlainText(p.negative_prompt)
         for spin, value in (
@@ -382,8 +402,11 @@ class ParamsForm(QWidget):
         return self.model_combo.currentText().strip() or "embedded"
 
     def set_model(self, model: str) -> None:
-        """Choose ``model``; a folder's config (no weights) caps the size fields at what its server accepts."""
+        """Choose ``model``; a folder's config (no weights) caps the size fields at what its server accepts, and
+        on a change of model its recommended settings replace those the user has not set by hand."""
         model = str(model)
+        changed = getattr(self, "_model", None) not in (None, model)
+        self._model = model
         folder = Path(model).expanduser() if model != "embedded" else None
         if folder is None:
             from hediff.common.models import EMBEDDED_MODEL_DIR
@@ -397,6 +420,9 @@ class ParamsForm(QWidget):
             self.model_combo.addItem(model)
         self._set_combo_text(self.model_combo, model)
         self.model_combo.setToolTip(model)
+        if changed:
+            recommended = self.model_defaults(model)
+            self.load_dict({k: v for k, v in recommended.items() if k not in self._user_set})
 
     def set_servers(self, servers, selected: str | None = None) -> None:
         """Fill the chooser from settings.servers, keeping ``selected`` (or the current choice) when it exists."""
