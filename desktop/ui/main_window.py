@@ -144,6 +144,7 @@ class MainWindow(QMainWindow):
         cl.addWidget(self.progress)
         cl.addWidget(self.message_label)
         cl.addWidget(self.queue_view)
+        centre.setMinimumWidth(120)  # the form keeps its width, so small windows (800 px) squeeze the image
 
         # right: tabs
         self.tabs = QTabWidget()
@@ -165,7 +166,7 @@ class MainWindow(QMainWindow):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 8, 8, 8)
         rl.addWidget(self.tabs)
-        right.setMinimumWidth(300)
+        right.setMinimumWidth(240)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
