@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import command_line, machine_info, save_report
+from bench.report import process_timing_report, save_report
 
 CASES = {
     "width over every server's cap": ["--width", "4096"],
@@ -48,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
             from hediff.common.models import build_tiny_model
 
             model = build_tiny_model(Path(tmp) / "tiny", seed=0)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        bare_python_s = time.perf_counter() - t
         rows = []
         for name, case in CASES.items():
             runs = [run_case(model, case) for _ in range(args.repeats)]
@@ -65,16 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                     "message": runs[0][2],
                 }
             )
-    report = {
-        "command": command_line("bench.cli_early_errors", argv),
-        "machine": machine_info(),
-        "repeats": args.repeats,
-        "bare_python_s": bare_python_s,
-        "rows": rows,
-    }
-    lines = [
-        f"`{report['command']}` ({args.repeats} runs each; a bare `python -c pass` took {bare_python_s:.2f} s)",
-        "",
+    report, lines = process_timing_report("bench.cli_early_errors", argv, args.repeats, rows)
+    lines += [
         "| bad input | options | exit code | median s | max s | message |",
         "|---|---|---|---|---|---|",
     ]

@@ -47,3 +47,22 @@ def save_report(out_dir: Path, name: str, report: dict, markdown: str) -> None:
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out_dir / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def process_timing_report(module: str, argv: list[str] | None, repeats: int, rows: list[dict]) -> tuple[dict, list]:
+    """The report of a benchmark that times fresh processes, and the start of its markdown: the command, the
+    machine, and how long a bare ``python -c pass`` takes here (the floor for any command)."""
+    import subprocess
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare_python_s = time.perf_counter() - t
+    report = {
+        "command": command_line(module, argv),
+        "machine": machine_info(),
+        "repeats": repeats,
+        "bare_python_s": bare_python_s,
+        "rows": rows,
+    }
+    heading = f"`{report['command']}` ({repeats} runs each; a bare `python -c pass` took {bare_python_s:.2f} s)"
+    return report, [heading, ""]

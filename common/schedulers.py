@@ -683,3 +683,37 @@ def apply_step(
     if noise_history is not None:
         out = out + noise_term(step, noise_history)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Predicted final latent (x0) for previews
+# --------------------------------------------------------------------------------------
+
+
+def x0_coefficients(plan: AffinePlan, scheduler_config: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """Per step ``(s_i, q_i)`` with ``x0 = s_i x_i + q_i e_i``: the final latent the step's noise estimate predicts.
+
+    Schedulers that scale the model input (Euler-type, sigma space) have ``x_i = x0 + sigma e_i`` with
+    ``input_scale = 1 / sqrt(sigma^2 + 1)``; the others (DDIM, PLMS, DPM-Solver++) work in the variance-preserving
+    form ``x_i = sqrt(abar_t) x0 + sqrt(1 - abar_t) e_i``; v- and sample-prediction models (SD 2.x) convert their
+    output the way diffusers' schedulers do.
+    """
+    alphas_cumprod = make_scheduler(plan.scheduler, scheduler_config).alphas_cumprod.to(torch.float64).numpy()
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    coeffs: list[tuple[float, float]] = []
+    for step in plan.steps:
+        if prediction == "sample":
+            coeffs.append((0.0, 1.0))
+        elif abs(step.input_scale - 1.0) > 1e-12:
+            sigma = math.sqrt(max(1.0 / step.input_scale**2 - 1.0, 0.0))
+            if prediction == "v_prediction":  # diffusers' Euler: x0 = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1)
+                coeffs.append((1.0 / (sigma**2 + 1.0), -sigma / math.sqrt(sigma**2 + 1.0)))
+            else:
+                coeffs.append((1.0, -sigma))
+        else:
+            abar = float(alphas_cumprod[int(round(step.timestep))])
+            if prediction == "v_prediction":  # x0 = sqrt(abar) x - sqrt(1 - abar) v
+                coeffs.append((math.sqrt(abar), -math.sqrt(1.0 - abar)))
+            else:
+                coeffs.append((1.0 / math.sqrt(abar), -math.sqrt((1.0 - abar) / abar)))
+    return coeffs

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, HEDiffusionError, UsageError
@@ -27,9 +28,11 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8470)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--port", type=int, default=8470, help="TCP port to listen on, 1-65535 (default 8470)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the UNet runs")
+    p.add_argument(
+        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="the UNet's precision"
+    )
     p.add_argument(
         "--tokens-file",
         type=Path,
@@ -112,13 +115,15 @@ def _add_serve(sub) -> None:
 
 def _add_token(sub) -> None:
     p = sub.add_parser("token", help="make, list or revoke API tokens for `hediff serve`")
-    p.add_argument("--tokens-file", type=Path, default=None)
+    p.add_argument(
+        "--tokens-file", type=Path, default=None, help="hashed API tokens (default ~/.config/hediff/tokens.json)"
+    )
     tsub = p.add_subparsers(dest="token_cmd", required=True)
     c = tsub.add_parser("create", help="make a token; it is printed once and stored only as a hash")
-    c.add_argument("--label", default="")
-    tsub.add_parser("list")
-    r = tsub.add_parser("revoke")
-    r.add_argument("token_id")
+    c.add_argument("--label", default="", help="a name to recognise the token by in `hediff token list`")
+    tsub.add_parser("list", help="the tokens' ids, creation dates and labels (never the tokens)")
+    r = tsub.add_parser("revoke", help="make a token stop working")
+    r.add_argument("token_id", help="the id `hediff token list` shows")
 
 
 # how a setting's default is chosen when the option is not given, where it is not simply the model's default
@@ -135,13 +140,15 @@ _DEFAULT_HELP = {
 _UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
 
 
-def _add_generate(sub) -> None:
-    from hediff.common import settings
-
+def _add_generate(sub, with_settings: bool = True) -> None:
     p = sub.add_parser(
         "generate",
         help="generate an image: on this device (default, private), through a loopback backend, or a server",
     )
+    if not with_settings:  # `hediff --help` lists the command only; its options need the settings model (pydantic)
+        return
+    from hediff.common import settings
+
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--on-device",
@@ -208,13 +215,29 @@ def _add_gui(sub) -> None:
     sub.add_parser("gui", help="open the desktop app (its options: hediff gui --help)", add_help=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse.Action):
+    # argparse's own "version" action wants the text when the parser is built: reading the installed version
+    # costs more than the rest of `hediff --help`
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from hediff import __version__
+
+        print(f"hediff {__version__}")
+        parser.exit()
+
+
+def build_parser(with_generate_settings: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``with_generate_settings=False`` leaves out generate's options, which import the
+    settings model: main() does that unless the command is ``generate``, so ``hediff --help`` stays fast."""
     parser = argparse.ArgumentParser(prog="hediff", description="HE-Diffusion: private Stable Diffusion")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_gui(sub)
     _add_serve(sub)
     _add_token(sub)
-    _add_generate(sub)
+    _add_generate(sub, with_generate_settings)
     _add_attest(sub)
     _add_confidential_options(sub.choices["generate"], sub.choices["serve"])
     return parser
@@ -232,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gui"]:
         return cmd_gui(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(with_generate_settings=argv[:1] == ["generate"]).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"serve": cmd_serve, "token": cmd_token, "generate": cmd_generate, "attest": cmd_attest}
@@ -281,6 +304,7 @@ def cmd_token(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    check_port_free(args.host, args.port)  # before the imports below pull in torch: seconds
     from hediff.backend.app import create_app
     from hediff.backend.auth import TokenStore, default_tokens_path
     from hediff.backend.engine import Limits, ServerModel
@@ -354,6 +378,27 @@ def cmd_serve(args) -> int:
         print("hediff backend: confidential mode, evidence from " + str(args.tsm_dir), file=sys.stderr)
     serve_forever(app, args.host, args.port, tls=tls, connections=connections)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """UsageError unless ``port`` is a TCP port this process could listen on at ``host`` right now."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port must be an integer in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UsageError(
+                f"--port {port} cannot be used on {host} ({e.strerror}); stop what listens there or pick another port"
+            ) from None
 
 
 def generation_settings(args):
@@ -455,10 +500,21 @@ def cmd_generate(args) -> int:
     if args.latents_out:
         import numpy as np
 
-        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.latents_out, result.latent[None].astype(np.float32))
+        _write_whole(args.latents_out, lambda tmp: np.save(tmp, result.latent[None].astype(np.float32)))
     _print_summary(result, load_s, args.out)
     return 0
+
+
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary file next to ``path``, then rename it: Ctrl-C or a full disk never leaves half a
+    file under the name the user asked for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # same suffix: PIL and numpy pick the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _print_summary(result, load_s: float, out: Path) -> None:

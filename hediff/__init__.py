@@ -6,14 +6,16 @@ form. The heavy modules (torch, diffusers, TenSEAL) load on first use, so ``impo
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
-try:
-    __version__ = _metadata.version("he-diffusion")
-except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
-
 __all__ = ["HEDiffusion", "__version__"]
+
+
+def _version() -> str:
+    from importlib import metadata  # ~0.1-0.25 s (email parsing): only when the version is asked for
+
+    try:
+        return metadata.version("he-diffusion")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
 
 
 def __getattr__(name: str):
@@ -21,4 +23,6 @@ def __getattr__(name: str):
         from hediff.desktop.core.api import HEDiffusion
 
         return HEDiffusion
+    if name == "__version__":
+        return _version()
     raise AttributeError(f"module 'hediff' has no attribute {name!r}")

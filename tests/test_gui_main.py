@@ -409,7 +409,11 @@ def test_bad_input_is_refused_before_queueing(qtbot, services, make_window):
 # --- closing, settings -------------------------------------------------------------------------------
 
 
-def test_closing_mid_job_stops_the_worker_and_keeps_finished_images(qtbot, services, make_window):
+def test_closing_mid_job_stops_the_worker_and_keeps_finished_images(qtbot, services, make_window, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    asked: list[str] = []  # a job is still queued: the window asks first (tests/test_gui_daily.py); "Yes"
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: asked.append(args[2]) or QMessageBox.StandardButton.Yes)
     services.settings.remember_prompt = True  # the gallery keeps the prompts, which tell the jobs apart below
     window = make_window(services)
     rec = Recorder(window.worker)
@@ -426,6 +430,7 @@ def test_closing_mid_job_stops_the_worker_and_keeps_finished_images(qtbot, servi
     queue(window, "never started", steps=2)
     qtbot.waitUntil(lambda: bool(closed), timeout=TIMEOUT_MS)
     assert closed == [True]
+    assert asked == ["1 queued job will not run, and the running one stops. Quit?"]
     assert not window.worker.thread_running
     assert len(late) <= 1
     assert [e.params.prompt for e in services.gallery.entries()] == ["kept"]

@@ -21,11 +21,11 @@ from PIL import Image
 
 from hediff.common import he, models, protocol
 from hediff.common.errors import Cancelled, UsageError
-from hediff.common.schedulers import AffinePlan, build_plan, noise_term
+from hediff.common.schedulers import AffinePlan, build_plan, noise_term, x0_coefficients
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
-from hediff.desktop.core.preview import latent_preview
+from hediff.desktop.core.preview import X0Estimator, latent_preview
 from hediff.desktop.core.step_strategies import StepStrategy, strategy_for
 
 # "head" is all UNet work on this machine: in a U-shaped split it includes the tail, guidance and scheduler step
@@ -46,7 +46,7 @@ class StepUpdate:
     total: int
     timestep: int
     latent: np.ndarray  # decrypted x_{i+1}
-    preview: Image.Image
+    preview: Image.Image  # of x0, the final latent this step predicts (of x_{i+1} where that cannot be estimated)
     timings: dict[str, float]
     bytes_sent: int
     bytes_received: int
@@ -153,6 +153,7 @@ class Generator:
         noise_history: dict[int, np.ndarray] = {}  # step -> the fresh noise z it drew; never leaves this machine
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         strategy.start(plan, latent_shape, cond, uncond)
+        x0 = X0Estimator(plan, x0_coefficients(plan, self.model.scheduler_config)) if on_step is not None else None
         result.setup_s = time.perf_counter() - t_start
         loop_start = time.perf_counter()
         try:
@@ -171,6 +172,9 @@ class Generator:
                     raise BackendProtocolError(f"{self.client.url} sent an unusable step answer: {e}") from None
                 if step.draws_noise:  # drawn even when unused (coefficient 0): diffusers' generator advances too
                     noise_history[step.index] = seed_noise.draw(latent_shape)
+                # the preview's x0 unmixes this step's noise prediction from the noise-free part of the step
+                history[step.index + 1] = x_next
+                predicted = x0.update(step, history) if x0 is not None else None
                 history[step.index + 1] = x_next + noise_term(step, noise_history)
                 for k in [k for k in history if k < step.index + 1 - keep]:
                     del history[k]
@@ -190,7 +194,7 @@ class Generator:
                             total=len(plan.steps),
                             timestep=step.timestep,
                             latent=history[done],
-                            preview=self._preview(history[done], params),
+                            preview=self._preview(history[done] if predicted is None else predicted, params),
                             timings=timings,
                             bytes_sent=exchange.bytes_sent,
                             bytes_received=exchange.bytes_received,

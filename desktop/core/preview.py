@@ -8,13 +8,18 @@ SD 1.x factors.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from hediff.common.errors import ModelError
+
+if TYPE_CHECKING:
+    from hediff.common.schedulers import AffinePlan, AffineStep
 
 # Widely used linear approximation of the SD 1.x VAE decoder (latent channel -> RGB in [-1, 1]).
 SD1_LATENT_RGB_FACTORS = np.array(
@@ -75,3 +80,37 @@ def latent_preview(
     if upscale > 1:
         img = img.repeat(upscale, axis=0).repeat(upscale, axis=1)
     return Image.fromarray(img)
+
+
+class X0Estimator:
+    """The final latent each step predicts, from the latents alone.
+
+    A step is ``x_{i+1} = sum_j a_j x_j + sum_k c_k e_k``: knowing the x's (the client decrypts them) and the
+    earlier noise estimates, the step's own estimate is ``e_i = (x_{i+1} - sum_j a_j x_j - sum_{k<i} c_k e_k) / c_i``,
+    and ``x0 = s_i x_i + q_i e_i`` (:func:`hediff.common.schedulers.x0_coefficients`). This works for every split,
+    including those where the server computes e_i and never sends it. x_t itself is mostly noise until the last
+    steps; x0 shows what the picture will be after a few.
+    """
+
+    def __init__(self, plan: AffinePlan, x0_coeffs: list[tuple[float, float]]):
+        self._coeffs = x0_coeffs
+        self._keep = max(plan.eps_history_needed(), 1)
+        self._eps: dict[int, np.ndarray] = {}
+
+    def update(self, step: AffineStep, history: Mapping[int, np.ndarray]) -> np.ndarray | None:
+        """x0 predicted at ``step``, once ``history`` holds ``x_{step.index + 1}``; None if the step has no e_i."""
+        i = step.index
+        c_i = step.eps_coeffs.get(i)
+        rest = history[i + 1] - sum(a * history[j] for j, a in step.latent_coeffs.items())
+        for k, c in step.eps_coeffs.items():
+            if k != i:
+                if k not in self._eps:  # an earlier step had no own estimate: this one cannot be recovered
+                    return None
+                rest = rest - c * self._eps[k]
+        for k in [k for k in self._eps if k <= i - self._keep]:
+            del self._eps[k]
+        if not c_i:
+            return None
+        self._eps[i] = rest / c_i
+        s, q = self._coeffs[i]
+        return s * history[i] + q * self._eps[i]

@@ -97,6 +97,7 @@ class Settings:
     embed_prompt_in_png: bool = False
     key_policy: str = "fresh"  # "fresh": a new key per generation; "device": the stored device key
     window_geometry: str | None = None
+    splitter_state: str | None = None  # the main window's panel widths (QSplitter.saveState, base64)
     problem: str | None = None  # why the file on disk could not be used (then these are defaults)
 
     # --- file ---
@@ -162,8 +163,9 @@ class Settings:
             s.key_policy = data["key_policy"]
         elif "key_policy" in data:
             notes.append(f"unknown key policy {data['key_policy']!r} was ignored")
-        if isinstance(data.get("window_geometry"), str):
-            s.window_geometry = data["window_geometry"]
+        for name in ("window_geometry", "splitter_state"):
+            if isinstance(data.get(name), str):
+                setattr(s, name, data[name])
         if "params" in data:
             try:
                 stored = {k: v for k, v in data["params"].items() if s.remember_prompt or k not in _PROMPT_FIELDS}
@@ -192,6 +194,7 @@ class Settings:
             "embed_prompt_in_png": self.embed_prompt_in_png,
             "key_policy": self.key_policy,
             "window_geometry": self.window_geometry,
+            "splitter_state": self.splitter_state,
         }
 
     def save(self) -> None:

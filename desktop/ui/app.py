@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,27 @@ def display_problem(env=None, platform: str = sys.platform) -> str | None:
     )
 
 
+# the xcb platform plugin of Qt 6 loads these at start and aborts the process when one is missing
+XCB_LIBRARIES = {"xcb-cursor": "libxcb-cursor0", "xcb-icccm": "libxcb-icccm4", "xcb-keysyms": "libxcb-keysyms1"}
+
+
+def missing_system_libraries(
+    env=None, platform: str = sys.platform, find_library: Callable[[str], str | None] | None = None
+) -> str | None:
+    """The apt line that installs the X11 libraries Qt needs but this machine lacks, before Qt aborts over them."""
+    env = os.environ if env is None else env
+    if not platform.startswith("linux") or env.get("QT_QPA_PLATFORM", "xcb") != "xcb":
+        return None  # offscreen, wayland: the xcb plugin is not loaded
+    if find_library is None:
+        import ctypes.util
+
+        find_library = ctypes.util.find_library
+    missing = [package for name, package in XCB_LIBRARIES.items() if not find_library(name)]
+    if not missing:
+        return None
+    return f"the desktop app needs {', '.join(missing)}; install with: sudo apt-get install {' '.join(missing)}"
+
+
 def run_gui(argv: list[str] | None = None, services=None) -> int:
     """Open the main window and run the event loop; returns the exit code.
 
@@ -41,7 +63,7 @@ def run_gui(argv: list[str] | None = None, services=None) -> int:
     """
     argv = list(sys.argv if argv is None else argv) or ["hediff"]
     args, qt_args = _parse(argv[1:])
-    problem = display_problem()
+    problem = display_problem() or missing_system_libraries()
     if problem:
         print(f"hediff gui: {problem}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from PySide6.QtGui import QColor, QDesktopServices, QIcon, QPainter, QPixmap
 from PySide6.QtWidgets import (
     QCheckBox,
     QFileDialog,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QListView,
@@ -107,7 +108,7 @@ class GalleryPanel(PanelMessages, QWidget):
         self.open_button = QPushButton("Open")
         self.export_button = QPushButton("Export…")
         self.delete_button = QPushButton("Delete…")
-        self.include_prompt = QCheckBox("Export with the prompt in the PNG metadata")
+        self.include_prompt = QCheckBox("Export with the prompt")
         self.include_prompt.setChecked(False)
         self.include_prompt.setToolTip("Exported PNGs carry the settings; the prompt only when this is ticked.")
         self.load_button.setToolTip("Put this image's settings (including its prompt) back into the form.")
@@ -115,10 +116,9 @@ class GalleryPanel(PanelMessages, QWidget):
         self.open_button.clicked.connect(self.open_selected)
         self.export_button.clicked.connect(self._on_export)
         self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
-        buttons = QHBoxLayout()
-        for b in (self.load_button, self.open_button, self.export_button, self.delete_button):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
+        buttons = QGridLayout()  # two by two: whole buttons even when the tabs panel is at its narrowest
+        for i, b in enumerate((self.load_button, self.open_button, self.export_button, self.delete_button)):
+            buttons.addWidget(b, i // 2, i % 2)
         export_row = QHBoxLayout()
         export_row.addWidget(self.include_prompt)
         export_row.addStretch(1)

@@ -3,6 +3,7 @@ the right. Generation runs on a GenerationWorker in its own thread; this window 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from PySide6.QtCore import QByteArray, Qt
@@ -43,6 +44,22 @@ PRIVATE_STYLE = "color: #2e7d32; font-weight: 600;"
 NOT_PRIVATE_STYLE = "color: #c62828; font-weight: 600;"
 
 
+WINDOW_TITLE = "HE-Diffusion"
+
+
+def warm_up_note(evaluations: int, requested: int) -> str:
+    """What a scheduler's extra model evaluations are (PLMS adds one warm-up), so that 21 evaluations for 20
+    steps asked for does not read as a miscount; empty when there are none."""
+    extra = evaluations - requested
+    return f" (+{extra} warm-up evaluation{'s' if extra > 1 else ''})" if extra > 0 else ""
+
+
+def progress_text(done: int, evaluations: int, requested: int) -> str:
+    if evaluations == requested:
+        return f"step {done} / {requested}"
+    return f"{done} / {evaluations}: {requested} steps{warm_up_note(evaluations, requested)}"
+
+
 def format_eta(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
@@ -58,7 +75,7 @@ class MainWindow(QMainWindow):
     def __init__(self, services, parent: QWidget | None = None):
         super().__init__(parent)
         self.services = services
-        self.setWindowTitle("HE-Diffusion")
+        self.setWindowTitle(WINDOW_TITLE)
         self._submitted: dict[int, tuple[object, str]] = {}  # job id -> (params, server name)
         self._current_job: int | None = None
         self._shut_down = False
@@ -98,7 +115,7 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.cancel_button, 1)
         self.queue_view = QueueView()
         self.queue_view.removeRequested.connect(self._remove_pending)
-        self.queue_view.setMinimumHeight(100)
+        self.queue_view.setMinimumHeight(60)
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(8, 8, 4, 8)
@@ -109,9 +126,12 @@ class MainWindow(QMainWindow):
         self.privacy_line.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         ll.addWidget(self.privacy_line)
         ll.addLayout(buttons)
-        ll.addWidget(self.queue_view)
-        self.queue_view.setMaximumHeight(130)
-        left.setMinimumWidth(260)
+        self.queue_view.setMaximumHeight(110)  # under the image: the form needs the left column's full height
+        # the form's own width, so that no field is cut off; the splitter cannot make it narrower
+        scrollbar = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setMinimumWidth(self.form.minimumSizeHint().width() + scrollbar)
+        margins = ll.contentsMargins()
+        left.setMinimumWidth(scroll.minimumWidth() + margins.left() + margins.right())
 
         # centre: the image, progress, the last message
         self.preview = PreviewWidget()
@@ -132,6 +152,8 @@ class MainWindow(QMainWindow):
         cl.addWidget(self.preview, 1)
         cl.addWidget(self.progress)
         cl.addWidget(self.message_label)
+        cl.addWidget(self.queue_view)
+        centre.setMinimumWidth(120)  # the form keeps its width, so small windows (800 px) squeeze the image
 
         # right: tabs
         self.tabs = QTabWidget()
@@ -153,17 +175,17 @@ class MainWindow(QMainWindow):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 8, 8, 8)
         rl.addWidget(self.tabs)
-        right.setMinimumWidth(300)
+        right.setMinimumWidth(240)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
         self.splitter.addWidget(centre)
         self.splitter.addWidget(right)
         self.splitter.setStretchFactor(0, 0)
-        self.splitter.setStretchFactor(1, 1)
-        self.splitter.setStretchFactor(2, 0)
+        self.splitter.setStretchFactor(1, 3)  # a wider window widens the image most, the tabs some (gallery buttons)
+        self.splitter.setStretchFactor(2, 1)
         self.splitter.setChildrenCollapsible(False)
-        self.splitter.setSizes([330, 500, 450])
+        self.splitter.setSizes([left.minimumWidth(), 600, 400])
         self.setCentralWidget(self.splitter)
 
         self.server_status = QLabel("")
@@ -225,6 +247,9 @@ class MainWindow(QMainWindow):
         if server_id is None:
             self.show_error("Cannot generate: no server is configured; add one in the Servers tab.")
             return None
+        native = self.form.native_side()
+        if native and not (params.width and params.height):  # the queue and captions show the real size, not 0x0
+            params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
         server_name = self.form.server_combo.currentText()
         server = self.services.settings.server(server_id)
         if server.remote and not server.not_private_ok:
@@ -328,16 +353,23 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, params.steps if params is not None else 1)
         self.progress.setValue(0)
         self.progress.setFormat(f"Job #{job_id}: connecting to {server_name or 'the server'}…")
+        # the last job's image and message belong to it: an old error under a new job reads as the new job's
+        self.preview.clear()
+        self.message_label.clear()
+        self.message_label.setStyleSheet(INFO_STYLE)
         self.preview.set_caption(f"Job #{job_id}: preparing…")
         self.cancel_button.setEnabled(True)
         self.statusBar().showMessage(f"Job #{job_id} started on {server_name}.")
 
     def _step_update(self, update) -> None:
         done = update.index + 1
-        self.preview.set_image(update.preview, caption=f"Preview, step {done} / {update.total} (not decoded yet)")
+        params, _server = self._submitted.get(self._current_job, (None, ""))
+        counted = progress_text(done, update.total, params.steps if params is not None else update.total)
+        self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
         self.progress.setRange(0, update.total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"step {done} / {update.total}, ETA {format_eta(update.eta_s)}")
+        self.progress.setFormat(f"{counted}, ETA {format_eta(update.eta_s)}")
+        self.setWindowTitle(f"{100 * done // update.total}% · job #{self._current_job} · {WINDOW_TITLE}")
         self.timing_chart.add_update(update)
         self.privacy_panel.update_step(update)
 
@@ -351,12 +383,16 @@ class MainWindow(QMainWindow):
         )
         self.progress.setRange(0, max(1, len(result.step_timings)))
         self.progress.setValue(self.progress.maximum())
-        self.progress.setFormat(f"Done: {len(result.step_timings)} steps in {format_seconds(result.total_s)}")
+        note = warm_up_note(len(result.step_timings), params.steps)
+        self.progress.setFormat(f"Done: {params.steps} steps{note} in {format_seconds(result.total_s)}")
         self.timing_chart.set_result(result)
         self.privacy_panel.finish(result)
         self.gallery_panel.refresh()
+        self.keys_panel.refresh()  # a generation with the device-key policy may have just created the key
         self.show_info(f"Job #{job_id} finished in {format_seconds(result.total_s)}; saved to the gallery.")
         self._job_over(job_id)
+        if not self.isActiveWindow():  # the user is elsewhere: flash the task bar entry
+            QApplication.alert(self)
 
     def _job_failed(self, job_id: int, message: str) -> None:
         self._submitted.pop(job_id, None)
@@ -377,6 +413,7 @@ class MainWindow(QMainWindow):
     def _job_over(self, job_id: int) -> None:
         if self._current_job == job_id:
             self._current_job = None
+        self.setWindowTitle(WINDOW_TITLE)
 
     def _queue_changed(self) -> None:
         current = self.worker.current_job()
@@ -403,6 +440,11 @@ class MainWindow(QMainWindow):
                 restored = False
         if not restored:
             self.resize(1280, 800)
+        if s.splitter_state:
+            try:  # Qt keeps each panel at least as wide as its minimum: a stale state cannot cut the form off
+                self.splitter.restoreState(QByteArray.fromBase64(s.splitter_state.encode("ascii")))
+            except (UnicodeEncodeError, TypeError, ValueError):
+                pass
         problem = getattr(s, "problem", None)
         if problem:
             self.show_error(str(problem))
@@ -416,6 +458,7 @@ class MainWindow(QMainWindow):
             s.selected_server = server_id
         if not params_only:
             s.window_geometry = bytes(self.saveGeometry().toBase64()).decode("ascii")
+            s.splitter_state = bytes(self.splitter.saveState().toBase64()).decode("ascii")
         try:
             s.save()
         except OSError as e:
@@ -435,5 +478,17 @@ class MainWindow(QMainWindow):
         self.worker.shutdown()
 
     def closeEvent(self, event) -> None:
+        waiting = len(self.worker.pending_jobs()) if not self._shut_down else 0
+        if waiting:
+            answer = QMessageBox.question(
+                self,
+                "Quit HE-Diffusion?",
+                f"{waiting} queued job{'s' if waiting > 1 else ''} will not run, and the running one stops. Quit?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                event.ignore()
+                return
         self.shutdown()
         event.accept()

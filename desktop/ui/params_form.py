@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from hediff.common import settings as gs
 
+U_SPLIT_ENCRYPTION_TEXT = "none (latent stays here)"
 ENCRYPTION_LABELS = {
     gs.Encryption.FULL: "Full: encrypt the whole latent",
     gs.Encryption.MIN_DISTORTION: "Min-distortion: encrypt a selection",
@@ -210,6 +211,19 @@ class ParamsForm(QWidget):
         outer.addWidget(backend)
         outer.addStretch(1)
         self._encryption_changed()
+        # a model's recommendations (its hediff.json) fill the fields the user has not set by hand this session
+        self._user_set: set[str] = set()
+        self._filling = False
+        for name, signal in (
+            ("steps", self.steps_spin.valueChanged),
+            ("guidance", self.guidance_spin.valueChanged),
+            ("scheduler", self.scheduler_combo.currentIndexChanged),
+            ("width", self.width_spin.valueChanged),
+            ("height", self.height_spin.valueChanged),
+        ):
+            signal.connect(lambda *_args, name=name: self._filling or self._user_set.add(name))
+        self.model_combo.activated.connect(lambda _i: self.set_model(self.model_combo.currentText()))
+        self.model_combo.lineEdit().editingFinished.connect(lambda: self.set_model(self.model()))
 
     # --- construction helpers ---
 
@@ -237,8 +251,13 @@ class ParamsForm(QWidget):
         if value % multiple:
             spin.setValue((value + multiple // 2) // multiple * multiple)
 
+    def native_side(self) -> int | None:
+        """The chosen model's native image side, once its config or server has told; None before."""
+        return getattr(self, "_native_side", None)
+
     def set_size_limits(self, limits: gs.SizeLimits) -> None:
         """Cap the size fields at what this model on this server accepts (e.g. from the server's capabilities)."""
+        self._native_side = limits.native_side
         for spin in (self.width_spin, self.height_spin):
             spin.setMaximum(limits.max_side)
             spin.setSingleStep(limits.multiple)
@@ -263,7 +282,17 @@ class ParamsForm(QWidget):
     def _encryption_changed(self, *_args) -> None:
         # a U-shaped split never sends the latent: there is nothing to encrypt or select
         latent_sent = self.split_combo.currentText() not in gs.U_SPLITS
-        mode = self.encryption_combo.currentData()
+        combo = self.encryption_combo
+        combo.blockSignals(True)
+        if not latent_sent and combo.currentIndex() >= 0:
+            # show what happens (nothing is encrypted) instead of a mode that does not apply; keep the choice
+            self._encryption_index = combo.currentIndex()
+            combo.setPlaceholderText(U_SPLIT_ENCRYPTION_TEXT)
+            combo.setCurrentIndex(-1)
+        elif latent_sent and combo.currentIndex() < 0:
+            combo.setCurrentIndex(getattr(self, "_encryption_index", 0))
+        combo.blockSignals(False)
+        mode = combo.currentData()
         self.encryption_combo.setEnabled(latent_sent)
         self.tau_spin.setEnabled(latent_sent and mode == "min-distortion")
         self.fraction_spin.setEnabled(latent_sent and mode == "random-mask")
@@ -341,6 +370,13 @@ class ParamsForm(QWidget):
         self._fill(current)
 
     def _fill(self, p: gs.GenerationSettings) -> None:
+        self._filling = True
+        try:
+            self._fill_fields(p)
+        finally:
+            self._filling = False
+
+    def _fill_fields(self, p: gs.GenerationSettings) -> None:
         self.prompt_edit.setPlainText(p.prompt)
         self.negative_edit.setPlainText(p.negative_prompt)
         for spin, value in (
@@ -366,8 +402,11 @@ class ParamsForm(QWidget):
         return self.model_combo.currentText().strip() or "embedded"
 
     def set_model(self, model: str) -> None:
-        """Choose ``model``; a folder's config (no weights) caps the size fields at what its server accepts."""
+        """Choose ``model``; a folder's config (no weights) caps the size fields at what its server accepts, and
+        on a change of model its recommended settings replace those the user has not set by hand."""
         model = str(model)
+        changed = getattr(self, "_model", None) not in (None, model)
+        self._model = model
         folder = Path(model).expanduser() if model != "embedded" else None
         if folder is None:
             from hediff.common.models import EMBEDDED_MODEL_DIR
@@ -381,6 +420,9 @@ class ParamsForm(QWidget):
             self.model_combo.addItem(model)
         self._set_combo_text(self.model_combo, model)
         self.model_combo.setToolTip(model)
+        if changed:
+            recommended = self.model_defaults(model)
+            self.load_dict({k: v for k, v in recommended.items() if k not in self._user_set})
 
     def set_servers(self, servers, selected: str | None = None) -> None:
         """Fill the chooser from settings.servers, keeping ``selected`` (or the current choice) when it exists."""

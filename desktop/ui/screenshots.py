@@ -1,4 +1,5 @@
-"""Screenshots of the main window for the docs: one mid-generation, one after it finished.
+"""Screenshots of the main window for the docs, each at 1024x700, 1280x800 and 1920x1080: mid-generation (the
+x0 preview), finished, the privacy tab and the gallery.
 
     python -m hediff.desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
 
@@ -44,6 +45,7 @@ class _Shooter(QObject):
     def __init__(self, window, path: Path, at_step: int):
         super().__init__()
         self.window, self.path, self.at_step = window, path, at_step
+        self.paths: list[Path] = []
         self.steps = 0
         self.shot = False
         self.finished: list[int] = []
@@ -54,8 +56,8 @@ class _Shooter(QObject):
         self.steps += 1
         if self.steps == self.at_step and not self.shot:
             self.window.tabs.setCurrentWidget(self.window.timing_chart)
-            QApplication.processEvents()
-            self.shot = self.window.grab().save(str(self.path))
+            self.paths = grab_at_sizes(self.window, self.path)
+            self.shot = bool(self.paths)
 
     @Slot(int, object)
     def on_finished(self, job_id: int, _result) -> None:
@@ -64,6 +66,21 @@ class _Shooter(QObject):
     @Slot(int, str)
     def on_failed(self, _job_id: int, message: str) -> None:
         self.failed.append(message)
+
+
+WINDOW_SIZES = ((1024, 700), (1280, 800), (1920, 1080))
+
+
+def grab_at_sizes(window, path: Path) -> list[Path]:
+    """The window at each of WINDOW_SIZES, as ``path`` with ``-WxH`` before the suffix; ends at 1280x800."""
+    written = []
+    for width, height in (*WINDOW_SIZES, (1280, 800)):
+        window.resize(width, height)
+        QApplication.processEvents()
+        target = path.with_name(f"{path.stem}-{width}x{height}{path.suffix}")
+        if target not in written and window.grab().save(str(target)):
+            written.append(target)
+    return written
 
 
 def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, size: int = 64) -> list[Path]:
@@ -108,17 +125,14 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, si
         if not ok or shooter.failed or not shooter.shot:
             window.close()
             raise RuntimeError(f"generation did not finish: {shooter.failed or 'timeout'}")
-        written.append(generating)
-        window.tabs.setCurrentWidget(window.timing_chart)
-        app.processEvents()
-        done = out_dir / "main-window-done.png"
-        window.grab().save(str(done))
-        written.append(done)
-        window.tabs.setCurrentWidget(window.privacy_panel)
-        app.processEvents()
-        privacy = out_dir / "main-window-privacy.png"
-        window.grab().save(str(privacy))
-        written.append(privacy)
+        written += shooter.paths
+        for tab, name in (
+            (window.timing_chart, "main-window-done"),
+            (window.privacy_panel, "main-window-privacy"),
+            (window.gallery_panel, "main-window-gallery"),
+        ):
+            window.tabs.setCurrentWidget(tab)
+            written += grab_at_sizes(window, out_dir / f"{name}.png")
         window.close()
         app.processEvents()
     return written
