@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hediff.backend.limits import Limits  # noqa: F401 - re-exported: create_app and the CLI name it here
 from hediff.backend.sessions import Session, SessionError, SessionStore
 from hediff.common import he, models, protocol, settings, split
 from hediff.common.latent import EncryptedLatent, unpack_mask, update_latent
@@ -32,21 +32,6 @@ class SessionTooLarge(SessionError):
 
     status = 413
     code = "session_too_large"
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_request_bytes: int = 64 << 20
-    max_steps: int = settings.SERVER_MAX_STEPS
-    max_side: int = settings.MAX_SIDE  # a model's own cap may be lower: ServerModel.size_limits
-    session_ttl_s: float = 600.0
-    max_sessions: int = 64
-    max_sessions_per_token: int = 8
-    # bytes of request bodies held at once (read, queued or being worked on), all clients together; full -> 429
-    max_inflight_bytes: int = 256 << 20
-    max_steps_per_token: int = 4  # steps one token may have queued or running
-    max_queued_steps: int = 256  # steps the server queues in total
-    model_workers: int = 1  # threads running model steps (one forward pass at a time on the device anyway)
 
 
 def resolve_device(device: str) -> torch.device:

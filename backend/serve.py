@@ -79,14 +79,33 @@ def _uvicorn_limits(connections: ConnectionLimits) -> dict:
     }
 
 
-def _app_shutdown(app):
-    """The app's own shutdown hook (model workers, token watcher), looking through ASGI wrappers."""
+_serving_lock = threading.Lock()
+
+
+def _app_shutdown(app) -> Callable[[], None] | None:
+    """The app's own shutdown hook (model workers, token watcher), looking through ASGI wrappers, to be called when
+    the last server serving that app stops: tests serve one app through several wrappers, and stopping one of them
+    must not stop the model workers the others still use."""
     for _ in range(4):
-        hook = getattr(getattr(app, "state", None), "shutdown", None)
-        if hook is not None:
-            return hook
+        state = getattr(app, "state", None)
+        if getattr(state, "shutdown", None) is not None:
+            return _counted_release(state)
         app = getattr(app, "app", None)
     return None
+
+
+def _counted_release(state) -> Callable[[], None]:
+    with _serving_lock:
+        state.servers = getattr(state, "servers", 0) + 1
+
+    def release() -> None:
+        with _serving_lock:
+            state.servers -= 1
+            last = state.servers == 0
+        if last:
+            state.shutdown()
+
+    return release
 
 
 def prepare_process() -> None:

@@ -14,18 +14,20 @@ from pathlib import Path
 from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, HEDiffusionError, UsageError
 
 
-def _add_serve(sub) -> None:
-    from hediff.backend.auth import DEFAULT_RELOAD_INTERVAL_S
-    from hediff.backend.engine import Limits
-    from hediff.backend.guard import ConnectionLimits
-
-    lim, conn = Limits(), ConnectionLimits()
+def _add_serve(sub, with_options: bool = True) -> None:
     p = sub.add_parser(
         "serve",
         help="run the backend (UNet body + HE update)",
         description="Run the backend. Every limit below bounds what one client (with or without a token) can hold; "
         "docs/threat-model.md explains each.",
     )
+    if not with_options:  # the limits' defaults live with the engine (torch): `hediff --help` does not need them
+        return
+    from hediff.backend.auth import DEFAULT_RELOAD_INTERVAL_S
+    from hediff.backend.guard import ConnectionLimits
+    from hediff.backend.limits import Limits
+
+    lim, conn = Limits(), ConnectionLimits()
     p.add_argument("--model", default="embedded", help="diffusers folder, hub id, or 'embedded' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8470, help="TCP port to listen on, 1-65535 (default 8470)")
@@ -228,14 +230,19 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser(with_generate_settings: bool = True) -> argparse.ArgumentParser:
+def build_parser(
+    with_generate_settings: bool = True, with_serve_options: bool | None = None
+) -> argparse.ArgumentParser:
     """The whole command line. ``with_generate_settings=False`` leaves out generate's options, which import the
-    settings model: main() does that unless the command is ``generate``, so ``hediff --help`` stays fast."""
+    settings model, and serve's, whose limits come from the engine (unless ``with_serve_options`` says otherwise):
+    main() builds only the options of the command it runs, so ``hediff --help`` stays fast."""
+    if with_serve_options is None:
+        with_serve_options = with_generate_settings
     parser = argparse.ArgumentParser(prog="hediff", description="HE-Diffusion: private Stable Diffusion")
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_gui(sub)
-    _add_serve(sub)
+    _add_serve(sub, with_serve_options)
     _add_token(sub)
     _add_generate(sub, with_generate_settings)
     _add_attest(sub)
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gui"]:
         return cmd_gui(argv[1:])
-    args = build_parser(with_generate_settings=argv[:1] == ["generate"]).parse_args(argv)
+    command = argv[:1]
+    args = build_parser(command == ["generate"], command == ["serve"]).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"serve": cmd_serve, "token": cmd_token, "generate": cmd_generate, "attest": cmd_attest}
@@ -307,13 +315,12 @@ def cmd_serve(args) -> int:
     check_port_free(args.host, args.port)  # before the imports below pull in torch: seconds
     from hediff.backend.app import create_app
     from hediff.backend.auth import TokenStore, default_tokens_path
-    from hediff.backend.engine import Limits, ServerModel
+    from hediff.backend.engine import ServerModel
     from hediff.backend.guard import ConnectionLimits
+    from hediff.backend.limits import Limits
     from hediff.backend.serve import check_tls_files, serve_forever
     from hediff.common.models import resolve_model
 
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
     if args.confidential:
         _check_confidential_serve(args, tls)

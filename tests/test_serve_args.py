@@ -27,8 +27,8 @@ def config_dir(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
-        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--port", "0"], "--port must be an integer in [1, 65535], got 0"),
+        (["--port", "70000"], "--port must be an integer in [1, 65535], got 70000"),
         (["--tls-cert", "cert.pem"], "--tls-cert was given without --tls-key"),
         (["--tls-key", "key.pem"], "--tls-key was given without --tls-cert"),
         (
@@ -64,4 +64,4 @@ def test_serve_process_exits_2_with_one_line(config_dir, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == ["hediff: error: --port must be between 1 and 65535, got 99999"]
+    assert proc.stderr.strip().splitlines() == ["hediff: error: --port must be an integer in [1, 65535], got 99999"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -148,6 +150,8 @@ class BackendClient:
         the server answers a repeated step with its stored answer, so a retry never advances the session twice."""
         body = frame.encode()
         limit = max_answer_bytes or step_answer_limit(len(body))
+        if on_uploaded is not None:  # the retry uploads again, but what waits for the upload runs once
+            on_uploaded = _once(on_uploaded)
         try:
             return self._step_once(session_id, body, on_uploaded, limit)
         except BackendRejected as e:
@@ -276,6 +280,17 @@ class BackendClient:
         else:
             msg = f"the backend at {self.url} rejected the request (HTTP {r.status_code}): {detail}"
         raise BackendRejected(msg, r.status_code, str(code))
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Event()
+
+    def call() -> None:
+        if not done.is_set():
+            done.set()
+            fn()
+
+    return call
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
