@@ -655,7 +655,7 @@ def cmd_generate_confidential(args) -> int:
     client = ConfidentialClient(args.server, token, policy, tls_ca=args.tls_ca, timeout_s=args.timeout)
 
     def attested(attestation) -> None:
-        print("\n".join(attestation.summary()), file=sys.stderr)
+        print("\n".join([attestation.label(), *attestation.summary()]), file=sys.stderr)
 
     def step(s) -> None:
         if not args.quiet:

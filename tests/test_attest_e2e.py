@@ -146,6 +146,9 @@ def test_good_evidence_then_the_whole_pipeline_matches_diffusers(fresh, tiny_mod
     # what the user is told, and that the server's evidence request came first, then exactly one prompt
     summary = "\n".join(attested[0].summary())
     assert MEASUREMENT.hex() in summary and "TestAMD" in summary and "GPU evidence: not verified" in summary
+    label = attested[0].label()
+    assert label.startswith("Private: attested confidential server (AMD SEV-SNP TestAMD evidence chained")
+    assert MEASUREMENT.hex()[:16] in label and "GPU evidence: not verified" in label
     assert [path for path, _ in fresh["recorded"]] == [EVIDENCE_PATH, GENERATE_PATH]
     assert len(prompt_bodies(fresh)) == 1 and len(fresh["tsm"].seen) == 1
     assert list((fresh["dir"] / "tsm").iterdir()) == []  # the configfs report entry was released

@@ -73,6 +73,17 @@ class Attestation:
     tls_key_sha256: bytes
     gpu: str
 
+    def label(self) -> str:
+        """The privacy label of this server, naming what was verified (desktop/core/privacy.py)."""
+        from hediff.desktop.core.privacy import Where, label_for
+
+        f = self.report.fields()
+        verified = (
+            f"AMD SEV-SNP {f['product']} evidence chained to AMD's pinned root, launch measurement "
+            f"{f['measurement'][:16]}... allowed, bound to this TLS connection; {self.gpu}"
+        )
+        return label_for(Where.CONFIDENTIAL, verified=verified).text
+
     def summary(self) -> list[str]:
         f = self.report.fields()
         return [
