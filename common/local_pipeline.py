@@ -55,7 +55,7 @@ class LocalPipeline:
             safety_checker=None,
             requires_safety_checker=False,
             dtype=dtype,
-            **models._diffusers_load_kwargs(),
+            **models.diffusers_load_kwargs(),
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(self.pipe.scheduler.config)

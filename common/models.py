@@ -63,6 +63,7 @@ __all__ = [
     "unet_weights_digest",
     "validate_model_folder",
     "write_clip_tokenizer",
+    "diffusers_load_kwargs",
 ]
 
 #: The folder that holds common/ and assets/: the repository in a source checkout or an editable install,
@@ -635,7 +636,8 @@ def _component_dir(path: Path, sub: str) -> Path:
     return comp
 
 
-def _diffusers_load_kwargs() -> dict[str, Any]:
+def diffusers_load_kwargs() -> dict[str, Any]:
+    """What every ``from_pretrained`` of a model folder here passes: offline, safetensors only."""
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     try:
         import accelerate  # noqa: F401
@@ -726,7 +728,7 @@ def load_unet(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype
     from diffusers import UNet2DConditionModel
 
     comp = _component_dir(path, "unet")
-    unet = UNet2DConditionModel.from_pretrained(comp, torch_dtype=dtype, **_diffusers_load_kwargs())
+    unet = UNet2DConditionModel.from_pretrained(comp, torch_dtype=dtype, **diffusers_load_kwargs())
     return unet.to(device=device).eval()
 
 
@@ -735,7 +737,7 @@ def load_vae(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype 
     from diffusers import AutoencoderKL
 
     comp = _component_dir(path, "vae")
-    vae = AutoencoderKL.from_pretrained(comp, torch_dtype=dtype, **_diffusers_load_kwargs())
+    vae = AutoencoderKL.from_pretrained(comp, torch_dtype=dtype, **diffusers_load_kwargs())
     return vae.to(device=device).eval()
 
 
