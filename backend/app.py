@@ -21,7 +21,7 @@ from hediff.backend.auth import TokenStore
 from hediff.backend.budget import InflightBudget
 from hediff.backend.engine import Engine, Limits, ServerModel
 from hediff.backend.scheduler import FairScheduler, QueueRefused
-from hediff.backend.sessions import SessionError, SessionStore, TooManySessions
+from hediff.backend.sessions import SessionError, SessionStore
 from hediff.common import protocol
 from hediff.common.he import HEError
 
@@ -101,10 +101,10 @@ def as_api_errors():
         yield
     except ApiError:
         raise
-    except (TooManySessions, QueueRefused) as e:
-        raise ApiError(e.status, e.code, str(e), {"Retry-After": str(e.retry_after_s)}) from None
-    except SessionError as e:
-        raise ApiError(e.status, e.code, str(e)) from None
+    except (SessionError, QueueRefused) as e:
+        retry_after = getattr(e, "retry_after_s", None)  # too many sessions or steps, a store that is away
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        raise ApiError(e.status, e.code, str(e), headers) from None
     except (protocol.ProtocolError, HEError) as e:
         raise ApiError(400, "bad_request", str(e)) from None
 
@@ -144,24 +144,64 @@ def _watch_tokens(tokens: TokenStore, stop: threading.Event) -> None:
             log.error("token file check failed: %s", type(e).__name__)
 
 
+class LocalBackend:
+    """The single-process backend behind the routes: the engine, its fair scheduler and the session store here."""
+
+    def __init__(self, model: ServerModel, limits: Limits, store: SessionStore | None = None):
+        store = store or SessionStore(limits.session_ttl_s, limits.max_sessions, limits.max_sessions_per_token)
+        self.engine = Engine(model, limits, store)
+        self.scheduler = FairScheduler(limits.model_workers, limits.max_steps_per_token, limits.max_queued_steps)
+
+    async def capabilities(self) -> dict:
+        return self.engine.model.capabilities(self.engine.limits)
+
+    async def open_session(self, token_id: str, frame: protocol.Frame) -> dict:
+        return await run_in_threadpool(self.engine.open_session, token_id, frame)
+
+    async def step_limit(self, token_id: str, session_id: str) -> int:
+        return self.engine.store.get(session_id, token_id).max_step_bytes
+
+    async def step(self, token_id: str, session_id: str, frame: protocol.Frame) -> tuple[bytes, int]:
+        session = self.engine.store.get(session_id, token_id)
+        return await self.scheduler.run(token_id, self.engine.step, session, frame)
+
+    async def close_session(self, token_id: str, session_id: str) -> None:
+        self.engine.store.close(session_id, token_id)
+
+    def close_token(self, token_id: str) -> str:
+        closed = self.engine.store.close_token(token_id)
+        dropped = self.scheduler.drop_token(token_id, ApiError(401, "unauthorized", "the bearer token was revoked"))
+        return f"closed {closed} session(s), dropped {dropped} queued step(s)"
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+
+
 def create_app(
     model: ServerModel, tokens: TokenStore, limits: Limits | None = None, store: SessionStore | None = None
 ) -> FastAPI:
+    """The single-process server: one model, its sessions in this process's memory."""
     limits = limits or Limits()
+    local = LocalBackend(model, limits, store)
+    app = create_http_app(local, tokens, limits)
+    app.state.engine, app.state.scheduler = local.engine, local.scheduler
+    return app
+
+
+def create_http_app(backend, tokens: TokenStore, limits: Limits) -> FastAPI:
+    """Routes, auth, limits and the error format over ``backend`` (``LocalBackend``, or a Ray Serve deployment's
+    session tier): the one HTTP face of every way the server runs."""
     if limits.max_inflight_bytes < 2 * HeldBytes.COPIES * limits.max_request_bytes:
         raise ValueError(
             f"max_inflight_bytes {limits.max_inflight_bytes} cannot hold one largest request for one token "
             f"(needs {2 * HeldBytes.COPIES} x max_request_bytes {limits.max_request_bytes})"
         )
-    store = store or SessionStore(limits.session_ttl_s, limits.max_sessions, limits.max_sessions_per_token)
-    engine = Engine(model, limits, store)
-    scheduler = FairScheduler(limits.model_workers, limits.max_steps_per_token, limits.max_queued_steps)
     budget = InflightBudget(limits.max_inflight_bytes)
     watch_stop = threading.Event()
 
     def shutdown() -> None:
         watch_stop.set()
-        scheduler.stop()
+        backend.shutdown()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -177,13 +217,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.engine, app.state.scheduler, app.state.budget = engine, scheduler, budget
+    app.state.backend, app.state.budget = backend, budget
 
     def on_revoked(token_ids: set[str]) -> None:
         for tid in token_ids:
-            closed = store.close_token(tid)
-            dropped = scheduler.drop_token(tid, ApiError(401, "unauthorized", "the bearer token was revoked"))
-            log.warning("revoked token: closed %d session(s), dropped %d queued step(s)", closed, dropped)
+            log.warning("revoked token: %s", backend.close_token(tid))
 
     tokens.on_revoked(on_revoked)
     if tokens.path is not None:  # revocations apply even while no request arrives to notice them
@@ -254,7 +292,7 @@ def create_app(
     @app.get("/v1/capabilities", responses=ERRORS)
     async def capabilities(request: Request):
         require_token(request)
-        return model.capabilities(limits)
+        return await backend.capabilities()
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionOpened, responses=ERRORS, openapi_extra=FRAME_BODY)
     async def open_session(request: Request):
@@ -263,7 +301,7 @@ def create_app(
         try:
             frame = await read_frame(request, held, limits.max_request_bytes)
             with as_api_errors():
-                return await run_in_threadpool(engine.open_session, tid, frame)
+                return await backend.open_session(tid, frame)
         finally:
             held.release()
 
@@ -275,12 +313,12 @@ def create_app(
     async def step(session_id: str, request: Request):
         tid = require_token(request)
         with as_api_errors():
-            session = store.get(session_id, tid)
+            max_bytes = await backend.step_limit(tid, session_id)
         held = HeldBytes(budget, tid)
         try:
-            frame = await read_frame(request, held, min(limits.max_request_bytes, session.max_step_bytes))
+            frame = await read_frame(request, held, min(limits.max_request_bytes, max_bytes))
             with as_api_errors():
-                data, ahead = await scheduler.run(tid, engine.step, session, frame)
+                data, ahead = await backend.step(tid, session_id, frame)
         finally:
             held.release()
         return Response(
@@ -291,7 +329,7 @@ def create_app(
     async def close_session(session_id: str, request: Request):
         tid = require_token(request)
         with as_api_errors():
-            store.close(session_id, tid)
+            await backend.close_session(tid, session_id)
         return Response(status_code=204)
 
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +53,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-class ServerModel:
-    """The full UNet (run from any split point on), the scheduler config and the facts clients must match."""
+class ModelFacts:
+    """What sessions need to know about a model, read from its folder's configs: plans, sizes, splits, digests.
 
-    def __init__(self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto"):
+    Holds no weights (the UNet is built on the meta device), so a Ray session tier on CPU knows its model without
+    loading it; ``ServerModel`` adds the weights and the forward passes.
+    """
+
+    def __init__(self, model_path: Path, model_id: str, unet=None, device: str = "cpu", dtype: str = "float32"):
         self.model_id = model_id
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
-        self.unet.eval()
+        self.device_name, self.dtype_name = device, dtype  # what capabilities report: where the UNet runs
+        unet = unet if unet is not None else split.meta_unet(models.load_unet_config(model_path))
+        self.unet_config = unet.config
         # every split this UNet supports; the others are refused per session with the reason (a 400, not a 500)
         self.bodies: dict[str, split.UNetBody] = {}
         self.unsupported: dict[str, str] = {}
         config_file = Path(model_path) / "unet" / "config.json"
         for name in split.SPLIT_POINTS:
             try:
-                self.bodies[name] = split.UNetBody.from_unet(self.unet, name)
+                self.bodies[name] = split.UNetBody.from_unet(unet, name)
             except split.UnsupportedUNetError as e:
                 self.unsupported[name] = f"{config_file}: {e}"
         if not self.bodies:
@@ -75,10 +80,9 @@ class ServerModel:
         self.vae_scale_factor = models.vae_scale_factor(model_path)
         self.prompt_tokens = models.prompt_token_count(model_path)
         self.weights_digest = models.unet_weights_digest(model_path)
-        self.latent_channels = int(self.unet.config.in_channels)
-        self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
-        self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
-        self.lock = threading.Lock()  # one forward pass at a time on this device
+        self.latent_channels = int(self.unet_config.in_channels)
+        self.cross_attention_dim = int(self.unet_config.cross_attention_dim)
+        self.native_side = int(self.unet_config.sample_size) * self.vae_scale_factor
 
     def plan(self, scheduler: str, steps: int):
         return _cached_plan(scheduler, _freeze(self.scheduler_config), steps)
@@ -109,7 +113,7 @@ class ServerModel:
     def activation_shapes(self, split_name: str, latent_shape, batch: int = 1) -> dict[str, tuple[int, ...]]:
         """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it)."""
         b = batch if split.is_u_shaped(split_name) else 1
-        shapes = split.activation_shapes(self.unet.config, split_name, (b, *latent_shape))
+        shapes = split.activation_shapes(self.unet_config, split_name, (b, *latent_shape))
         return {k: tuple(v) for k, v in shapes.items()}
 
     def capabilities(self, limits: Limits) -> dict:
@@ -120,8 +124,8 @@ class ServerModel:
                 "latent_channels": self.latent_channels,
                 "vae_scale_factor": self.vae_scale_factor,
                 "cross_attention_dim": self.cross_attention_dim,
-                "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""),
+                "device": self.device_name,
+                "dtype": self.dtype_name,
                 "weights_digest": self.weights_digest,
             },
             "schedulers": list(SCHEDULER_NAMES),
@@ -133,12 +137,63 @@ class ServerModel:
             "limits": {**limits.__dict__, **self.size_limits(limits).to_dict()},
         }
 
+
+@dataclass(frozen=True)
+class BodyCall:
+    """One session's UNet-body work for one step: what crosses from a session tier to a UNet tier (numpy only).
+
+    ``guidance`` set: the guided noise prediction (float64) of a paper split; ``None``: a U-shaped split's hidden
+    state, both guidance branches, in ``out_dtype``.
+    """
+
+    split: str
+    activations: dict[str, np.ndarray]
+    timestep: int | float
+    embeddings: np.ndarray  # (branches, tokens, dim) as the client sent them
+    guidance: float | None = None
+    latent_hw: tuple[int, int] | None = None
+    out_dtype: str = "float32"
+
+    def group_key(self) -> tuple:
+        """Calls with equal keys can share one forward pass (same split, shapes, timestep type and output)."""
+        shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in self.activations.items()))
+        return (
+            self.split,
+            shapes,
+            self.embeddings.shape[1:],
+            str(self.embeddings.dtype),
+            type(self.timestep),
+            self.guidance is None,
+            self.latent_hw,
+            self.out_dtype,
+        )
+
+
+class ServerModel(ModelFacts):
+    """The full UNet (run from any split point on) with the facts clients must match."""
+
+    def __init__(self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto"):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
+        unet.eval()
+        super().__init__(model_path, model_id, unet, str(self.device), str(self.dtype).replace("torch.", ""))
+        self.unet = unet
+        self.lock = threading.Lock()  # one forward pass at a time on this device
+
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in arrays.items()}
+
+    def _embeddings(self, embeddings) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(embeddings)).to(self.device, self.dtype)
+
     @torch.no_grad()
     def guided_noise(
         self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, guidance: float
     ):
         with self.lock:
-            acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
+            acts = self._tensors(activations)
+            embeddings = self._embeddings(embeddings)
             batch = embeddings.shape[0]
             acts = {k: v.expand(batch, *v.shape[1:]) for k, v in acts.items()}
             return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance)
@@ -149,9 +204,67 @@ class ServerModel:
     ) -> np.ndarray:
         """U-shaped split: the hidden state entering the client's first up block, both guidance branches."""
         with self.lock:
-            acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
-            hidden = self.bodies[split_name](acts, timestep, embeddings, latent_size=tuple(latent_hw))
+            acts = self._tensors(activations)
+            hidden = self.bodies[split_name](acts, timestep, self._embeddings(embeddings), latent_size=tuple(latent_hw))
             return hidden.float().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
+
+    def run(self, call: BodyCall) -> np.ndarray:
+        """One session's call alone: exactly the single-process backend's computation."""
+        if call.guidance is not None:
+            return self.guided_noise(call.split, call.activations, call.timestep, call.embeddings, call.guidance)
+        return self.middle(call.split, call.activations, call.timestep, call.embeddings, call.latent_hw, call.out_dtype)
+
+    @torch.no_grad()
+    def run_batch(self, calls: list[BodyCall]) -> list[np.ndarray]:
+        """Calls of different sessions in as few forward passes as their shapes allow: each session's rows (its
+        guidance branches, kept together) stacked with per-row timesteps. A group of one runs ``run`` as it is, so
+        an unbatched call is bit-identical to the single-process backend."""
+        results: list[np.ndarray | None] = [None] * len(calls)
+        groups: dict[tuple, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(call.group_key(), []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                results[members[0]] = self.run(calls[members[0]])
+                continue
+            for i, out in zip(members, self._stacked([calls[i] for i in members])):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _stacked(self, calls: list[BodyCall]) -> list[np.ndarray]:
+        first = calls[0]
+        rows = [c.embeddings.shape[0] for c in calls]
+        with self.lock:
+            acts: dict[str, torch.Tensor] = {}
+            for name in first.activations:
+                parts = []
+                for c, n in zip(calls, rows):
+                    a = torch.from_numpy(np.array(c.activations[name])).to(self.device, self.dtype)
+                    parts.append(a.expand(n, *a.shape[1:]) if a.shape[0] != n else a)
+                acts[name] = torch.cat(parts)
+            embeddings = torch.cat([self._embeddings(c.embeddings) for c in calls])
+            t_dtype = split.timestep_dtype(
+                torch.float64 if isinstance(first.timestep, float) else torch.int64, self.device
+            )
+            timesteps = torch.tensor(
+                [c.timestep for c, n in zip(calls, rows) for _ in range(n)], dtype=t_dtype, device=self.device
+            )
+            body = self.bodies[first.split]
+            if first.guidance is None:
+                out = body(acts, timesteps, embeddings, latent_size=tuple(first.latent_hw))
+            else:
+                out = body(acts, timesteps, embeddings)
+        answers, start = [], 0
+        for c, n in zip(calls, rows):
+            part = out[start : start + n]
+            start += n
+            if c.guidance is not None:
+                answers.append(split.mix_guidance(part, c.guidance))
+            else:
+                answers.append(
+                    part.float().cpu().numpy().astype(np.float16 if c.out_dtype == "float16" else np.float32)
+                )
+        return answers
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -212,12 +325,22 @@ def step_bounds(settings: SessionSettings, latent_shape, activation_shapes) -> t
 
 
 class Engine:
-    def __init__(self, model: ServerModel, limits: Limits, store: SessionStore):
+    """Sessions and their steps: validation, the HE update, the history. The UNet body runs in ``body`` (the model
+    in this process by default; a Ray UNet tier in a scaled-out deployment)."""
+
+    def __init__(
+        self,
+        model: ModelFacts,
+        limits: Limits,
+        store: SessionStore,
+        body: Callable[[BodyCall], np.ndarray] | None = None,
+    ):
         self.model = model
         self.limits = limits
         self.store = store
+        self.body = body if body is not None else model.run
 
-    def open_session(self, token_id: str, frame: Frame) -> dict:
+    def open_session(self, token_id: str, frame: Frame, session_id: str | None = None) -> dict:
         settings = SessionSettings.from_meta(
             frame.meta,
             schedulers=SCHEDULER_NAMES,
@@ -269,13 +392,14 @@ class Engine:
                 f"{self.limits.max_request_bytes} bytes in {protocol.MAX_BLOBS} parts per request: choose a smaller "
                 "size, or ask the operator to raise --max-request-mb"
             )
-        embeddings = torch.from_numpy(np.concatenate(embeds)).to(self.model.device, self.model.dtype)
         session = self.store.add(
             token_id,
+            session_id=session_id,
+            context_bytes=frame.blobs.get("context"),
             settings=settings,
             plan=plan,
             context=context,
-            embeddings=embeddings,
+            embeddings=np.concatenate(embeds),
             latent_shape=latent_shape,
             activation_shapes=activation_shapes,
             max_step_bytes=max_step_bytes,
@@ -311,8 +435,8 @@ class Engine:
             latent = self._read_latent(session, frame)
             t_parsed = time.perf_counter()
 
-            eps = self.model.guided_noise(
-                settings.split, acts, plan_step.timestep, session.embeddings, settings.guidance
+            eps = self.body(
+                BodyCall(settings.split, acts, plan_step.timestep, session.embeddings, guidance=settings.guidance)
             )
             t_body = time.perf_counter()
 
@@ -342,19 +466,22 @@ class Engine:
             }
             data = out.encode()
             session.last_response = (step_index, data)
+            self.store.commit(session)
             return data
 
     def _u_step(self, session: Session, step_index: int, plan_step, acts: dict, t0: float) -> bytes:
         """U-shaped split: the middle of the UNet only; no latent, no noise prediction, no HE."""
         settings = session.settings
         t_parsed = time.perf_counter()
-        hidden = self.model.middle(
-            settings.split,
-            acts,
-            plan_step.timestep,
-            session.embeddings,
-            session.latent_shape[1:],
-            settings.activation_dtype,
+        hidden = self.body(
+            BodyCall(
+                settings.split,
+                acts,
+                plan_step.timestep,
+                session.embeddings,
+                latent_hw=tuple(session.latent_shape[1:]),
+                out_dtype=settings.activation_dtype,
+            )
         )
         t_body = time.perf_counter()
         session.next_step += 1
@@ -367,6 +494,7 @@ class Engine:
         }
         data = out.encode()
         session.last_response = (step_index, data)
+        self.store.commit(session)
         return data
 
     def _read_latent(self, session: Session, frame: Frame):

@@ -48,7 +48,7 @@ class Session:
     settings: SessionSettings
     plan: AffinePlan
     context: EvaluationContext | None
-    embeddings: Any  # torch tensor (batch, tokens, dim) on the model's device
+    embeddings: Any  # numpy (guidance branches, tokens, dim), as the client sent them
     latent_shape: tuple[int, ...]
     activation_shapes: dict[str, tuple[int, ...]]
     created: float
@@ -58,6 +58,7 @@ class Session:
     latents: dict[int, Any] = field(default_factory=dict)  # step -> EncryptedLatent or plaintext array
     last_response: tuple[int, bytes] | None = None
     max_step_bytes: int = 0  # the largest step request this session can need; larger bodies are refused unread
+    context_bytes: bytes | None = None  # the HE context as sent, for a store that keeps sessions outside the process
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -74,6 +75,10 @@ class Session:
             del self.latents[k]
 
 
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
 class SessionStore:
     def __init__(
         self, ttl_s: float, max_sessions: int, max_per_token: int, clock: Callable[[], float] = time.monotonic
@@ -86,7 +91,7 @@ class SessionStore:
         self._expired: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def add(self, token_id: str, **fields) -> Session:
+    def add(self, token_id: str, session_id: str | None = None, **fields) -> Session:
         with self._lock:
             self._purge_locked()
             if len(self._sessions) >= self.max_sessions:
@@ -101,7 +106,10 @@ class SessionStore:
                     self._retry_after_locked(own),
                 )
             now = self.clock()
-            session = Session(id=secrets.token_urlsafe(16), token_id=token_id, created=now, last_used=now, **fields)
+            session_id = session_id or new_session_id()
+            if session_id in self._sessions or session_id in self._expired:
+                raise SessionError("session id already in use")
+            session = Session(id=session_id, token_id=token_id, created=now, last_used=now, **fields)
             self._sessions[session.id] = session
             return session
 
@@ -115,6 +123,9 @@ class SessionStore:
                 raise SessionNotFound(f"no session {session_id} for this token")
             session.last_used = self.clock()
             return session
+
+    def commit(self, session: Session) -> None:
+        """A step changed ``session``: this store holds it in memory, so there is nothing to write."""
 
     def close(self, session_id: str, token_id: str) -> None:
         with self._lock:

@@ -95,9 +95,9 @@ def unet_flops(unet_config, split_name: str, latent_hw: tuple[int, int]) -> dict
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hediff.common.split import _meta_unet, is_u_shaped, split_unet
+    from hediff.common.split import is_u_shaped, meta_unet, split_unet
 
-    unet = _meta_unet(unet_config)
+    unet = meta_unet(unet_config)
     x = torch.zeros(1, int(unet.config.in_channels), *latent_hw, device="meta")
     ehs = torch.zeros(2, 77, int(unet.config.cross_attention_dim), device="meta")
     client, body = split_unet(unet, split_name)

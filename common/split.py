@@ -304,7 +304,7 @@ def _blocks_module() -> str:
     return unet_2d_blocks.__name__
 
 
-def _meta_unet(config: Mapping[str, Any]):
+def meta_unet(config: Mapping[str, Any]):
     """Build the UNet structure on the meta device (no memory, no init cost) from a config dict."""
     from diffusers import UNet2DConditionModel
 
@@ -376,7 +376,7 @@ def return_shape(unet_config: Mapping[str, Any], split: str, latent_shape: tuple
 def client_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str]:
     """UNet state-dict keys the client needs for ``split`` (the only tensors it reads from the weights)."""
     check_unet_config(unet_config, split)
-    meta = _meta_unet(unet_config)
+    meta = meta_unet(unet_config)
     part = UNetHeadTail.from_unet(meta, split) if split in U_SPLITS else UNetHead.from_unet(meta, split)
     return list(part.state_dict().keys())
 
@@ -391,7 +391,7 @@ def head_parameter_names(unet_config: Mapping[str, Any], split: str) -> list[str
 # --------------------------------------------------------------------------------------------------------
 
 
-def _timestep_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def timestep_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     try:
         from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
     except ImportError:  # older diffusers: mps/npu have no 64-bit types
@@ -411,7 +411,7 @@ def _time_embed(
     """``UNet2DConditionModel.get_time_embed`` + ``time_embedding`` + ``time_embed_act``."""
     timesteps = timestep
     if not torch.is_tensor(timesteps):
-        dtype = _timestep_dtype(torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
+        dtype = timestep_dtype(torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
         timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
     elif len(timesteps.shape) == 0:
         timesteps = timesteps[None].to(sample.device)
@@ -630,7 +630,7 @@ class UNetHead(nn.Module):
         """
         _check_paper_split(split)
         model_path = Path(model_path)
-        head = cls.from_unet(_meta_unet(_config_for(model_path, split)), split)
+        head = cls.from_unet(meta_unet(_config_for(model_path, split)), split)
         head.loaded_keys = _load_partial(head, model_path, device, dtype, f"the head (split {split!r})")
         return head.eval()
 
@@ -718,7 +718,7 @@ class UNetHeadTail(nn.Module):
         if not is_u_shaped(split):
             raise ValueError(f"split {split!r} is not U-shaped; U-shaped splits are {', '.join(U_SPLITS)}")
         model_path = Path(model_path)
-        part = cls.from_unet(_meta_unet(_config_for(model_path, split)), split)
+        part = cls.from_unet(meta_unet(_config_for(model_path, split)), split)
         part.loaded_keys = _load_partial(part, model_path, device, dtype, f"the client's head and tail ({split!r})")
         return part.eval()
 

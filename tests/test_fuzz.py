@@ -79,6 +79,9 @@ class _FailingModel:
     def capabilities(self, limits):
         raise RuntimeError("prompt text that must not be logged")
 
+    def run(self, call):
+        raise RuntimeError("prompt text that must not be logged")
+
 
 def test_unexpected_exception_is_a_500_answer_logged_by_type_and_keeps_the_connection(caplog, capfd):
     tokens, token = TokenStore.ephemeral()

@@ -1,4 +1,4 @@
-"""Client-side hardening (issue 13): bounded answers, one retry of a lost step, no token over plain http to another
+"""Client-side hardening (issue 13): bounded answers, retries of a lost step, no token over plain http to another
 machine, private output files, and stored keys whose count cannot be reset or whose unlock cannot be made slow."""
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 from hediff.common import he, protocol
-from hediff.desktop.core.backend_client import BackendClient, BackendInsecure, BackendProtocolError, BackendRejected
+from hediff.desktop.core.backend_client import (
+    STEP_ATTEMPTS,
+    BackendClient,
+    BackendInsecure,
+    BackendProtocolError,
+    BackendRejected,
+)
 from hediff.desktop.core.engine import GenerationParams, GenerationResult
 from hediff.desktop.core.gallery import Gallery, save_png_private
 from hediff.desktop.core.keystore import CorruptKeyFile, DeviceKeys, MemoryKeyring, SecretStore
@@ -44,7 +50,7 @@ def test_client_stops_reading_oversized_answers():
     endless.close()
 
 
-# --- a lost answer is retried once, and the server replays it ----------------------------------------------------
+# --- a lost answer is retried, and the server replays it ----------------------------------------------------
 
 
 class DropFirstStepAnswer:
@@ -119,16 +125,35 @@ def test_a_step_whose_answer_is_lost_is_retried_and_replayed(backend, server_mod
         proxy.close()
 
 
-def test_a_busy_server_is_asked_once_more_then_the_error_is_shown():
-    body = b'{"error":"server_busy","detail":"the server has 256 steps queued; try again shortly"}'
-    busy = _RawServer(
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+def _refusing_server(status: bytes, body: bytes) -> _RawServer:
+    return _RawServer(
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\nretry-after: 0\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+def test_a_busy_server_is_asked_a_bounded_number_of_times_then_the_error_is_shown():
+    busy = _refusing_server(
+        b"503 Service Unavailable", b'{"error":"server_busy","detail":"the server has 256 steps queued"}'
     )
     with BackendClient(busy.url, "t") as c, pytest.raises(BackendRejected) as e:
         c.step("s", protocol.Frame(meta={"step": 0}))
-    assert e.value.status == 503 and e.value.code == "server_busy" and len(busy.conns) == 2  # one retry, no more
+    assert e.value.status == 503 and e.value.code == "server_busy" and e.value.retry_after_s == 0
+    assert len(busy.conns) == STEP_ATTEMPTS  # retried, but not forever
     busy.close()
+
+
+def test_a_full_step_queue_is_waited_out_but_a_refused_session_is_not():
+    queue = _refusing_server(b"429 Too Many Requests", b'{"error":"too_many_steps","detail":"4 steps queued"}')
+    with BackendClient(queue.url, "t") as c, pytest.raises(BackendRejected):
+        c.step("s", protocol.Frame(meta={"step": 0}))
+    assert len(queue.conns) == STEP_ATTEMPTS
+    queue.close()
+    gone = _refusing_server(b"404 Not Found", b'{"error":"session_not_found","detail":"no session s"}')
+    with BackendClient(gone.url, "t") as c, pytest.raises(BackendRejected) as e:
+        c.step("s", protocol.Frame(meta={"step": 0}))
+    assert e.value.code == "session_not_found" and len(gone.conns) == 1
+    gone.close()
 
 
 # --- 10: no bearer token over plain http to another machine -------------------------------------------------------

@@ -21,6 +21,9 @@ MAX_JSON_ANSWER_BYTES = 1 << 20  # health, capabilities, a session's plan: a few
 # A step's answer is the updated latent (no larger than the one sent) or, in a U-shaped split, the hidden state
 # entering the client's up blocks; neither exceeds this multiple of the step's request, plus a frame header.
 STEP_ANSWER_FACTOR = 16
+STEP_ATTEMPTS = 5  # a step and its retries (see BackendClient.step)
+MAX_RETRY_WAIT_S = 5.0
+_TRANSIENT_429 = ("too_many_steps", "upload_budget_full")  # queues that drain by themselves
 
 
 class BackendError(HEDiffusionError, RuntimeError):
@@ -42,9 +45,9 @@ class BackendTLSError(BackendUnreachable):
 
 
 class BackendRejected(BackendError):
-    def __init__(self, message: str, status: int, code: str):
+    def __init__(self, message: str, status: int, code: str, retry_after_s: float | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.retry_after_s = status, code, retry_after_s
 
 
 class BackendProtocolError(BackendError):
@@ -146,21 +149,27 @@ class BackendClient:
     def step(
         self, session_id: str, frame: protocol.Frame, on_uploaded=None, max_answer_bytes: int | None = None
     ) -> Exchange:
-        """One step. A connection dropped before the answer, or a 503, is retried once with the same step index:
-        the server answers a repeated step with its stored answer, so a retry never advances the session twice."""
+        """One step. A dropped connection, a 503 (a server replica lost, a store away) or a 429 for a full queue or
+        upload budget is retried with the same step index, after the wait the server asks for: the server answers a
+        repeated step with its stored answer, so a retry never advances the session twice."""
         body = frame.encode()
         limit = max_answer_bytes or step_answer_limit(len(body))
         if on_uploaded is not None:  # the retry uploads again, but what waits for the upload runs once
             on_uploaded = _once(on_uploaded)
-        try:
-            return self._step_once(session_id, body, on_uploaded, limit)
-        except BackendRejected as e:
-            if e.status != 503:
-                raise
-        except BackendUnreachable as e:
-            if isinstance(e, BackendTLSError):
-                raise
-        return self._step_once(session_id, body, on_uploaded, limit)
+        for attempt in range(STEP_ATTEMPTS):
+            last = attempt == STEP_ATTEMPTS - 1
+            try:
+                return self._step_once(session_id, body, on_uploaded, limit)
+            except BackendRejected as e:
+                if last or not (e.status == 503 or (e.status == 429 and e.code in _TRANSIENT_429)):
+                    raise
+                wait = e.retry_after_s
+            except BackendUnreachable as e:
+                if last or isinstance(e, BackendTLSError):
+                    raise
+                wait = None
+            time.sleep(min(MAX_RETRY_WAIT_S, wait if wait is not None else 0.25 * 2**attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _step_once(self, session_id: str, body: bytes, on_uploaded, limit: int) -> Exchange:
         marks = {}
@@ -279,7 +288,8 @@ class BackendClient:
             msg = f"the backend at {self.url} failed with HTTP {r.status_code}; see the server's log"
         else:
             msg = f"the backend at {self.url} rejected the request (HTTP {r.status_code}): {detail}"
-        raise BackendRejected(msg, r.status_code, str(code))
+        retry_after = r.headers.get("retry-after", "")
+        raise BackendRejected(msg, r.status_code, str(code), float(retry_after) if retry_after.isdigit() else None)
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
