@@ -10,12 +10,12 @@ TORCH_SPEC="${HEDIFF_TORCH:-torch==2.13.0}"
 EXTRAS="[gui]"
 [[ "${1:-}" == "--test" ]] && EXTRAS="[gui,test]"
 
-# The GUI tests run Qt offscreen, which still links these system libraries (Debian/Ubuntu names). They must
-# fail, not skip, when Qt cannot load, so --test installs whatever is missing.
-QT_APT_PACKAGES=(libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3)
+# The GUI tests run Qt offscreen, which still links these system libraries (Debian/Ubuntu names); the Ray Serve
+# tests start a real redis-server. Tests must fail, not skip, when these are missing, so --test installs them.
+TEST_APT_PACKAGES=(libegl1 libgl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 redis-server)
 if [[ "${1:-}" == "--test" ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
   missing=()
-  for pkg in "${QT_APT_PACKAGES[@]}"; do
+  for pkg in "${TEST_APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
   done
   if (( ${#missing[@]} )); then

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,7 @@ log = logging.getLogger("hediff.backend")
 APP_NAME = "hediff"
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 _BATCH_SIZES_KEPT = 10_000
+INGRESS_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,7 @@ def build_app(config: RayServeConfig):
         ray_actor_options={"num_cpus": config.session_cpus},
         max_ongoing_requests=max(32, 4 * config.session_workers),
     ).bind(config, unet)
-    return Ingress.options(num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": 0.25}).bind(
+    return Ingress.options(num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
         config, sessions
     )
 
@@ -333,6 +336,15 @@ class RunningRayBackend:
         he.remove_stale_scratch_files()  # what a killed replica left behind
 
 
+def cpus_requested(config: RayServeConfig) -> float:
+    """Logical CPUs the deployments reserve (Ray places a replica only where its CPUs are free)."""
+    return (
+        INGRESS_CPUS * config.ingress_replicas
+        + config.session_cpus * config.session_replicas
+        + config.unet_cpus * config.unet_replicas
+    )
+
+
 def start_ray_backend(
     config: RayServeConfig,
     address: str | None = None,
@@ -347,6 +359,9 @@ def start_ray_backend(
     import ray
 
     started = address is None and not ray.is_initialized()
+    if started and num_cpus is None:
+        # replicas mostly wait on each other: a small box gets enough logical CPUs to place all of them
+        num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_requested(config)))
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if started else None, include_dashboard=False, log_to_driver=False)
     http = {"host": host, "port": port}

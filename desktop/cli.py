@@ -14,6 +14,79 @@ from pathlib import Path
 from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, HEDiffusionError, UsageError
 
 
+def _serve_on_ray(args, tokens_path: Path, limits, tls) -> int:
+    """`hediff serve --ray` / `--ray-config`: the same limits and tokens, on three Ray Serve deployments."""
+    for flag, value in (
+        ("--session-replicas", args.session_replicas),
+        ("--session-workers", args.session_workers),
+        ("--unet-replicas", args.unet_replicas),
+        ("--max-batch-size", args.max_batch_size),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.batch_wait_ms < 0 or (args.unet_gpus is not None and args.unet_gpus < 0):
+        raise UsageError("--batch-wait-ms and --unet-gpus cannot be negative")
+    try:
+        from hediff.backend.ray_serve import RayServeConfig, serve_config_file, start_ray_backend
+    except ImportError as e:
+        raise UsageError(
+            f"--ray needs Ray Serve and the Redis client ({e.name} is missing): pip install 'he-diffusion[ray]'"
+        ) from None
+    from hediff.common.models import resolve_model
+
+    if args.ray_config is None:
+        _check_redis(args.redis)  # before the model resolves (a hub id may download): fail in a second
+    unet_gpus = args.unet_gpus if args.unet_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+    config = RayServeConfig(
+        model_path=str(resolve_model(args.model)),
+        model_id=args.model,
+        tokens_path=str(Path(tokens_path).resolve()),
+        redis_url=args.redis,
+        limits=limits,
+        session_replicas=args.session_replicas,
+        session_workers=args.session_workers,
+        unet_replicas=args.unet_replicas,
+        unet_gpus=unet_gpus,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+    )
+    if args.ray_config is not None:
+        # JSON is YAML: `serve deploy` reads it as it is
+        args.ray_config.write_text(json.dumps(serve_config_file(config, args.host, args.port, tls), indent=2) + "\n")
+        print(f"wrote {args.ray_config}; deploy it with: serve deploy {args.ray_config}", file=sys.stderr)
+        return 0
+    address = None if args.ray == "local" else args.ray
+    print(
+        f"hediff backend on Ray Serve: model {args.model}, {args.session_replicas} session and {args.unet_replicas} "
+        f"UNet replica(s), batches of up to {args.max_batch_size}; starting (this takes a while) ...",
+        file=sys.stderr,
+    )
+    running = start_ray_backend(config, address=address, host=args.host, port=args.port, tls=tls)
+    print(f"hediff backend: serving at {running.url} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("hediff backend: stopping the Ray Serve deployments", file=sys.stderr)
+    finally:
+        running.stop()
+    return 0
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except (redis.RedisError, ValueError) as e:
+        raise UsageError(
+            f"--redis {url} does not answer ({type(e).__name__}: {e}); start a redis-server (e.g. `apt-get install "
+            "redis-server`) or point --redis at yours"
+        ) from None
+
+
 def _add_serve(sub, with_options: bool = True) -> None:
     p = sub.add_parser(
         "serve",
@@ -112,6 +185,47 @@ def _add_serve(sub, with_options: bool = True) -> None:
         type=int,
         default=conn.max_connections_per_address,
         help="open connections from one client address (%(default)s)",
+    )
+    _add_ray_options(p)
+
+
+def _add_ray_options(p) -> None:
+    g = p.add_argument_group("scale-out on Ray Serve (needs `pip install he-diffusion[ray]` and a redis-server)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray Serve: no value starts a cluster in this process, 'auto' joins the running cluster, "
+        "or a cluster address (ray://head:10001); without --ray, the single-process server",
+    )
+    g.add_argument(
+        "--ray-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write a `serve deploy FILE` config for these options and exit (nothing is started)",
+    )
+    g.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/0", help="the session store every replica shares (%(default)s)"
+    )
+    g.add_argument("--session-replicas", type=int, default=2, help="session-tier replicas, CPU (%(default)s)")
+    g.add_argument(
+        "--session-workers", type=int, default=4, help="steps one session replica works on at once (%(default)s)"
+    )
+    g.add_argument("--unet-replicas", type=int, default=1, help="UNet-tier replicas (%(default)s)")
+    g.add_argument(
+        "--unet-gpus", type=float, default=None, help="GPUs per UNet replica (default: 1 with --device cuda, else 0)"
+    )
+    g.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="steps of different sessions in one UNet call (%(default)s; 1 turns batching off)",
+    )
+    g.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill, ms (%(default)s)"
     )
 
 
@@ -312,7 +426,8 @@ def cmd_token(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    check_port_free(args.host, args.port)  # before the imports below pull in torch: seconds
+    if args.ray_config is None:  # a config file is deployed elsewhere: this machine's ports do not matter
+        check_port_free(args.host, args.port)  # before the imports below pull in torch: seconds
     from hediff.backend.app import create_app
     from hediff.backend.auth import TokenStore, default_tokens_path
     from hediff.backend.engine import ServerModel
@@ -321,6 +436,8 @@ def cmd_serve(args) -> int:
     from hediff.backend.serve import check_tls_files, serve_forever
     from hediff.common.models import resolve_model
 
+    if args.confidential and (args.ray is not None or args.ray_config is not None):
+        raise UsageError("--confidential runs one attested process; it cannot be combined with --ray")
     tls = check_tls_files(args.tls_cert, args.tls_key)  # before the model loads: a typo should fail fast
     if args.confidential:
         _check_confidential_serve(args, tls)
@@ -352,8 +469,6 @@ def cmd_serve(args) -> int:
     tokens = TokenStore.load(tokens_path)
     if not tokens.records():
         raise UsageError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
-    model_path = resolve_model(args.model)
-    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
     limits = Limits(
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         session_ttl_s=args.session_ttl,
@@ -372,6 +487,10 @@ def cmd_serve(args) -> int:
         max_connections_per_address=args.max_connections_per_address,
         keep_alive_s=args.keep_alive,
     )
+    if args.ray is not None or args.ray_config is not None:
+        return _serve_on_ray(args, tokens_path, limits, tls)
+    model_path = resolve_model(args.model)
+    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
     scheme = "https" if tls else "http"
     print(
         f"hediff backend: model {args.model} on {model.device} ({model.dtype}), {scheme}://{args.host}:{args.port}",

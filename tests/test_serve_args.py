@@ -45,6 +45,11 @@ def config_dir(tmp_path, monkeypatch) -> Path:
         (["--max-request-mb", "-2"], "--max-request-mb must be positive, got -2.0"),
         (["--tokens-file", "{tmp}"], "token file {tmp} is unreadable"),
         (["--tokens-file", "{tmp}/none.json"], "no API tokens in {tmp}/none.json"),
+        (["--ray", "--session-replicas", "0"], "--session-replicas must be at least 1, got 0"),
+        (["--ray", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["--ray", "--batch-wait-ms", "-1"], "--batch-wait-ms and --unet-gpus cannot be negative"),
+        (["--ray", "--confidential"], "--confidential runs one attested process; it cannot be combined with --ray"),
+        (["--ray", "--redis", "redis://127.0.0.1:1/0"], "--redis redis://127.0.0.1:1/0 does not answer"),
     ],
 )
 def test_serve_refuses_bad_arguments_before_loading_the_model(config_dir, tmp_path, capsys, args, message):
@@ -65,3 +70,41 @@ def test_serve_process_exits_2_with_one_line(config_dir, tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["hediff: error: --port must be an integer in [1, 65535], got 99999"]
+
+
+def test_ray_config_file_is_a_valid_serve_deploy_config(config_dir, tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from hediff.backend.ray_serve import app_builder
+
+    out = tmp_path / "hediff-serve.yaml"
+    rc = main(
+        [
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--ray-config",
+            str(out),
+            "--session-replicas",
+            "3",
+            "--max-batch-size",
+            "16",
+            "--device",
+            "cuda",
+            "--max-sessions",
+            "40",
+        ]
+    )
+    assert rc == 0 and f"serve deploy {out}" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    schema = ServeDeploySchema(**data)  # Serve's own validation of what `serve deploy` reads
+    (app,) = schema.applications
+    assert app.import_path == "hediff.backend.ray_serve:app_builder" and app.route_prefix == "/"
+    args = app.args
+    assert args["model_path"] == str(tiny_model_dir) and args["session_replicas"] == 3
+    assert args["max_batch_size"] == 16 and args["unet_gpus"] == 1.0 and args["limits"]["max_sessions"] == 40
+    assert args["tokens_path"] == str((config_dir / "tokens.json").resolve())
+    graph = app_builder(args)  # what Serve calls: builds the three deployments without a cluster
+    assert type(graph).__name__ == "Application"
