@@ -38,7 +38,7 @@ log = logging.getLogger("hediff.backend")
 
 APP_NAME = "hediff"
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
-_BATCH_SIZES_KEPT = 10_000
+_METRICS_KEPT = 10_000  # most recent entries of each metrics list in Redis
 INGRESS_CPUS = 0.25
 
 
@@ -89,6 +89,15 @@ def batch_sizes_key(prefix: str) -> str:
     return f"{prefix}:metrics:batch_sizes"
 
 
+def step_metrics_key(prefix: str) -> str:
+    return f"{prefix}:metrics:steps"  # "store_s tier_s" per step of the session tier
+
+
+def _push_metric(pipe, key: str, value) -> None:
+    pipe.rpush(key, value)
+    pipe.ltrim(key, -_METRICS_KEPT, -1)
+
+
 def served_by_key(prefix: str, session_id: str) -> str:
     return f"{prefix}:metrics:served:{session_id}"
 
@@ -128,8 +137,7 @@ class UNetTier:
         # off the event loop, so that the next batch forms while this one runs
         out = await asyncio.to_thread(self.model.run_batch, calls)
         pipe = self.redis.pipeline()
-        pipe.rpush(self.sizes_key, len(calls))
-        pipe.ltrim(self.sizes_key, -_BATCH_SIZES_KEPT, -1)
+        _push_metric(pipe, self.sizes_key, len(calls))
         await asyncio.to_thread(pipe.execute)
         return out
 
@@ -176,12 +184,18 @@ class SessionTier:
         return await _outcome(self.scheduler.run(token_id, self._step, token_id, session_id, frame))
 
     def _step(self, token_id: str, session_id: str, frame: protocol.Frame) -> bytes:
+        t0 = time.perf_counter()
         session = self.store.get(session_id, token_id)
+        t_loaded = time.perf_counter()
         data = self.engine.step(session, frame)
-        key = served_by_key(self.config.key_prefix, session_id)
+        t_done = time.perf_counter()
+        prefix, ttl_ms = self.config.key_prefix, int(self.config.limits.session_ttl_s * 1000)
         pipe = self.redis.pipeline()
-        pipe.hincrby(key, self.replica, 1)
-        pipe.pexpire(key, int(self.config.limits.session_ttl_s * 1000))
+        pipe.hincrby(served_by_key(prefix, session_id), self.replica, 1)
+        pipe.pexpire(served_by_key(prefix, session_id), ttl_ms)
+        # the store's share of a step: loading (or checking) the session and writing its new state
+        store_s = (t_loaded - t0) + self.store.last_commit_s()
+        _push_metric(pipe, step_metrics_key(prefix), f"{store_s:.6f} {t_done - t0:.6f}")
         pipe.execute()
         return data
 
@@ -316,10 +330,27 @@ def batch_sizes(redis_url: str, prefix: str = "hediff") -> list[int]:
     return [int(n) for n in _redis(redis_url).lrange(batch_sizes_key(prefix), 0, -1)]
 
 
-def replicas_that_served(redis_url: str, session_id: str, prefix: str = "hediff") -> dict[str, int]:
-    """Session-tier replica id -> steps of this session it took."""
-    raw = _redis(redis_url).hgetall(served_by_key(prefix, session_id))
-    return {k.decode(): int(v) for k, v in raw.items()}
+def step_store_times(redis_url: str, prefix: str = "hediff") -> list[tuple[float, float]]:
+    """(seconds in the session store, seconds in the session tier) of recent steps."""
+    raw = _redis(redis_url).lrange(step_metrics_key(prefix), 0, -1)
+    return [tuple(float(x) for x in item.split()) for item in raw]
+
+
+def clear_metrics(redis_url: str, prefix: str = "hediff") -> None:
+    client = _redis(redis_url)
+    keys = list(client.scan_iter(f"{prefix}:metrics:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def served_sessions(redis_url: str, prefix: str = "hediff") -> dict[str, dict[str, int]]:
+    """Session id -> {session-tier replica id -> steps of that session it took}, for sessions of the last TTL."""
+    client = _redis(redis_url)
+    out = {}
+    for key in client.scan_iter(served_by_key(prefix, "*")):
+        raw = client.hgetall(key)
+        out[key.decode().rsplit(":", 1)[1]] = {k.decode(): int(v) for k, v in raw.items()}
+    return out
 
 
 @dataclass

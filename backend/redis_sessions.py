@@ -166,6 +166,7 @@ class RedisSessionStore:
         self._cache: dict[str, Session] = {}
         self._stored_step: dict[str, int] = {}  # the next_step Redis held when this replica last read or wrote it
         self._lock = threading.Lock()
+        self._timing = threading.local()
         self.clock: Callable[[], float] = time.monotonic
 
     # key layout: one owner
@@ -243,7 +244,19 @@ class RedisSessionStore:
             raise SessionNotFound(f"no session {session_id} for this token")
         return int(_decode(static).meta["max_step_bytes"])
 
+    def last_commit_s(self) -> float:
+        """Seconds this thread's latest commit took (0 if it made none since the last call)."""
+        seconds, self._timing.commit_s = getattr(self._timing, "commit_s", 0.0), 0.0
+        return seconds
+
     def commit(self, session: Session) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._commit_session(session)
+        finally:
+            self._timing.commit_s = time.perf_counter() - t0
+
+    def _commit_session(self, session: Session) -> None:
         with self._lock:
             expected = self._stored_step.get(session.id)
         try:

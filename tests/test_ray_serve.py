@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 import torch
 
+from bench.replay import RecordingASGI, replay, step_answers
 from hediff.backend.auth import TokenStore
 from hediff.backend.ray_serve import (
     APP_NAME,
     RayServeConfig,
     batch_sizes,
     build_app,
-    replicas_that_served,
+    clear_metrics,
+    served_sessions,
     start_ray_backend,
 )
 from hediff.common import he, protocol
@@ -127,41 +129,13 @@ def ray_backend(tiny_model_dir, redis_url, tmp_path_factory):
     assert scratch == []
 
 
-class _Recorder:
-    """Keeps every (path, request body, status, response body) a server handled."""
-
-    def __init__(self, app):
-        self.app, self.exchanges = app, []
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        request, answer, status = [], [], []
-
-        async def recording_receive():
-            message = await receive()
-            if message["type"] == "http.request":
-                request.append(message.get("body", b""))
-            return message
-
-        async def recording_send(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            elif message["type"] == "http.response.body":
-                answer.append(message.get("body", b""))
-            await send(message)
-
-        await self.app(scope, recording_receive, recording_send)
-        self.exchanges.append((scope["path"], b"".join(request), status[0], b"".join(answer)))
-
-
 @pytest.fixture(scope="module")
 def local(server_model):
     from hediff.backend.app import create_app
     from hediff.backend.serve import start_in_thread
 
     tokens, token = TokenStore.ephemeral("tests")
-    recorder = _Recorder(create_app(server_model, tokens))
+    recorder = RecordingASGI(create_app(server_model, tokens))
     running = start_in_thread(recorder)
     yield running.url, token, recorder
     running.stop()
@@ -196,25 +170,6 @@ def _without_timings(frame: protocol.Frame) -> dict:
     return meta
 
 
-def _replay(url: str, token: str, exchanges) -> list[bytes]:
-    """Send a recorded generation's requests again (a new session id) and return the answers."""
-    auth = {"Authorization": f"Bearer {token}", "content-type": protocol.FRAME_CONTENT_TYPE}
-    answers = []
-    with httpx.Client(base_url=url, headers=auth, timeout=120) as http:
-        session_id = None
-        for path, body, status, _ in exchanges:
-            if path == "/v1/sessions":
-                r = http.post("/v1/sessions", content=body)
-                assert r.status_code == status == 201, r.text
-                session_id = r.json()["session_id"]
-            else:
-                r = http.post(f"/v1/sessions/{session_id}/steps", content=body)
-                assert r.status_code == status == 200, r.text
-                answers.append(r.content)
-        http.delete(f"/v1/sessions/{session_id}")
-    return answers
-
-
 def _split_modes(server_model):
     modes = []
     for split_name in server_model.splits:
@@ -237,8 +192,8 @@ def test_batching_off_every_split_and_preset_answers_bit_identically(ray_backend
             kw["he_preset"] = preset
         _generate(tiny_model_dir, url, token, **kw)
         recorded = list(recorder.exchanges)
-        answers = _replay(ray_backend.url, ray_backend.token, recorded)
-        expected = [answer for path, _, _, answer in recorded if path.endswith("/steps")]
+        answers = replay(ray_backend.url, ray_backend.token, recorded)
+        expected = step_answers(recorded)
         assert len(answers) == len(expected) >= 4
         for step, (got, want) in enumerate(zip(answers, expected)):
             g, w = protocol.decode_frame(got), protocol.decode_frame(want)
@@ -268,23 +223,12 @@ def _concurrently(n: int, fn):
     return results
 
 
-def _ray_session_ids(ray_backend) -> list[str]:
-    import redis
-
-    r = redis.Redis.from_url(ray_backend.config.redis_url)
-    return [k.decode().rsplit(":", 1)[1] for k in r.scan_iter(f"{ray_backend.config.key_prefix}:metrics:served:*")]
-
-
 def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_process_backend(
     ray_backend, local, tiny_model_dir
 ):
-    import redis
 
     ray_backend.set_batching(8, batch_wait_s=0.05)
-    store = redis.Redis.from_url(ray_backend.config.redis_url)
-    store.delete(f"{ray_backend.config.key_prefix}:metrics:batch_sizes")
-    for key in store.scan_iter(f"{ray_backend.config.key_prefix}:metrics:served:*"):
-        store.delete(key)
+    clear_metrics(ray_backend.config.redis_url)
     url, token, recorder = local
     # plaintext sessions, so that the batched answers can be compared number by number with the single-process
     # ones for the same requests: four schedulers, U-shaped and paper splits
@@ -303,10 +247,10 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
             split="u1" if i >= 6 else "conv_in",
         )
         recorded.append(list(recorder.exchanges))
-    answers = _concurrently(8, lambda i: _replay(ray_backend.url, ray_backend.tokens[i], recorded[i]))
+    answers = _concurrently(8, lambda i: replay(ray_backend.url, ray_backend.tokens[i], recorded[i]))
     worst = 0.0
     for i in range(8):
-        expected = [answer for path, _, _, answer in recorded[i] if path.endswith("/steps")]
+        expected = step_answers(recorded[i])
         assert len(answers[i]) == len(expected)
         for got, want in zip(answers[i], expected):
             g, w = protocol.decode_frame(got), protocol.decode_frame(want)
@@ -316,7 +260,7 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
     assert worst <= 1e-5, f"batched answers differ from the single-process backend's by up to {worst:.2e}"
     sizes = batch_sizes(ray_backend.config.redis_url)
     assert max(sizes) >= 2 and np.mean(sizes) > 1.2, sizes
-    served = [replicas_that_served(ray_backend.config.redis_url, sid) for sid in _ray_session_ids(ray_backend)]
+    served = list(served_sessions(ray_backend.config.redis_url).values())
     assert len(served) == 8
     assert all(len(by) == 1 for by in served), served  # every call of a session on one replica
     assert len({next(iter(by)) for by in served}) == 2, "both session replicas took sessions"
@@ -335,18 +279,15 @@ def _session_replica_actors():
 
 def test_killing_a_session_replica_mid_generation_loses_no_session(ray_backend, tiny_model_dir, pipe_latents):
     import ray
-    import redis
 
-    store = redis.Redis.from_url(ray_backend.config.redis_url)
-    for key in store.scan_iter(f"{ray_backend.config.key_prefix}:metrics:served:*"):
-        store.delete(key)
+    clear_metrics(ray_backend.config.redis_url)
     n, steps = 6, 16
     killed = {}
 
     def kill_when_running():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            served = [replicas_that_served(ray_backend.config.redis_url, s) for s in _ray_session_ids(ray_backend)]
+            served = list(served_sessions(ray_backend.config.redis_url).values())
             busy = [by for by in served if 2 <= sum(by.values()) < steps]
             if len(busy) >= 3:
                 counts: dict[str, int] = {}
@@ -378,7 +319,7 @@ def test_killing_a_session_replica_mid_generation_loses_no_session(ray_backend, 
     for i, result in enumerate(results):
         diff = float(np.abs(result.latent - pipe_latents(i, steps)).max())
         assert diff <= 1e-3, f"session {i}: final latent differs from diffusers by {diff:.2e}"
-    served = [replicas_that_served(ray_backend.config.redis_url, s) for s in _ray_session_ids(ray_backend)]
+    served = list(served_sessions(ray_backend.config.redis_url).values())
     moved = [by for by in served if killed["replica"] in by]
     assert moved and all(len(by) >= 2 for by in moved), served  # the victim's sessions went on elsewhere
 
