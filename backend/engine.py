@@ -185,7 +185,7 @@ class ServerModel(ModelFacts):
         return {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in arrays.items()}
 
     def _embeddings(self, embeddings) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(embeddings)).to(self.device, self.dtype)
+        return torch.from_numpy(np.array(embeddings)).to(self.device, self.dtype)
 
     @torch.no_grad()
     def guided_noise(

@@ -46,7 +46,7 @@ class StoreUnavailable(SessionError):
 
 
 # KEYS: all-sessions zset, token zset, session hash, known marker
-# ARGV: sid, ttl_ms, max_all, max_token, token_id, static, state, next_step
+# ARGV: sid, ttl_ms, max_all, max_token, token_id, static, state, next_step, max_step_bytes
 _OPEN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -63,7 +63,8 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return {-1, wait(KEYS[
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return {-2, wait(KEYS[2])} end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
-redis.call('HSET', KEYS[3], 'token', ARGV[5], 'static', ARGV[6], 'state', ARGV[7], 'next_step', ARGV[8])
+redis.call('HSET', KEYS[3], 'token', ARGV[5], 'static', ARGV[6], 'state', ARGV[7], 'next_step', ARGV[8],
+  'max_step_bytes', ARGV[9])
 redis.call('PEXPIRE', KEYS[3], ttl)
 redis.call('SET', KEYS[4], '1', 'PX', 10 * ttl)
 return {1, 0}
@@ -193,7 +194,7 @@ class RedisSessionStore:
         session = Session(id=session_id or new_session_id(), token_id=token_id, created=now, last_used=now, **fields)
         keys = self._keys(session.id, token_id)
         args = [session.id, self._ttl_ms, self.max_sessions, self.max_per_token, token_id]
-        args += [encode_static(session), encode_state(session), session.next_step]
+        args += [encode_static(session), encode_state(session), session.next_step, session.max_step_bytes]
         status, wait_ms = self._call(self._open, keys=keys, args=args)
         retry = max(1, math.ceil(int(wait_ms) / 1000))
         if status == -1:
@@ -215,6 +216,7 @@ class RedisSessionStore:
     def get(self, session_id: str, token_id: str) -> Session:
         stored = self._touch_session(session_id, token_id)
         with self._lock:
+            self._evict_idle_locked()
             cached = self._cache.get(session_id)
             if cached is not None and cached.token_id == token_id and self._stored_step.get(session_id) == stored:
                 cached.last_used = self.clock()
@@ -239,10 +241,10 @@ class RedisSessionStore:
     def step_limit(self, session_id: str, token_id: str) -> int:
         """The largest step body of this session, without loading it (what an ingress checks before reading)."""
         self._touch_session(session_id, token_id)
-        static = self._call(self.client.hget, self.key("s", session_id), "static")
-        if static is None:
+        limit = self._call(self.client.hget, self.key("s", session_id), "max_step_bytes")
+        if limit is None:
             raise SessionNotFound(f"no session {session_id} for this token")
-        return int(_decode(static).meta["max_step_bytes"])
+        return int(limit)
 
     def last_commit_s(self) -> float:
         """Seconds this thread's latest commit took (0 if it made none since the last call)."""
@@ -275,6 +277,9 @@ class RedisSessionStore:
             if written == 0:
                 raise StepConflict(f"session {session.id} moved on while this step ran; retry the step")
             raise SessionNotFound(f"session {session.id} was closed while this step ran")
+        if session.finished:  # only a retry of the last step can come now, and Redis has its answer
+            self._forget(session.id)
+            return
         with self._lock:
             self._stored_step[session.id] = session.next_step
 
@@ -306,6 +311,18 @@ class RedisSessionStore:
         self._call(pipe.execute)
         for sid in session_ids:
             self._forget(sid)
+
+    def cached(self) -> int:
+        """Sessions this replica holds in memory."""
+        with self._lock:
+            return len(self._cache)
+
+    def _evict_idle_locked(self) -> None:
+        # a session closed elsewhere, or abandoned, leaves this replica's memory after one idle TTL
+        horizon = self.clock() - self.ttl_s
+        for sid in [sid for sid, s in self._cache.items() if s.last_used < horizon]:
+            del self._cache[sid]
+            self._stored_step.pop(sid, None)
 
     def _forget(self, session_id: str) -> None:
         with self._lock:
