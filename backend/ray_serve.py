@@ -31,7 +31,7 @@ from hediff.backend.limits import Limits
 from hediff.backend.redis_sessions import RedisSessionStore
 from hediff.backend.scheduler import FairScheduler
 from hediff.backend.serve import TLSFiles, prepare_process
-from hediff.backend.sessions import new_session_id
+from hediff.backend.sessions import SessionError, new_session_id
 from hediff.common import he, protocol
 
 log = logging.getLogger("hediff.backend")
@@ -112,6 +112,12 @@ async def _outcome(awaitable) -> tuple:
         return ("error", e.status, e.code, e.detail, e.headers)
 
 
+class UNetUnavailable(SessionError):
+    status = 503
+    code = "unet_unavailable"
+    retry_after_s = 1
+
+
 @serve.deployment(name="UNetTier")
 class UNetTier:
     def __init__(self, config: RayServeConfig):
@@ -172,7 +178,20 @@ class SessionTier:
 
     def _body(self, call: BodyCall):
         # runs in a scheduler worker thread, never on the replica's event loop, so waiting here is allowed
-        return self.unet.run.remote(call).result(timeout_s=self.config.limits.session_ttl_s)
+        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        try:
+            return self.unet.run.remote(call).result(timeout_s=self.config.limits.session_ttl_s)
+        except (
+            RayActorError,
+            ReplicaUnavailableError,
+            DeploymentUnavailableError,
+            BackPressureError,
+            GetTimeoutError,
+        ) as e:
+            # nothing of the step was kept (the session is committed only after the update): the client retries it
+            raise UNetUnavailable(f"the UNet tier could not take this step ({type(e).__name__}); retry it") from None
 
     async def capabilities(self) -> tuple:
         return await _outcome(_value(self.model.capabilities(self.config.limits)))
