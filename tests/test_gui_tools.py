@@ -1,0 +1,100 @@
+"""The desktop app's everyday tools (pytest-qt, offscreen): key operations off the GUI thread, the Keys tab after a
+generation, ... Jobs run against the session's real loopback backend with the tiny model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import threading
+
+import pytest
+import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
+from PySide6.QtCore import QTimer
+
+from hediff.desktop.ui.keys_panel import KeysPanel
+from tests.test_gui_main import Recorder, _services, make_window, queue, services, wait_ended  # noqa: F401
+
+
+class _GatedKeys:
+    """The real DeviceKeys, except that each operation first waits for ``gate``: only a timer on the GUI thread
+    opens it, so an operation run on the GUI thread would never end (it would time out and fail)."""
+
+    def __init__(self, keys):
+        self._keys = keys
+        self.gate = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name):
+        return getattr(self._keys, name)
+
+    def _gated(self, fn, *args):
+        self.threads.append(threading.current_thread())
+        if not self.gate.wait(20):
+            raise TimeoutError("the GUI thread never ran its timer while the key operation was in flight")
+        return fn(*args)
+
+    def get_or_create(self, preset):
+        return self._gated(self._keys.get_or_create, preset)
+
+    def rotate(self, preset):
+        return self._gated(self._keys.rotate, preset)
+
+
+@pytest.mark.parametrize("operation", ["create", "rotate"])
+def test_key_operations_leave_the_event_loop_running_and_their_result_lands(qtbot, services, operation):  # noqa: F811
+    panel = KeysPanel(services)
+    qtbot.addWidget(panel)
+    before = services.keys.get_or_create("fast").fingerprint if operation == "rotate" else None
+    panel.refresh()
+    gated = _GatedKeys(services.keys)
+    services.keys = gated
+    ticks: list[int] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1) or (len(ticks) >= 3 and gated.gate.set()))
+    timer.start(10)
+
+    started = panel.start_create("fast") if operation == "create" else panel.start_rotate("fast")
+    assert started and panel.busy
+    box = panel.preset_boxes["fast"]
+    assert not any(b.isEnabled() for b in (box.create_button, box.rotate_button, box.delete_button))
+    assert "Working" in panel.status_label.text()
+    assert panel.wait(30_000)
+    timer.stop()
+    assert len(ticks) >= 3  # the GUI thread ran its timer while the operation was in flight
+    assert gated.threads and threading.main_thread() not in gated.threads
+    info = services.keys.info("fast")
+    assert info is not None and info.fingerprint != before
+    assert box.fingerprint.text() == info.fingerprint  # what the user sees
+    assert info.fingerprint in panel.status_label.text()
+    assert box.rotate_button.isEnabled() and not box.create_button.isEnabled()
+
+
+def test_a_second_key_operation_waits_for_the_first(qtbot, services):  # noqa: F811
+    panel = KeysPanel(services)
+    qtbot.addWidget(panel)
+    gated = _GatedKeys(services.keys)
+    services.keys = gated
+    assert panel.start_create("fast")
+    assert not panel.start_create("paper")
+    assert "still running" in panel.result_label.text()
+    gated.gate.set()
+    assert panel.wait(30_000)
+    assert services.keys.info("fast") is not None and services.keys.info("paper") is None
+
+
+def test_the_keys_tab_shows_the_device_key_a_generation_created(qtbot, services, make_window):  # noqa: F811
+    services.settings.key_policy = "device"
+    window = make_window(services)
+    window.form.encryption_combo.setCurrentIndex(window.form.encryption_combo.findData("full"))
+    preset = window.form.params().he_preset
+    box = window.keys_panel.preset_boxes[preset]
+    assert box.fingerprint.text() == "no device key"
+    rec = Recorder(window.worker)
+    job = queue(window, steps=2)
+    (event,) = wait_ended(qtbot, rec, 1)
+    assert event[:2] == ("finished", job), event
+    info = services.keys.info(preset)
+    assert info is not None and box.fingerprint.text() == info.fingerprint
+    window.close()
