@@ -98,3 +98,26 @@ def test_the_keys_tab_shows_the_device_key_a_generation_created(qtbot, services,
     info = services.keys.info(preset)
     assert info is not None and box.fingerprint.text() == info.fingerprint
     window.close()
+
+
+def test_one_short_no_keyring_message_everywhere(qtbot, tmp_path):
+    from keyring.backends import fail
+
+    from hediff.desktop.core.keystore import KeyringUnavailable, SecretStore, keyring_advice
+    from hediff.desktop.core.services import AppServices
+    from hediff.desktop.ui.servers_panel import ServersPanel
+
+    bare = AppServices(data_dir=tmp_path / "data", secrets=SecretStore(fail.Keyring()))
+    with pytest.raises(KeyringUnavailable) as raised:  # what the CLI and the API print
+        bare.secrets.get("server-token:x")
+    message = str(raised.value)
+    assert message.startswith("No usable system keyring (no keyring backend was found). To fix: ")
+    assert keyring_advice() in message and "passphrase" in message and len(message) < 260
+    keys, servers = KeysPanel(bare), ServersPanel(bare)
+    qtbot.addWidget(keys)
+    qtbot.addWidget(servers)
+    assert keys.keyring_label.text() == servers.keyring_label.text() == message
+    seen = []
+    servers.ask_server = lambda **kw: seen.append(kw) or None
+    servers.add_button.click()
+    assert seen[0]["token_blocked"] == message  # the server dialog's note over its disabled token field

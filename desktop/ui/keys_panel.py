@@ -259,11 +259,7 @@ class KeysPanel(PanelMessages, QWidget):
             )
             self.passphrase_button.hide()
         else:
-            self.keyring_label.show_message(
-                f"{keyring}\nDevice keys are never stored unprotected, so none can be created until you "
-                + ("enter your passphrase." if unlock else "opt in."),
-                "warning",
-            )
+            self.keyring_label.show_message(keyring, "warning")  # the one no-keyring message, as is
             self.passphrase_button.show()
         why_not = "No system keyring: protect keys with a passphrase first."
         for name, box in self.preset_boxes.items():

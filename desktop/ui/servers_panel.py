@@ -139,9 +139,7 @@ class ServersPanel(PanelMessages, QWidget):
         keep = self.selected_id()
         problem = self.keyring_message()
         if problem:
-            self.keyring_label.show_message(
-                f"{problem}\nServers that need an API token cannot be added or edited until then.", "warning"
-            )
+            self.keyring_label.show_message(problem, "warning")  # the one no-keyring message, as is
         else:
             self.keyring_label.clear_message()
         servers = list(self.settings.servers)
