@@ -11,9 +11,13 @@ import threading
 
 import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QFontMetrics
+from PySide6.QtWidgets import QApplication
 
 from hediff.desktop.ui.keys_panel import KeysPanel
+from hediff.desktop.ui.queue_view import EMPTY_TEXT
+from hediff.desktop.ui.timing_chart import LABELS, TIMING_KEYS
 from tests.test_gui_main import Recorder, _services, make_window, queue, services, wait_ended  # noqa: F401
 
 
@@ -121,3 +125,64 @@ def test_one_short_no_keyring_message_everywhere(qtbot, tmp_path):
     servers.ask_server = lambda **kw: seen.append(kw) or None
     servers.add_button.click()
     assert seen[0]["token_blocked"] == message  # the server dialog's note over its disabled token field
+
+
+# --- the queue and the Timing tab ------------------------------------------------------------------
+
+
+def test_the_queue_keeps_its_order_and_moves_only_when_asked(qtbot, services, make_window):  # noqa: F811
+    window = make_window(services)
+    view = window.queue_view
+    running = queue(window, "long", steps=400)
+    qtbot.waitUntil(lambda: window.worker.current_job() is not None)
+    waiting = [queue(window, name, steps=2) for name in ("second", "third", "fourth")]
+    assert view.pending_ids() == waiting
+    view.select_job(waiting[2])
+    rows = view.row_texts()
+    item = view.list.item(3)
+    window.worker.queueChanged.emit()  # any change of the queue (a step, another job queued) redraws it
+    QApplication.processEvents()
+    assert view.row_texts() == rows and view.list.item(3) is item  # the same row objects, in place
+    assert view.selected_job_id() == waiting[2]
+
+    qtbot.mouseClick(view.up_button, Qt.MouseButton.LeftButton)  # "fourth" one place sooner
+    qtbot.waitUntil(lambda: view.pending_ids() == [waiting[0], waiting[2], waiting[1]])
+    assert [j.id for j in window.worker.pending_jobs()] == [waiting[0], waiting[2], waiting[1]]
+    assert view.selected_job_id() == waiting[2]  # the selection follows the job
+    assert view.row_texts()[2].startswith(f"#{waiting[2]} queued")
+
+    view.reorderRequested.emit([waiting[1], waiting[0], waiting[2]])  # what dropping a dragged row sends
+    qtbot.waitUntil(lambda: view.pending_ids() == [waiting[1], waiting[0], waiting[2]])
+    assert [j.id for j in window.worker.pending_jobs()] == [waiting[1], waiting[0], waiting[2]]
+    assert view.row_texts()[0].startswith(f"#{running} running")  # the running job stays first
+
+    for job_id in waiting:
+        window.worker.remove_pending(job_id)
+    window.cancel()
+    qtbot.waitUntil(lambda: window.worker.current_job() is None, timeout=60_000)
+    assert view.row_texts() == [EMPTY_TEXT]
+    window.close()
+
+
+@pytest.mark.parametrize("size", [(1024, 700), (1920, 1080)])
+def test_the_timing_legend_is_whole_at_common_window_sizes(qtbot, services, make_window, size):  # noqa: F811
+    window = make_window(services)
+    window.resize(*size)
+    window.tabs.setCurrentWidget(window.timing_chart)
+    qtbot.waitUntil(lambda: window.size().toTuple() == size)
+    QApplication.processEvents()
+    chart = window.timing_chart
+    chart.clear(3)
+    for _ in range(3):  # long totals ("1 min 15 s") are the widest values the legend shows
+        chart.add_step({k: 25.0 for k in TIMING_KEYS})
+    fm = QFontMetrics(chart.font())
+    plot, header, entries = chart.legend_layout()
+    assert len(entries) == len(TIMING_KEYS)
+    values = chart._legend_values()
+    for key, rect in entries:
+        assert chart.rect().contains(rect), (key, rect, chart.rect())
+        assert 16 + fm.horizontalAdvance(LABELS[key]) + 8 + fm.horizontalAdvance(values[key]) <= rect.width()
+        assert not rect.intersects(plot)
+        assert all(not rect.intersects(other) for k, other in entries if k != key)
+    assert plot.width() >= 200 and plot.height() >= 80  # the bars stay readable too
+    window.close()

@@ -115,6 +115,8 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.cancel_button, 1)
         self.queue_view = QueueView()
         self.queue_view.removeRequested.connect(self._remove_pending)
+        self.queue_view.moveRequested.connect(self.worker_move)
+        self.queue_view.reorderRequested.connect(self.worker_reorder)
         self.queue_view.setMinimumHeight(60)
         left = QWidget()
         ll = QVBoxLayout(left)
@@ -285,6 +287,13 @@ class MainWindow(QMainWindow):
         if self.worker.remove_pending(job_id):
             self._submitted.pop(job_id, None)
             self.show_info(f"Job #{job_id} removed from the queue.")
+
+    def worker_move(self, job_id: int, offset: int) -> None:
+        self.worker.move_pending(job_id, offset)
+
+    def worker_reorder(self, ids: list) -> None:
+        if not self.worker.reorder_pending(ids):
+            self._queue_changed()  # a drop that changed nothing (e.g. above the running job): show the real order
 
     def _servers_changed(self) -> None:
         self.form.set_servers(self.services.settings.servers)

@@ -148,6 +148,33 @@ class GenerationWorker(QObject):
         self.queueChanged.emit()
         return True
 
+    def move_pending(self, job_id: int, offset: int) -> bool:
+        """Move a queued job ``offset`` places (negative: sooner); the queue's only reordering besides
+        ``reorder_pending``. False when the job is not queued or cannot move that way."""
+        with self._lock:
+            ids = [j.id for j in self._pending]
+            if job_id not in ids:
+                return False
+            i = ids.index(job_id)
+            j = max(0, min(len(ids) - 1, i + offset))
+            if i == j:
+                return False
+            ids.insert(j, ids.pop(i))
+        return self.reorder_pending(ids)
+
+    def reorder_pending(self, ids: list[int]) -> bool:
+        """Put the queued jobs in this order (ids of jobs no longer queued are ignored, queued jobs missing from
+        ``ids`` keep their place at the end)."""
+        with self._lock:
+            by_id = {j.id: j for j in self._pending}
+            order = [by_id.pop(i) for i in ids if i in by_id]
+            order += [j for j in self._pending if j.id in by_id]
+            if [j.id for j in order] == [j.id for j in self._pending]:
+                return False
+            self._pending = deque(order)
+        self.queueChanged.emit()
+        return True
+
     def current_job(self) -> Job | None:
         with self._lock:
             return self._current
