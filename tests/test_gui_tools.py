@@ -11,8 +11,8 @@ import threading
 
 import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QFontMetrics
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent, QFontMetrics, QImage, QWheelEvent
 from PySide6.QtWidgets import QApplication
 
 from hediff.desktop.ui.keys_panel import KeysPanel
@@ -185,4 +185,162 @@ def test_the_timing_legend_is_whole_at_common_window_sizes(qtbot, services, make
         assert not rect.intersects(plot)
         assert all(not rect.intersects(other) for k, other in entries if k != key)
     assert plot.width() >= 200 and plot.height() >= 80  # the bars stay readable too
+    window.close()
+
+
+# --- the image: zoom, large view, export larger, copy, drag out, PNG in, seeds ------------------------
+
+
+def _finished_job(qtbot, window, **fields):
+    rec = Recorder(window.worker)
+    job = queue(window, **fields)
+    (event,) = wait_ended(qtbot, rec, 1)
+    assert event[:2] == ("finished", job), event
+    return event[2]
+
+
+def test_zoom_fit_one_to_one_wheel_and_buttons(qtbot, services, make_window):  # noqa: F811
+    window = make_window(services)
+    window.resize(1280, 800)
+    _finished_job(qtbot, window, steps=2)
+    view, preview = window.image_view, window.preview
+    side = preview.pixmap().width()
+    assert preview.is_fit() and preview.zoom() > 4  # a 32 px image fills the view
+    assert view.zoom_label.text().startswith("Fit · ")
+    view.actual_button.click()
+    assert preview.zoom() == 1.0 and preview.image_rect().width() == side and view.zoom_label.text() == "100%"
+    view.in_button.click()
+    assert preview.zoom() == pytest.approx(1.25) and view.zoom_label.text() == "125%"
+    view.out_button.click()
+    view.out_button.click()
+    assert preview.zoom() == pytest.approx(0.8)
+
+    # the wheel zooms around the cursor: the image point under it stays under it
+    view.actual_button.click()
+    cursor = preview.image_rect().topLeft() + QPointF(8, 8)
+    under = preview.image_point(cursor)
+    for delta in (40, 40, 40, 120):  # a touchpad's small steps, then one notch: 1.25 ** 2 in all
+        qtbot.wait(1)
+        event = QWheelEvent(
+            cursor,
+            preview.mapToGlobal(cursor),
+            QPoint(),
+            QPoint(0, delta),
+            Qt.MouseButton.NoButton,
+            Qt.KeyboardModifier.NoModifier,
+            Qt.ScrollPhase.NoScrollPhase,
+            False,
+        )
+        QApplication.sendEvent(preview, event)
+    assert preview.zoom() == pytest.approx(1.25**2)
+    after = preview.image_point(cursor)
+    assert (after.x(), after.y()) == pytest.approx((under.x(), under.y()))
+    view.fit_button.click()
+    assert preview.is_fit() and preview.image_rect().width() > side
+    window.close()
+
+
+def test_large_view_and_export_larger(qtbot, services, make_window, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    window = make_window(services)
+    _finished_job(qtbot, window, steps=2)
+    panel = window.gallery_panel
+    panel.select(panel.entry_ids()[0])
+    viewer = panel.view_selected()
+    screen = viewer.screen().availableGeometry()
+    assert viewer.isVisible() and viewer.width() >= 0.7 * screen.width() - 1  # large: most of the screen
+    assert viewer.view.preview.pixmap().width() == 32 and viewer.view.preview.zoom() > 10
+    viewer.view.actual_button.click()
+    assert viewer.view.preview.zoom() == 1.0
+    viewer.close()
+
+    source = Image.open(panel.selected_entry().image_path).convert("RGB")
+    panel.scale_combo.setCurrentIndex(panel.scale_combo.findData(8))
+    crisp = panel.export_selected(tmp_path / "crisp.png")
+    assert crisp is not None and "8× crisp" in panel.status_label.text()
+    with Image.open(crisp) as im:
+        assert im.size == (256, 256)
+        big = im.convert("RGB")
+    # nearest: every 8x8 block is one source pixel
+    assert big.resize((32, 32), Image.Resampling.NEAREST).tobytes() == source.tobytes()
+    assert big.crop((0, 0, 8, 8)).getcolors() == [(64, source.getpixel((0, 0)))]
+    panel.smooth_check.setChecked(True)
+    panel.scale_combo.setCurrentIndex(panel.scale_combo.findData(2))
+    smooth = panel.export_selected(tmp_path / "smooth.png")
+    with Image.open(smooth) as im:
+        assert im.size == (64, 64) and "hediff:seed" in im.text
+        assert len(im.convert("RGB").getcolors(1 << 16)) > len(source.getcolors(1 << 16))  # filtered, not blocks
+    assert panel.export_selected(tmp_path / "bad.png", scale=5) is None
+    assert "must be one of 1, 2, 3, 4, 6, 8" in panel.result_label.text()
+    window.close()
+
+
+def test_copy_and_drag_carry_the_image_and_its_file(qtbot, services, make_window):  # noqa: F811
+    window = make_window(services)
+    _finished_job(qtbot, window, steps=2)
+    entry = window.services.gallery.entries()[0]
+    assert window.preview.image_path == entry.image_path
+    mime = window.preview.drag_mime_data()
+    assert [u.toLocalFile() for u in mime.urls()] == [str(entry.image_path)]
+    assert mime.hasImage() and mime.imageData().size() == window.preview.pixmap().size()
+
+    clipboard = QApplication.clipboard()
+    clipboard.clear()
+    window.image_view.copy_button.click()
+    assert clipboard.image().size().toTuple() == (32, 32)
+    assert clipboard.image().pixel(5, 5) == QImage(str(entry.image_path)).pixel(5, 5)
+    clipboard.clear()
+    panel = window.gallery_panel
+    panel.select(entry.id)
+    assert panel.copy_selected() and clipboard.image().size().toTuple() == (32, 32)
+    window.close()
+
+
+def test_dropping_a_png_loads_its_settings_and_seed_buttons(qtbot, services, make_window, tmp_path):  # noqa: F811
+    services.settings.embed_prompt_in_png = True  # the gallery's PNG carries the prompt
+    window = make_window(services)
+    result = _finished_job(qtbot, window, steps=2, seed=4242)
+    form = window.form
+    assert form.seed_spin.value() != 4242 or not form.seed_locked  # Generate moved on to a new seed
+
+    window.reuse_seed_button.click()  # one click: the shown image's seed, kept
+    assert form.seed_spin.value() == 4242 and form.seed_locked
+    form.seed_random_button.click()  # one click: a new random seed
+    assert form.seed_spin.value() != 4242
+
+    panel = window.gallery_panel
+    panel.select(panel.entry_ids()[0])
+    with_prompt = panel.selected_entry().image_path
+    form.steps_spin.setValue(9)
+    form.prompt_edit.setPlainText("something else")
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(with_prompt))])
+    drop = QDropEvent(
+        QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    )
+    # Qt delivers a drop only inside a real drag-and-drop session, so the test hands it to the handler Qt calls
+    enter = QDragEnterEvent(
+        QPoint(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    )
+    window.preview.dragEnterEvent(enter)
+    assert enter.isAccepted()
+    window.preview.dropEvent(drop)
+    assert form.params().prompt == result.params.prompt, window.message_label.text()
+    assert (form.steps_spin.value(), form.seed_spin.value()) == (2, 4242) and form.seed_locked
+    assert f"Settings loaded from {with_prompt.name}" in window.message_label.text()
+
+    without = panel.export_selected(tmp_path / "without.png", include_prompt=False)
+    form.prompt_edit.setPlainText("my own prompt")
+    form.steps_spin.setValue(9)
+    assert window.load_png(without)
+    assert form.params().prompt == "my own prompt" and form.steps_spin.value() == 2
+    assert "yours was kept" in window.message_label.text()
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "other.png")
+    assert not window.load_png(tmp_path / "other.png")
+    assert "carries no HE-Diffusion settings" in window.message_label.text()
+    assert form.steps_spin.value() == 2
     window.close()

@@ -28,6 +28,7 @@ from hediff.desktop.core.settings import params_from_dict
 SIDECAR_FORMAT = "hediff-gallery/1"
 _ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{6}$")
 _MAX_SIDECAR = 1 << 20
+EXPORT_SCALES = (1, 2, 3, 4, 6, 8)
 
 
 class GalleryError(HEDiffusionError, ValueError):
@@ -83,6 +84,25 @@ def save_png_private(result: GenerationResult, path: Path, include_prompt: bool)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buf.getvalue(), mode=0o600)
     return path
+
+
+def settings_from_png(path: Path) -> GenerationParams:
+    """The generation settings a PNG written by this app carries in its metadata (the prompts only if they were
+    embedded: "" otherwise). GalleryError when the file is not a readable PNG or carries no settings."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise GalleryError(f"{path.name} is not a PNG image")
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise GalleryError(f"{path.name} cannot be read as an image: {e}") from None
+    if not any(k.startswith("hediff:") for k in text):
+        raise GalleryError(f"{path.name} carries no HE-Diffusion settings (only images made by this app do)")
+    try:
+        return GenerationParams.from_text(text)
+    except ValueError as e:
+        raise GalleryError(f"the settings in {path.name} are not usable: {e}") from None
 
 
 def _check_id(entry_id: str) -> str:
@@ -241,10 +261,13 @@ class Gallery:
             except FileNotFoundError:
                 pass
 
-    def export(self, entry_id: str, dest: Path, include_prompt: bool) -> Path:
+    def export(self, entry_id: str, dest: Path, include_prompt: bool, scale: int = 1, smooth: bool = False) -> Path:
         """Write the image as a PNG to ``dest`` (a file, ".png" added if missing, or a folder to put
         ``hediff-<id>.png`` in) with the parameters in its metadata, the prompts only if ``include_prompt``.
-        Returns the path written."""
+        ``scale``: upscale by a whole factor (a 64 px image is unreadable as is), with crisp pixels (nearest) or,
+        if ``smooth``, Lanczos filtering. Returns the path written."""
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale not in EXPORT_SCALES:
+            raise GalleryError(f"the export scale must be one of {', '.join(map(str, EXPORT_SCALES))}, got {scale!r}")
         entry = self.get(entry_id)
         if entry is None:
             raise GalleryError(f"there is no gallery entry {entry_id}")
@@ -258,6 +281,9 @@ class Gallery:
                 image = im.convert("RGB")  # pixels only: none of the stored file's metadata comes along
         except OSError as e:
             raise GalleryError(f"gallery image {entry.image_path.name} cannot be read: {e}") from None
+        if scale > 1:
+            resample = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
+            image = image.resize((image.width * scale, image.height * scale), resample)
         fractions = [entry.encrypted_fraction] if entry.encrypted_fraction is not None else []
         latent = np.zeros(0)  # not needed for the PNG
         exported = GenerationResult(params=entry.params, image=image, latent=latent, encrypted_fractions=fractions)

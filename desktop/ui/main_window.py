@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
+    QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -20,16 +22,17 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSplitter,
     QTabWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from hediff.common.settings import U_SPLITS
-from hediff.desktop.ui.dialogs import ask_yes_no
+from hediff.desktop.ui.dialogs import ask_yes_no, error_text
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.params_form import ParamsForm
-from hediff.desktop.ui.preview import PreviewWidget
+from hediff.desktop.ui.preview import ImageView, png_paths
 from hediff.desktop.ui.privacy_panel import PrivacyPanel
 from hediff.desktop.ui.queue_view import QueueView
 from hediff.desktop.ui.servers_panel import ServersPanel
@@ -136,7 +139,18 @@ class MainWindow(QMainWindow):
         left.setMinimumWidth(scroll.minimumWidth() + margins.left() + margins.right())
 
         # centre: the image, progress, the last message
-        self.preview = PreviewWidget()
+        self.image_view = ImageView()
+        self.preview = self.image_view.preview
+        self.preview.pngDropped.connect(self.load_png)
+        self.reuse_seed_button = QToolButton()
+        self.reuse_seed_button.setText("Reuse seed")
+        self.reuse_seed_button.setToolTip("Put this image's seed into the form and keep it")
+        self.reuse_seed_button.setEnabled(False)
+        self.reuse_seed_button.clicked.connect(self.reuse_seed)
+        self.image_view.bar.insertWidget(self.image_view.bar.count() - 1, self.reuse_seed_button)
+        self._shown_seed: int | None = None
+        self._saved_paths: dict[int, str] = {}
+        self.setAcceptDrops(True)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
@@ -151,7 +165,7 @@ class MainWindow(QMainWindow):
         centre = QWidget()
         cl = QVBoxLayout(centre)
         cl.setContentsMargins(4, 8, 4, 8)
-        cl.addWidget(self.preview, 1)
+        cl.addWidget(self.image_view, 1)
         cl.addWidget(self.progress)
         cl.addWidget(self.message_label)
         cl.addWidget(self.queue_view)
@@ -208,8 +222,12 @@ class MainWindow(QMainWindow):
         quit_action = QAction("&Quit", self)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         quit_action.triggered.connect(self.close)
+        open_png = QAction("&Load settings from a PNG…", self)
+        open_png.setShortcut(QKeySequence.StandardKey.Open)
+        open_png.triggered.connect(self._ask_png)
         file_menu.addAction(generate)
         file_menu.addAction(cancel)
+        file_menu.addAction(open_png)
         file_menu.addSeparator()
         file_menu.addAction(quit_action)
         view_menu = self.menuBar().addMenu("&View")
@@ -227,6 +245,7 @@ class MainWindow(QMainWindow):
         w = self.worker
         w.jobStarted.connect(self._job_started)
         w.stepUpdate.connect(self._step_update)
+        w.jobSaved.connect(lambda job_id, path: self._saved_paths.__setitem__(job_id, path))
         w.jobFinished.connect(self._job_finished)
         w.jobFailed.connect(self._job_failed)
         w.jobCancelled.connect(self._job_cancelled)
@@ -282,6 +301,54 @@ class MainWindow(QMainWindow):
     def load_params(self, params) -> None:
         self.form.set_params(params)
         self.show_info("Settings loaded from the gallery (seed kept).")
+
+    def load_png(self, path) -> bool:
+        """Fill the form from the settings in a PNG this app wrote (dropped or opened). A PNG without the prompt
+        keeps the form's prompt. False (message shown) when the file carries no usable settings."""
+        from hediff.desktop.core.gallery import settings_from_png
+
+        try:
+            params = settings_from_png(Path(path))
+        except Exception as e:  # noqa: BLE001 - GalleryError and anything unexpected: a message, not a crash
+            self.show_error(f"Cannot load settings: {error_text(e)}")
+            return False
+        kept = ""
+        if not params.prompt:
+            params = dataclasses.replace(
+                params,
+                prompt=self.form.prompt_edit.toPlainText().strip(),
+                negative_prompt=self.form.negative_edit.toPlainText().strip(),
+            )
+            kept = "; it carries no prompt, so yours was kept"
+        self.form.set_params(params)
+        self.show_info(f"Settings loaded from {Path(path).name} (seed {params.seed} kept){kept}.")
+        return True
+
+    def _ask_png(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load settings from a PNG", "", "PNG images (*.png)")
+        if path:
+            self.load_png(path)
+
+    def reuse_seed(self) -> int | None:
+        """Put the shown image's seed into the form and keep it for the next Generate."""
+        if self._shown_seed is None:
+            return None
+        self.form.seed_spin.setValue(self._shown_seed)
+        self.form.seed_lock_check.setChecked(True)
+        self.show_info(f"Seed {self._shown_seed} is in the form and kept.")
+        return self._shown_seed
+
+    def dragEnterEvent(self, event) -> None:
+        if png_paths(event.mimeData()):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event) -> None:
+        paths = png_paths(event.mimeData())
+        if paths:
+            event.acceptProposedAction()
+            self.load_png(paths[0])
 
     def _remove_pending(self, job_id: int) -> None:
         if self.worker.remove_pending(job_id):
@@ -364,6 +431,8 @@ class MainWindow(QMainWindow):
         self.progress.setFormat(f"Job #{job_id}: connecting to {server_name or 'the server'}…")
         # the last job's image and message belong to it: an old error under a new job reads as the new job's
         self.preview.clear()
+        self._shown_seed = None
+        self.reuse_seed_button.setEnabled(False)
         self.message_label.clear()
         self.message_label.setStyleSheet(INFO_STYLE)
         self.preview.set_caption(f"Job #{job_id}: preparing…")
@@ -384,9 +453,12 @@ class MainWindow(QMainWindow):
 
     def _job_finished(self, job_id: int, result) -> None:
         params, _server = self._submitted.pop(job_id, (result.params, ""))
+        self._shown_seed = params.seed
+        self.reuse_seed_button.setEnabled(True)
         self.preview.set_image(
             result.image,
             final=True,
+            path=self._saved_paths.pop(job_id, None),
             caption=f"Job #{job_id} · seed {params.seed} · {params.width}×{params.height} · "
             f"{format_seconds(result.total_s)}",
         )

@@ -55,6 +55,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 class GenerationWorker(QObject):
     jobStarted = Signal(int)
     stepUpdate = Signal(object)  # desktop.core.engine.StepUpdate
+    jobSaved = Signal(int, str)  # job id, the gallery PNG of its image (before jobFinished)
     jobFinished = Signal(int, object)  # job id, GenerationResult (already in the gallery)
     jobFailed = Signal(int, str)  # job id, a message for the user
     jobCancelled = Signal(int)
@@ -250,11 +251,12 @@ class GenerationWorker(QObject):
             return
         try:
             settings = self._services.settings
-            self._services.gallery.add(
+            entry = self._services.gallery.add(
                 result,
                 bool(getattr(settings, "embed_prompt_in_png", False)),
                 remember_prompt=bool(getattr(settings, "remember_prompt", False)),
             )
+            self.jobSaved.emit(job.id, str(entry.image_path))
         except Exception as e:  # noqa: BLE001 - the result stays on screen even if it could not be stored
             log.error("could not add job %d to the gallery: %s", job.id, type(e).__name__)
             self.notice.emit(f"The image of job #{job.id} could not be saved to the gallery: {e}")
