@@ -344,3 +344,84 @@ def test_dropping_a_png_loads_its_settings_and_seed_buttons(qtbot, services, mak
     assert "carries no HE-Diffusion settings" in window.message_label.text()
     assert form.steps_spin.value() == 2
     window.close()
+
+
+# --- prompt history and gallery search ---------------------------------------------------------------
+
+
+def _history_menu(form) -> list[str]:
+    return [a.text() for a in form.history_menu.actions()]
+
+
+def test_prompt_history_is_session_only_unless_prompts_are_remembered(qtbot, services, make_window):  # noqa: F811
+    assert not services.settings.remember_prompt  # the default
+    window = make_window(services)
+    assert _history_menu(window.form) == ["No prompts yet this session"]
+    queue(window, "a red circle", steps=400)
+    queue(window, "a blue square", steps=2)
+    queue(window, "a red circle", steps=2)  # again: moves to the top, listed once
+    assert window.form.history_prompts() == ["a red circle", "a blue square"]
+    window.form.history_menu.actions()[1].trigger()  # picking one puts it into the prompt box
+    assert window.form.prompt_edit.toPlainText() == "a blue square"
+    for job in window.worker.pending_jobs():
+        window.worker.remove_pending(job.id)
+    window.cancel()
+    window.close()
+    written = (services.data_dir / "settings.json").read_text()
+    assert "blue square" not in written and "red circle" not in written
+    again = make_window(_services(services.data_dir, services.secrets))
+    assert again.form.history_prompts() == []
+    again.close()
+
+
+def test_remembered_prompt_history_survives_a_restart(qtbot, services, make_window):  # noqa: F811
+    services.settings.remember_prompt = True
+    services.settings.save()
+    window = make_window(services)
+    queue(window, "a lighthouse at dusk", steps=400)
+    queue(window, "a fox in snow", steps=2)
+    for job in window.worker.pending_jobs():
+        window.worker.remove_pending(job.id)
+    window.cancel()
+    window.close()
+    again = make_window(_services(services.data_dir, services.secrets))
+    assert again.form.history_prompts() == ["a fox in snow", "a lighthouse at dusk"]
+    # turning "remember prompts" off forgets them at the next save
+    again.services.settings.remember_prompt = False
+    again.prompt_history.sync()
+    again.services.settings.save()
+    assert "fox" not in (services.data_dir / "settings.json").read_text()
+    again.close()
+
+
+def test_gallery_search_by_prompt_model_and_date(qtbot, services, make_window, tiny_model_dir):  # noqa: F811
+    import dataclasses
+    import time
+
+    services.settings.remember_prompt = True  # prompts are kept, hence searchable
+    window = make_window(services)
+    result = _finished_job(qtbot, window, steps=2)
+    gallery = services.gallery
+    other = dataclasses.replace(result, params=dataclasses.replace(result.params, prompt="a green triangle"))
+    then = time.mktime((2025, 3, 14, 9, 26, 0, 0, 0, -1))
+    gallery.clock = lambda: then
+    gallery.add(other, False, remember_prompt=True, model="/models/other-model")
+    panel = window.gallery_panel
+    panel.refresh()
+    assert len(panel.entry_ids()) == 2
+    newest = gallery.entries()[0]
+    assert newest.model == str(tiny_model_dir)
+
+    def shown(query: str) -> list[str]:
+        panel.search_edit.setText(query)
+        return [panel._entries[i].params.prompt for i in panel.entry_ids()]
+
+    assert shown("red") == ["a red circle"]
+    assert shown("TRIANGLE green") == ["a green triangle"]
+    assert shown("other-model") == ["a green triangle"]
+    assert shown(str(tiny_model_dir)) == ["a red circle"]
+    assert shown("2025-03-14") == ["a green triangle"]
+    assert shown("") == ["a red circle", "a green triangle"]
+    assert shown("purple") == [] and panel.list.isHidden()
+    assert panel.empty_label.text() == "No image matches “purple” (2 in the gallery)."
+    window.close()

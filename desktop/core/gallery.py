@@ -49,6 +49,7 @@ class GalleryEntry:
     timing_totals: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    model: str = ""  # "embedded", a model folder or a hub id; "" for entries from before it was kept
 
     def summary(self) -> str:
         """One line for a list: size, steps, scheduler, encryption, seed, time."""
@@ -105,6 +106,21 @@ def settings_from_png(path: Path) -> GenerationParams:
         raise GalleryError(f"the settings in {path.name} are not usable: {e}") from None
 
 
+def entry_date(entry: GalleryEntry) -> str:
+    """When an entry was made, local time, as the gallery shows and searches it: ``YYYY-MM-DD HH:MM``."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))
+
+
+def matches(entry: GalleryEntry, query: str) -> bool:
+    """Gallery search: every word of ``query`` (case-insensitive) appears in the entry's prompt (kept only when
+    prompts are remembered), negative prompt, model, date (``2026-12-07 14:05``), scheduler or seed."""
+    p = entry.params
+    haystack = " ".join(
+        (p.prompt, p.negative_prompt, entry.model, Path(entry.model).name, entry_date(entry), p.scheduler, str(p.seed))
+    ).lower()
+    return all(word in haystack for word in query.lower().split())
+
+
 def _check_id(entry_id: str) -> str:
     if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
         raise GalleryError(f"{entry_id!r} is not a gallery entry id")
@@ -125,9 +141,11 @@ class Gallery:
 
     # --- adding ---
 
-    def add(self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False) -> GalleryEntry:
+    def add(
+        self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False, model: str = ""
+    ) -> GalleryEntry:
         """Store a finished result: the PNG (prompt in its metadata only if asked) and the parameters sidecar
-        (the prompts only if ``remember_prompt``)."""
+        (the prompts only if ``remember_prompt``; ``model``: what made it, for search)."""
         if result.image is None:
             raise GalleryError("the result has no image to store")
         ensure_private_dir(self.root, tighten_existing=True)
@@ -150,12 +168,14 @@ class Gallery:
             timing_totals=result.timing_totals(),
             bytes_sent=int(sum(result.bytes_sent)),
             bytes_received=int(sum(result.bytes_received)),
+            model=str(model),
         )
         sidecar = {
             "format": SIDECAR_FORMAT,
             "id": entry.id,
             "image": png.name,
             "params": asdict(entry.params if remember_prompt else replace(entry.params, prompt="", negative_prompt="")),
+            "model": entry.model,
             "created": entry.created,
             "total_s": entry.total_s,
             "steps": entry.steps,
@@ -242,6 +262,7 @@ class Gallery:
                 timing_totals={str(k): _number(v, "timing") for k, v in totals.items()},
                 bytes_sent=int(_number(data.get("bytes_sent", 0), "bytes_sent")),
                 bytes_received=int(_number(data.get("bytes_received", 0), "bytes_received")),
+                model=str(data.get("model", "")),
             )
         except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
             why = f"missing {e}" if isinstance(e, KeyError) else str(e)

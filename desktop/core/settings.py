@@ -94,6 +94,7 @@ class Settings:
     params: dict = field(default_factory=dict)  # GenerationSettings.to_dict() of the last use; prompts only if asked
     model: str = "embedded"
     remember_prompt: bool = False
+    prompt_history: list[str] = field(default_factory=list)  # recent prompts, stored only if remember_prompt
     embed_prompt_in_png: bool = False
     key_policy: str = "fresh"  # "fresh": a new key per generation; "device": the stored device key
     window_geometry: str | None = None
@@ -157,6 +158,9 @@ class Settings:
                     setattr(s, name, data[name])
                 else:
                     notes.append(f"{name!r} was ignored")
+        history = data.get("prompt_history")
+        if s.remember_prompt and isinstance(history, list):
+            s.prompt_history = [p for p in history if isinstance(p, str)]
         if isinstance(data.get("embed_prompt_in_png"), bool):
             s.embed_prompt_in_png = data["embed_prompt_in_png"]
         if data.get("key_policy") in KEY_POLICIES:
@@ -191,6 +195,7 @@ class Settings:
             "params": params,
             "model": self.model,
             "remember_prompt": self.remember_prompt,
+            "prompt_history": list(self.prompt_history) if self.remember_prompt else [],
             "embed_prompt_in_png": self.embed_prompt_in_png,
             "key_policy": self.key_policy,
             "window_geometry": self.window_geometry,

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QGridLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListView,
     QListWidget,
     QListWidgetItem,
@@ -27,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from hediff.desktop.core.gallery import EXPORT_SCALES
+from hediff.desktop.core.gallery import EXPORT_SCALES, matches
 from hediff.desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
 from hediff.desktop.ui.preview import ImageViewer
 
@@ -87,6 +88,14 @@ class GalleryPanel(PanelMessages, QWidget):
         self._thumbs: dict[tuple[str, float], QIcon] = {}
 
         self.problems_label = MessageLabel(self)
+        self.search_edit = QLineEdit()
+        self.search_edit.setPlaceholderText("Search: prompt, model, date (2026-12-07), seed")
+        self.search_edit.setClearButtonEnabled(True)
+        self.search_edit.setToolTip(
+            "Every word must match the prompt, model, date, scheduler or seed. Prompts are searchable only while "
+            "'remember prompts' is on (Preferences)."
+        )
+        self.search_edit.textChanged.connect(lambda _text: self.refresh())
         self.list = QListWidget(self)
         self.list.setViewMode(QListView.ViewMode.IconMode)
         self.list.setIconSize(QSize(THUMB, THUMB))
@@ -149,6 +158,7 @@ class GalleryPanel(PanelMessages, QWidget):
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.problems_label)
+        layout.addWidget(self.search_edit)
         layout.addWidget(self.list, 1)
         layout.addWidget(self.empty_label, 1)
         layout.addWidget(self.details)
@@ -201,6 +211,10 @@ class GalleryPanel(PanelMessages, QWidget):
             problems = list(getattr(self.gallery, "problems", []) or [])
         except Exception as e:  # noqa: BLE001 - the panel shows the error and stays usable
             entries, problems = [], [error_text(e)]
+        total = len(entries)
+        query = self.search_edit.text().strip()
+        if query:
+            entries = [e for e in entries if matches(e, query)]
         self._entries = {e.id: e for e in entries}
         self.list.blockSignals(True)
         self.list.clear()
@@ -224,6 +238,11 @@ class GalleryPanel(PanelMessages, QWidget):
         else:
             self.problems_label.clear_message()
         self.list.setVisible(bool(entries))
+        self.empty_label.setText(
+            f"No image matches “{query}” ({total} in the gallery)."
+            if query and total
+            else "No images yet. Finished generations appear here."
+        )
         self.empty_label.setVisible(not entries)
         if keep is not None and keep in self._entries:
             self.select(keep)

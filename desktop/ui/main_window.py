@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from hediff.common.settings import U_SPLITS
+from hediff.desktop.core.prompt_history import PromptHistory
 from hediff.desktop.ui.dialogs import ask_yes_no, error_text
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
@@ -84,6 +85,7 @@ class MainWindow(QMainWindow):
         self._shut_down = False
 
         self.worker = GenerationWorker(services)
+        self.prompt_history = PromptHistory(services.settings)
         self._build_ui()
         self._build_menus()
         self._connect_worker()
@@ -286,6 +288,8 @@ class MainWindow(QMainWindow):
             self.services.settings.acknowledge_not_private(server.id)
         job_id = self.worker.submit(params, server_id, self.form.model())
         self._submitted[job_id] = (params, server_name)
+        self.prompt_history.add(params.prompt)
+        self.form.set_history(self.prompt_history.items())
         self.form.after_submit()
         self._save_settings(params_only=True)
         if self._current_job is not None:
@@ -506,6 +510,7 @@ class MainWindow(QMainWindow):
     def _restore_settings(self) -> None:
         s = self.services.settings
         self.form.set_servers(s.servers, s.selected_server)
+        self.form.set_history(self.prompt_history.items())
         model = getattr(s, "model", "embedded") or "embedded"
         self.form.set_model(model)
         saved = getattr(s, "params", {}) or {}

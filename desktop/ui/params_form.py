@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPlainTextEdit,
     QSizePolicy,
     QSpinBox,
@@ -103,7 +104,19 @@ class ParamsForm(QWidget):
         self.negative_edit.setAccessibleName("Negative prompt")
         self.prompt_edit.submitted.connect(self.generateRequested)
         self.negative_edit.submitted.connect(self.generateRequested)
-        pl.addWidget(self.prompt_edit)
+        self.history_button = QToolButton()
+        self.history_button.setText("▾")
+        self.history_button.setToolTip("Recent prompts")
+        self.history_button.setAccessibleName("Recent prompts")
+        self.history_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.history_menu = QMenu(self.history_button)
+        self.history_button.setMenu(self.history_menu)
+        self.set_history([])
+        prompt_row = QHBoxLayout()
+        prompt_row.setSpacing(4)
+        prompt_row.addWidget(self.prompt_edit, 1)
+        prompt_row.addWidget(self.history_button, 0, Qt.AlignmentFlag.AlignTop)
+        pl.addLayout(prompt_row)
         pl.addWidget(self.negative_edit)
         outer.addWidget(prompt_box)
 
@@ -302,6 +315,22 @@ class ParamsForm(QWidget):
         folder = QFileDialog.getExistingDirectory(self, "Choose a diffusers model folder")
         if folder:
             self.set_model(folder)
+
+    # --- prompt history ---
+
+    def set_history(self, prompts: list[str]) -> None:
+        """The recent prompts the ▾ button offers, newest first."""
+        self.history_menu.clear()
+        for prompt in prompts:
+            shown = prompt if len(prompt) <= 70 else prompt[:69] + "…"
+            action = self.history_menu.addAction(shown.replace("&", "&&"))
+            action.setToolTip(prompt)
+            action.triggered.connect(lambda _checked=False, p=prompt: self.prompt_edit.setPlainText(p))
+        if not prompts:
+            self.history_menu.addAction("No prompts yet this session").setEnabled(False)
+
+    def history_prompts(self) -> list[str]:
+        return [a.toolTip() for a in self.history_menu.actions() if a.isEnabled()]
 
     # --- seed ---
 

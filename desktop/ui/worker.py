@@ -255,6 +255,7 @@ class GenerationWorker(QObject):
                 result,
                 bool(getattr(settings, "embed_prompt_in_png", False)),
                 remember_prompt=bool(getattr(settings, "remember_prompt", False)),
+                model=job.model,
             )
             self.jobSaved.emit(job.id, str(entry.image_path))
         except Exception as e:  # noqa: BLE001 - the result stays on screen even if it could not be stored
