@@ -13,7 +13,7 @@ import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QFontMetrics, QImage, QWheelEvent
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QDialogButtonBox
 
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.queue_view import EMPTY_TEXT
@@ -424,4 +424,63 @@ def test_gallery_search_by_prompt_model_and_date(qtbot, services, make_window, t
     assert shown("") == ["a red circle", "a green triangle"]
     assert shown("purple") == [] and panel.list.isHidden()
     assert panel.empty_label.text() == "No image matches “purple” (2 in the gallery)."
+    window.close()
+
+
+# --- preferences -------------------------------------------------------------------------------------
+
+
+def test_preferences_are_stored_and_applied(qtbot, services, make_window, tmp_path, monkeypatch):  # noqa: F811
+    from hediff.desktop.core.appdata import default_data_dir
+    from hediff.desktop.core.settings import DEVICE_SERVER_ID, Settings
+
+    monkeypatch.delenv("HEDIFF_DATA_DIR", raising=False)
+    config = tmp_path / "config"
+    services.settings.remember_prompt = True
+    window = make_window(services)
+    queue(window, "a secret prompt", steps=400)
+    window.cancel()
+    dialog = window.open_preferences(config=config, modal=False)
+    assert dialog.remember_check.isChecked() and not dialog.embed_check.isChecked()
+    assert dialog.server_combo.currentText() == "Test backend"
+
+    (tmp_path / "a-file").write_text("x")
+    dialog.data_dir_edit.setText(str(tmp_path / "a-file" / "data"))  # under a file: cannot be a folder
+    dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
+    assert dialog.isVisible() and "cannot be used" in dialog.error_label.text()
+    assert default_data_dir(config) != tmp_path / "a-file" / "data"
+
+    dialog.data_dir_edit.setText(str(tmp_path / "elsewhere"))
+    dialog.server_combo.setCurrentIndex(dialog.server_combo.findData(DEVICE_SERVER_ID))
+    dialog.preview_combo.setCurrentIndex(dialog.preview_combo.findData("none"))
+    dialog.remember_check.setChecked(False)
+    dialog.embed_check.setChecked(True)
+    dialog.buttons.button(QDialogButtonBox.StandardButton.Ok).click()
+    assert not dialog.isVisible()
+    assert default_data_dir(config) == tmp_path / "elsewhere" and (tmp_path / "elsewhere").is_dir()
+    stored = Settings.load(services.data_dir)
+    assert (stored.selected_server, stored.preview_kind) == (DEVICE_SERVER_ID, "none")
+    assert not stored.remember_prompt and stored.embed_prompt_in_png
+    assert "secret prompt" not in (services.data_dir / "settings.json").read_text()  # history forgotten on disk
+    assert window.form.server_id() == DEVICE_SERVER_ID
+    assert window.message_label.text() == "Preferences saved."
+    qtbot.waitUntil(lambda: window.worker.current_job() is None, timeout=60_000)
+    window.close()
+
+
+def test_preview_off_shows_progress_only(qtbot, services, make_window):  # noqa: F811
+    services.settings.preview_kind = "none"
+    window = make_window(services)
+    seen = {}
+
+    def at_first_step():
+        seen["empty"] = window.preview.pixmap().isNull()
+        seen["caption"] = window.preview.caption()
+
+    rec = Recorder(window.worker, on_first_step=at_first_step)
+    job = queue(window, steps=3)
+    (event,) = wait_ended(qtbot, rec, 1)
+    assert event[:2] == ("finished", job)
+    assert seen == {"empty": True, "caption": "Step 1 / 3 (preview off in Preferences)"}
+    assert window.preview.is_final() and not window.preview.pixmap().isNull()  # the result is shown
     window.close()

@@ -230,6 +230,12 @@ class MainWindow(QMainWindow):
         file_menu.addAction(generate)
         file_menu.addAction(cancel)
         file_menu.addAction(open_png)
+        preferences = QAction("&Preferences…", self)
+        preferences.setShortcut(QKeySequence.StandardKey.Preferences)
+        preferences.setMenuRole(QAction.MenuRole.PreferencesRole)
+        preferences.triggered.connect(self.open_preferences)
+        file_menu.addSeparator()
+        file_menu.addAction(preferences)
         file_menu.addSeparator()
         file_menu.addAction(quit_action)
         view_menu = self.menuBar().addMenu("&View")
@@ -332,6 +338,27 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getOpenFileName(self, "Load settings from a PNG", "", "PNG images (*.png)")
         if path:
             self.load_png(path)
+
+    def open_preferences(self, config=None, modal: bool = True):
+        """The Preferences dialog; with ``modal`` False it is shown and returned (tests, screenshots)."""
+        from hediff.desktop.ui.preferences import PreferencesDialog
+
+        dialog = PreferencesDialog(self.services, self, config=config)
+        dialog.accepted.connect(self.preferences_changed)
+        if not modal:
+            dialog.show()
+            return dialog
+        dialog.exec()
+        return None
+
+    def preferences_changed(self) -> None:
+        """Apply stored preferences to what is on screen."""
+        s = self.services.settings
+        self.form.select_server(s.selected_server)
+        self.prompt_history.sync()  # "remember prompts" off: the stored history goes at this save
+        self._save_settings(params_only=True)
+        self.gallery_panel.refresh()
+        self.show_info("Preferences saved.")
 
     def reuse_seed(self) -> int | None:
         """Put the shown image's seed into the form and keep it for the next Generate."""
@@ -447,7 +474,10 @@ class MainWindow(QMainWindow):
         done = update.index + 1
         params, _server = self._submitted.get(self._current_job, (None, ""))
         counted = progress_text(done, update.total, params.steps if params is not None else update.total)
-        self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
+        if getattr(self.services.settings, "preview_kind", "predicted") == "none":
+            self.preview.set_caption(f"Step {done} / {update.total} (preview off in Preferences)")
+        else:
+            self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
         self.progress.setRange(0, update.total)
         self.progress.setValue(done)
         self.progress.setFormat(f"{counted}, ETA {format_eta(update.eta_s)}")
