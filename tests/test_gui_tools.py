@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import threading
+from pathlib import Path
 
 import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
@@ -483,4 +484,55 @@ def test_preview_off_shows_progress_only(qtbot, services, make_window):  # noqa:
     assert event[:2] == ("finished", job)
     assert seen == {"empty": True, "caption": "Step 1 / 3 (preview off in Preferences)"}
     assert window.preview.is_final() and not window.preview.pixmap().isNull()  # the result is shown
+    window.close()
+
+
+# --- model manager -----------------------------------------------------------------------------------
+
+
+def test_model_manager_adds_describes_and_sets_the_default(qtbot, services, make_window, tiny_model_dir, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from hediff.common.settings import SizeLimits
+    from hediff.desktop.core.settings import Settings
+
+    services.settings.model = "embedded"
+    services.settings.params = {"seed": 7}
+    window = make_window(services)
+    dialog = window.open_model_manager(modal=False)
+    assert dialog.specs() == ["embedded"] and dialog.item_texts() == ["Embedded model  (default)"]
+    assert dialog.size_label.text() == "64 × 64 px (up to 128 px)"
+    assert dialog.recommended_label.text() == "guidance 2, steps 20"
+    assert dialog.split_rows() == [(s, "yes") for s in ("conv_in", "down0.resnet0", "u1", "u2", "u3")]
+    assert not dialog.remove_button.isEnabled()
+
+    (tmp_path / "not-a-model").mkdir()
+    assert not dialog.add_folder(tmp_path / "not-a-model")
+    assert "model_index.json" in dialog.result_label.text() and dialog.specs() == ["embedded"]
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "my-model"))
+    (folder / "hediff.json").write_text(json.dumps({"recommended": {"guidance": 3.5, "steps": 12}}))
+    assert dialog.add_folder(folder)
+    assert dialog.specs() == ["embedded", str(folder)] and dialog.selected_spec() == str(folder)
+    native = SizeLimits.from_model_folder(folder).native_side
+    assert dialog.size_label.text().startswith(f"{native} × {native} px")
+    assert dialog.recommended_label.text() == "guidance 3.5, steps 12"
+    rows = dict(dialog.split_rows())
+    assert rows == {"conv_in": "yes", "down0.resnet0": "yes", "u1": "yes", "u2": "no", "u3": "yes"}
+    why = dialog.splits_table.item(3, 2).text()
+    assert "needs at least 3 down blocks" in why  # the tiny UNet has two
+    assert window.form.model_combo.findText(str(folder)) >= 0  # offered in the form at once
+
+    dialog.default_button.click()
+    assert window.form.model() == str(folder)
+    assert (window.form.guidance_spin.value(), window.form.steps_spin.value()) == (3.5, 12)
+    assert dialog.item_texts() == ["Embedded model", "my-model  (default)"]
+    stored = Settings.load(services.data_dir)
+    assert stored.model == str(folder) and stored.models == [str(folder)]
+
+    dialog.remove_button.click()
+    assert dialog.specs() == ["embedded"] and window.form.model() == "embedded"
+    assert Settings.load(services.data_dir).models == [] and folder.is_dir()  # forgotten, not deleted
+    dialog.close()
     window.close()

@@ -95,7 +95,8 @@ class Settings:
     servers: list[ServerEntry] = field(default_factory=_default_servers)
     selected_server: str = DEVICE_SERVER_ID  # private by default
     params: dict = field(default_factory=dict)  # GenerationSettings.to_dict() of the last use; prompts only if asked
-    model: str = "embedded"
+    model: str = "embedded"  # the default model
+    models: list[str] = field(default_factory=list)  # model folders added in the model manager
     remember_prompt: bool = False
     prompt_history: list[str] = field(default_factory=list)  # recent prompts, stored only if remember_prompt
     embed_prompt_in_png: bool = False
@@ -162,6 +163,8 @@ class Settings:
                     setattr(s, name, data[name])
                 else:
                     notes.append(f"{name!r} was ignored")
+        if isinstance(data.get("models"), list):
+            s.models = [m for m in data["models"] if isinstance(m, str) and m]
         history = data.get("prompt_history")
         if s.remember_prompt and isinstance(history, list):
             s.prompt_history = [p for p in history if isinstance(p, str)]
@@ -202,6 +205,7 @@ class Settings:
             "selected_server": self.selected_server,
             "params": params,
             "model": self.model,
+            "models": list(self.models),
             "remember_prompt": self.remember_prompt,
             "prompt_history": list(self.prompt_history) if self.remember_prompt else [],
             "embed_prompt_in_png": self.embed_prompt_in_png,

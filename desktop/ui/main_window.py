@@ -234,7 +234,10 @@ class MainWindow(QMainWindow):
         preferences.setShortcut(QKeySequence.StandardKey.Preferences)
         preferences.setMenuRole(QAction.MenuRole.PreferencesRole)
         preferences.triggered.connect(self.open_preferences)
+        models = QAction("&Models…", self)
+        models.triggered.connect(self.open_model_manager)
         file_menu.addSeparator()
+        file_menu.addAction(models)
         file_menu.addAction(preferences)
         file_menu.addSeparator()
         file_menu.addAction(quit_action)
@@ -345,6 +348,19 @@ class MainWindow(QMainWindow):
 
         dialog = PreferencesDialog(self.services, self, config=config)
         dialog.accepted.connect(self.preferences_changed)
+        if not modal:
+            dialog.show()
+            return dialog
+        dialog.exec()
+        return None
+
+    def open_model_manager(self, modal: bool = True):
+        """The model manager; with ``modal`` False it is shown and returned (tests, screenshots)."""
+        from hediff.desktop.ui.model_manager import ModelManagerDialog
+
+        dialog = ModelManagerDialog(self.services, self)
+        dialog.modelsChanged.connect(lambda: self.form.add_models(dialog.specs()))
+        dialog.defaultChanged.connect(self.form.set_model)
         if not modal:
             dialog.show()
             return dialog
@@ -542,6 +558,7 @@ class MainWindow(QMainWindow):
         self.form.set_servers(s.servers, s.selected_server)
         self.form.set_history(self.prompt_history.items())
         model = getattr(s, "model", "embedded") or "embedded"
+        self.form.add_models(getattr(s, "models", []))
         self.form.set_model(model)
         saved = getattr(s, "params", {}) or {}
         # the model's recommended guidance and steps unless the user saved their own

@@ -43,6 +43,7 @@ SPLIT_TIPS = {
     "down0.resnet0": "conv_in and the first resnet run here; the server still receives conv_in's output",
     "u1": "U-shaped: the first and last UNet blocks run here; the latent and noise prediction never leave",
     "u2": "U-shaped, deeper: the first and last two UNet blocks run here (models with 3 or more blocks)",
+    "u3": "U-shaped, deepest: every down and up block runs here; the server runs only the middle block",
 }
 
 
@@ -452,6 +453,12 @@ class ParamsForm(QWidget):
         if changed:
             recommended = self.model_defaults(model)
             self.load_dict({k: v for k, v in recommended.items() if k not in self._user_set})
+
+    def add_models(self, specs) -> None:
+        """Offer these models (the model manager's list) in the chooser, keeping the current choice."""
+        for spec in specs:
+            if self.model_combo.findText(spec) < 0:
+                self.model_combo.addItem(spec)
 
     def set_servers(self, servers, selected: str | None = None) -> None:
         """Fill the chooser from settings.servers, keeping ``selected`` (or the current choice) when it exists."""
