@@ -14,7 +14,7 @@ import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QFontMetrics, QImage, QWheelEvent
-from PySide6.QtWidgets import QApplication, QDialogButtonBox
+from PySide6.QtWidgets import QApplication, QDialogButtonBox, QWidget
 
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.queue_view import EMPTY_TEXT
@@ -535,4 +535,29 @@ def test_model_manager_adds_describes_and_sets_the_default(qtbot, services, make
     assert dialog.specs() == ["embedded"] and window.form.model() == "embedded"
     assert Settings.load(services.data_dir).models == [] and folder.is_dir()  # forgotten, not deleted
     dialog.close()
+    window.close()
+
+
+# --- notification --------------------------------------------------------------------------------------
+
+
+def test_a_job_that_ends_while_the_window_is_inactive_notifies(qtbot, services, make_window):  # noqa: F811
+    from hediff.desktop.ui.notify import Notifier
+
+    window = make_window(services)
+    other = QWidget()  # the app the user switched to
+    qtbot.addWidget(other)
+    other.show()
+    other.activateWindow()
+    qtbot.waitUntil(lambda: not window.isActiveWindow())
+    result = _finished_job(qtbot, window, steps=2, seed=99)
+    (how, title, text) = window.notifier.shown[-1]
+    assert how == ("tray" if Notifier.tray_available() else "alert")
+    assert title.startswith("Job #") and title.endswith(" finished")
+    assert text.startswith(f"Seed {result.params.seed}, ") and text.endswith("; in the gallery.")
+
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow)
+    _finished_job(qtbot, window, steps=2)
+    assert len(window.notifier.shown) == 1  # the user was here: no notification
     window.close()

@@ -32,6 +32,7 @@ from hediff.desktop.core.prompt_history import PromptHistory
 from hediff.desktop.ui.dialogs import ask_yes_no, error_text
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
+from hediff.desktop.ui.notify import Notifier
 from hediff.desktop.ui.params_form import ParamsForm
 from hediff.desktop.ui.preview import ImageView, png_paths
 from hediff.desktop.ui.privacy_panel import PrivacyPanel
@@ -86,6 +87,7 @@ class MainWindow(QMainWindow):
 
         self.worker = GenerationWorker(services)
         self.prompt_history = PromptHistory(services.settings)
+        self.notifier = Notifier(self)
         self._build_ui()
         self._build_menus()
         self._connect_worker()
@@ -522,8 +524,14 @@ class MainWindow(QMainWindow):
         self.keys_panel.refresh()  # a generation with the device-key policy may have just created the key
         self.show_info(f"Job #{job_id} finished in {format_seconds(result.total_s)}; saved to the gallery.")
         self._job_over(job_id)
-        if not self.isActiveWindow():  # the user is elsewhere: flash the task bar entry
-            QApplication.alert(self)
+        if self.user_is_away():
+            self.notifier.notify(
+                f"Job #{job_id} finished", f"Seed {params.seed}, {format_seconds(result.total_s)}; in the gallery."
+            )
+
+    def user_is_away(self) -> bool:
+        """The window is not the one the user works in (another app, minimised): tell them when a job ends."""
+        return not self.isActiveWindow() or self.isMinimized()
 
     def _job_failed(self, job_id: int, message: str) -> None:
         self._submitted.pop(job_id, None)
@@ -532,6 +540,8 @@ class MainWindow(QMainWindow):
         self.progress.setFormat(f"Job #{job_id} failed")
         self.preview.set_caption("")
         self.show_error(f"Job #{job_id} failed: {message}")
+        if self.user_is_away():
+            self.notifier.notify(f"Job #{job_id} failed", message)
         self._job_over(job_id)
 
     def _job_cancelled(self, job_id: int) -> None:
