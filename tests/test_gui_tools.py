@@ -14,7 +14,7 @@ import pytest
 import pytestqt  # noqa: F401  # the qtbot fixture; a missing GUI extra must fail these tests, not skip them
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QFontMetrics, QImage, QWheelEvent
-from PySide6.QtWidgets import QApplication, QDialogButtonBox, QWidget
+from PySide6.QtWidgets import QAbstractButton, QApplication, QDialogButtonBox, QWidget
 
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.queue_view import EMPTY_TEXT
@@ -176,6 +176,18 @@ def test_the_timing_legend_is_whole_at_common_window_sizes(qtbot, services, make
     chart.clear(3)
     for _ in range(3):  # long totals ("1 min 15 s") are the widest values the legend shows
         chart.add_step({k: 25.0 for k in TIMING_KEYS})
+    # the tabs panel is as wide as its widest tab needs: the chart is whole on screen, not cut at the window's edge
+    assert chart.visibleRegion().boundingRect().size() == chart.size()
+    for i in range(window.tabs.count()):
+        window.tabs.setCurrentIndex(i)
+        QApplication.processEvents()
+        page = window.tabs.widget(i)
+        assert page.visibleRegion().boundingRect().width() == page.width(), window.tabs.tabText(i)
+    window.tabs.setCurrentWidget(chart)
+    QApplication.processEvents()
+    # and the image bar fits the centre column
+    for button in window.image_view.findChildren(QAbstractButton):
+        assert button.visibleRegion().boundingRect().size() == button.size(), button.text()
     fm = QFontMetrics(chart.font())
     plot, header, entries = chart.legend_layout()
     assert len(entries) == len(TIMING_KEYS)
@@ -207,11 +219,12 @@ def test_zoom_fit_one_to_one_wheel_and_buttons(qtbot, services, make_window):  #
     view, preview = window.image_view, window.preview
     side = preview.pixmap().width()
     assert preview.is_fit() and preview.zoom() > 4  # a 32 px image fills the view
-    assert view.zoom_label.text().startswith("Fit · ")
+    assert preview.zoom_text().startswith("Fit · ") and view.fit_button.isChecked()
     view.actual_button.click()
-    assert preview.zoom() == 1.0 and preview.image_rect().width() == side and view.zoom_label.text() == "100%"
+    assert preview.zoom() == 1.0 and preview.image_rect().width() == side and preview.zoom_text() == "100%"
+    assert not view.fit_button.isChecked()
     view.in_button.click()
-    assert preview.zoom() == pytest.approx(1.25) and view.zoom_label.text() == "125%"
+    assert preview.zoom() == pytest.approx(1.25) and preview.zoom_text() == "125%"
     view.out_button.click()
     view.out_button.click()
     assert preview.zoom() == pytest.approx(0.8)

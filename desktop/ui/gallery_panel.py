@@ -109,6 +109,7 @@ class GalleryPanel(PanelMessages, QWidget):
         self.list.itemDoubleClicked.connect(lambda _item: self.view_selected())
         self.empty_label = QLabel("No images yet. Finished generations appear here.")
         self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty_label.setWordWrap(True)
         dim(self.empty_label).setContentsMargins(24, 24, 24, 24)
 
         self.details = QLabel()
@@ -131,7 +132,7 @@ class GalleryPanel(PanelMessages, QWidget):
         self.include_prompt.setToolTip("Exported PNGs carry the settings; the prompt only when this is ticked.")
         self.scale_combo = QComboBox()
         for factor in EXPORT_SCALES:
-            self.scale_combo.addItem("as is" if factor == 1 else f"{factor}× larger", factor)
+            self.scale_combo.addItem("as is" if factor == 1 else f"{factor}×", factor)
         self.scale_combo.setToolTip("Export larger: a 64 px image is unreadable at its own size")
         self.smooth_check = QCheckBox("Smooth")
         self.smooth_check.setToolTip("Smooth (Lanczos) upscaling; unticked keeps crisp pixels (nearest)")
@@ -149,7 +150,7 @@ class GalleryPanel(PanelMessages, QWidget):
         export_row.addWidget(self.include_prompt)
         export_row.addStretch(1)
         scale_row = QHBoxLayout()
-        scale_row.addWidget(QLabel("Export size"))
+        scale_row.addWidget(QLabel("Size"))
         scale_row.addWidget(self.scale_combo, 1)
         scale_row.addWidget(self.smooth_check)
 

@@ -38,7 +38,7 @@ from hediff.desktop.ui.dialogs import (
 )
 
 POLICY_LABELS = {
-    "fresh": "A fresh key for every generation (default)",
+    "fresh": "A fresh key per generation (default)",
     "device": "Use the stored device key",
 }
 PROTECTION_LABELS = {

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -34,7 +34,7 @@ from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.notify import Notifier
 from hediff.desktop.ui.params_form import ParamsForm
-from hediff.desktop.ui.preview import ImageView, png_paths
+from hediff.desktop.ui.preview import ImageView, compact, png_paths
 from hediff.desktop.ui.privacy_panel import PrivacyPanel
 from hediff.desktop.ui.queue_view import QueueView
 from hediff.desktop.ui.servers_panel import ServersPanel
@@ -50,6 +50,9 @@ NOT_PRIVATE_STYLE = "color: #c62828; font-weight: 600;"
 
 
 WINDOW_TITLE = "HE-Diffusion"
+WIDE_WINDOW = 1000  # from this width on, every panel gets the width its contents need
+NARROW_TABS_WIDTH = 240
+CENTRE_MIN_WIDTH = 200
 
 
 def warm_up_note(evaluations: int, requested: int) -> str:
@@ -74,6 +77,28 @@ def format_eta(seconds: float) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+class FittingProgressBar(QProgressBar):
+    """Shows its full text, or a short form when the bar is too narrow for it (the centre column of a 1024 px
+    window); the full text stays in the tooltip."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._full = self._short = ""
+
+    def set_texts(self, full: str, short: str | None = None) -> None:
+        self._full, self._short = full, short or full
+        self.setToolTip(full if short else "")
+        self._fit()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        fits = self.fontMetrics().horizontalAdvance(self._full) <= self.width() - 16
+        self.setFormat((self._full if fits else self._short).replace("%", "%%"))
 
 
 class MainWindow(QMainWindow):
@@ -147,19 +172,21 @@ class MainWindow(QMainWindow):
         self.preview = self.image_view.preview
         self.preview.pngDropped.connect(self.load_png)
         self.reuse_seed_button = QToolButton()
-        self.reuse_seed_button.setText("Reuse seed")
+        self.reuse_seed_button.setText("Seed")
         self.reuse_seed_button.setToolTip("Put this image's seed into the form and keep it")
         self.reuse_seed_button.setEnabled(False)
+        self.reuse_seed_button.setAutoRaise(True)
+        compact(self.reuse_seed_button)
         self.reuse_seed_button.clicked.connect(self.reuse_seed)
         self.image_view.bar.insertWidget(self.image_view.bar.count() - 1, self.reuse_seed_button)
         self._shown_seed: int | None = None
         self._saved_paths: dict[int, str] = {}
         self.setAcceptDrops(True)
-        self.progress = QProgressBar()
+        self.progress = FittingProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
-        self.progress.setFormat("Idle")
+        self.progress.set_texts("Idle")
         self.progress.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.message_label = QLabel("")
         self.message_label.setWordWrap(True)
@@ -195,7 +222,11 @@ class MainWindow(QMainWindow):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 8, 8, 8)
         rl.addWidget(self.tabs)
-        right.setMinimumWidth(240)
+        # in windows of 1000 px and more the tabs panel gets the width its widest tab needs (a narrower one cuts
+        # the tabs' contents off at the window's edge); in smaller windows (small screens) it may shrink
+        margins = rl.contentsMargins()
+        self._tabs_width = self.tabs.minimumSizeHint().width() + margins.left() + margins.right()
+        right.setMinimumWidth(NARROW_TABS_WIDTH)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
@@ -206,6 +237,7 @@ class MainWindow(QMainWindow):
         self.splitter.setStretchFactor(2, 1)
         self.splitter.setChildrenCollapsible(False)
         self.splitter.setSizes([left.minimumWidth(), 600, 400])
+        self.splitter.splitterMoved.connect(lambda *_: self._fit_tabs())
         self.setCentralWidget(self.splitter)
 
         self.server_status = QLabel("")
@@ -477,7 +509,7 @@ class MainWindow(QMainWindow):
             self.privacy_panel.begin_job(params, server_name, getattr(self.services.settings, "key_policy", "fresh"))
         self.progress.setRange(0, params.steps if params is not None else 1)
         self.progress.setValue(0)
-        self.progress.setFormat(f"Job #{job_id}: connecting to {server_name or 'the server'}…")
+        self.progress.set_texts(f"Job #{job_id}: connecting to {server_name or 'the server'}…", "Connecting…")
         # the last job's image and message belong to it: an old error under a new job reads as the new job's
         self.preview.clear()
         self._shown_seed = None
@@ -498,7 +530,8 @@ class MainWindow(QMainWindow):
             self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
         self.progress.setRange(0, update.total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"{counted}, ETA {format_eta(update.eta_s)}")
+        eta = format_eta(update.eta_s)
+        self.progress.set_texts(f"{counted}, ETA {eta}", f"{done} / {update.total}, ETA {eta}")
         self.setWindowTitle(f"{100 * done // update.total}% · job #{self._current_job} · {WINDOW_TITLE}")
         self.timing_chart.add_update(update)
         self.privacy_panel.update_step(update)
@@ -517,7 +550,8 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, max(1, len(result.step_timings)))
         self.progress.setValue(self.progress.maximum())
         note = warm_up_note(len(result.step_timings), params.steps)
-        self.progress.setFormat(f"Done: {params.steps} steps{note} in {format_seconds(result.total_s)}")
+        took = format_seconds(result.total_s)
+        self.progress.set_texts(f"Done: {params.steps} steps{note} in {took}", f"Done in {took}")
         self.timing_chart.set_result(result)
         self.privacy_panel.finish(result)
         self.gallery_panel.refresh()
@@ -537,7 +571,7 @@ class MainWindow(QMainWindow):
         self._submitted.pop(job_id, None)
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self.progress.setFormat(f"Job #{job_id} failed")
+        self.progress.set_texts(f"Job #{job_id} failed")
         self.preview.set_caption("")
         self.show_error(f"Job #{job_id} failed: {message}")
         if self.user_is_away():
@@ -546,7 +580,7 @@ class MainWindow(QMainWindow):
 
     def _job_cancelled(self, job_id: int) -> None:
         self._submitted.pop(job_id, None)
-        self.progress.setFormat(f"Job #{job_id} cancelled")
+        self.progress.set_texts(f"Job #{job_id} cancelled")
         self.preview.set_caption(f"Job #{job_id} was cancelled")
         self.show_info(f"Job #{job_id} cancelled.")
         self._job_over(job_id)
@@ -619,6 +653,21 @@ class MainWindow(QMainWindow):
             QApplication.processEvents()
         self._save_settings()
         self.worker.shutdown()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        QTimer.singleShot(0, self, self._fit_tabs)  # once the splitter has laid its panels out at the new width
+
+    def _fit_tabs(self) -> None:
+        """Widen the tabs panel to what its tabs need, taking the width from the image, in a wide window."""
+        if self.width() < WIDE_WINDOW:
+            return
+        sizes = self.splitter.sizes()
+        lack = self._tabs_width - sizes[2]
+        if lack > 0:
+            take = min(lack, sizes[1] - CENTRE_MIN_WIDTH)
+            if take > 0:
+                self.splitter.setSizes([sizes[0], sizes[1] - take, sizes[2] + take])
 
     def closeEvent(self, event) -> None:
         waiting = len(self.worker.pending_jobs()) if not self._shut_down else 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -83,6 +83,9 @@ class ModelManagerDialog(QDialog):
         self.splits_table.verticalHeader().hide()
         self.splits_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.splits_table.horizontalHeader().setStretchLastSection(True)
+        self.splits_table.setWordWrap(True)
+        # the notes column gets its width only once laid out: rows follow, so whole sentences show
+        self.splits_table.horizontalHeader().sectionResized.connect(lambda *_: self.splits_table.resizeRowsToContents())
         self.problem_label = MessageLabel(self)
         right = QVBoxLayout()
         right.addWidget(self.title)
@@ -102,6 +105,11 @@ class ModelManagerDialog(QDialog):
         layout.addWidget(self.result_label)
         layout.addWidget(buttons)
         self.refresh()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        # the notes column has its width only once laid out: rows follow it, so whole sentences show
+        QTimer.singleShot(0, self, self.splits_table.resizeRowsToContents)
 
     # --- listing ---
 
@@ -169,8 +177,12 @@ class ModelManagerDialog(QDialog):
             supported.setToolTip(why or "")
             self.splits_table.setItem(row, 0, QTableWidgetItem(split))
             self.splits_table.setItem(row, 1, supported)
-            self.splits_table.setItem(row, 2, QTableWidgetItem(why or SPLIT_TIPS.get(split, "")))
-        self.splits_table.resizeColumnsToContents()
+            note = QTableWidgetItem(why or SPLIT_TIPS.get(split, ""))
+            note.setToolTip(note.text())
+            self.splits_table.setItem(row, 2, note)
+        self.splits_table.resizeColumnToContents(0)
+        self.splits_table.resizeColumnToContents(1)
+        self.splits_table.resizeRowsToContents()  # the notes wrap: whole sentences, not "…"
 
     def split_rows(self) -> list[tuple[str, str]]:
         return [

@@ -14,7 +14,6 @@ from PySide6.QtWidgets import (
     QApplication,
     QDialog,
     QHBoxLayout,
-    QLabel,
     QSizePolicy,
     QToolButton,
     QVBoxLayout,
@@ -294,12 +293,26 @@ class PreviewWidget(QWidget):
             p.fillRect(target.adjusted(-1, -1, 1, 1), QColor(0, 0, 0, 60))
             p.drawPixmap(target, self._pixmap, QRectF(self._pixmap.rect()))
             p.restore()
+            # the zoom level in the top right corner, on a chip readable over any image
+            text = self.zoom_text()
+            fm = p.fontMetrics()
+            chip = QRect(0, 0, fm.horizontalAdvance(text) + 10, fm.height() + 4)
+            chip.moveTopRight(QPoint(self.width() - 4, 4))
+            p.fillRect(chip, QColor(0, 0, 0, 140))
+            p.setPen(QColor(255, 255, 255))
+            p.drawText(chip, Qt.AlignmentFlag.AlignCenter, text)
         if self._caption:
             caption_h = 26
             p.setPen(pal.color(QPalette.ColorRole.WindowText))
             rect = QRectF(12, self.height() - caption_h - 6, self.width() - 24, caption_h)
             p.drawText(rect, Qt.AlignmentFlag.AlignCenter, self._caption)
         p.end()
+
+
+def compact(button: QToolButton) -> QToolButton:
+    """As narrow as its text allows: the image bar must fit the centre column of a 1024 px window (~220 px)."""
+    button.setFixedWidth(max(24, button.fontMetrics().horizontalAdvance(button.text()) + 12))
+    return button
 
 
 class ImageView(QWidget):
@@ -313,13 +326,12 @@ class ImageView(QWidget):
         self.out_button = self._button("−", "Zoom out (mouse wheel)", self.preview.zoom_out)
         self.in_button = self._button("+", "Zoom in (mouse wheel)", self.preview.zoom_in)
         self.copy_button = self._button("Copy", "Copy the image to the clipboard", self.copy)
-        self.zoom_label = QLabel()
-        self.zoom_label.setMinimumWidth(self.zoom_label.fontMetrics().horizontalAdvance("Fit · 6400%") + 4)
-        self.bar = QHBoxLayout()
+        self.fit_button.setCheckable(True)
+        self.bar = QHBoxLayout()  # compact: the centre column is about 220 px wide in a 1024 px window
         self.bar.setContentsMargins(0, 0, 0, 0)
+        self.bar.setSpacing(2)
         for b in (self.fit_button, self.actual_button, self.out_button, self.in_button):
             self.bar.addWidget(b)
-        self.bar.addWidget(self.zoom_label)
         self.bar.addStretch(1)
         self.bar.addWidget(self.copy_button)
         layout = QVBoxLayout(self)
@@ -335,6 +347,7 @@ class ImageView(QWidget):
         b.setText(text)
         b.setToolTip(tip)
         b.setAutoRaise(True)
+        compact(b)
         b.clicked.connect(slot)
         return b
 
@@ -350,11 +363,7 @@ class ImageView(QWidget):
         has = not self.preview.pixmap().isNull()
         for b in (self.fit_button, self.actual_button, self.out_button, self.in_button, self.copy_button):
             b.setEnabled(has)
-        self.zoom_label.setText(self.preview.zoom_text() if has else "")
-
-    def resizeEvent(self, event) -> None:
-        super().resizeEvent(event)
-        self._update()  # a fitted image's zoom level follows the view's size
+        self.fit_button.setChecked(has and self.preview.is_fit())
 
 
 class ImageViewer(QDialog):

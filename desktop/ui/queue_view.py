@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QPushButton,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -57,13 +57,16 @@ class QueueView(QWidget):
         self.title.setStyleSheet("font-weight: 600;")
         header.addWidget(self.title)
         header.addStretch(1)
-        self.up_button = QPushButton("Up")
+        self.up_button = QToolButton()
+        self.up_button.setText("↑")
         self.up_button.setToolTip("Run the selected queued job sooner")
         self.up_button.clicked.connect(lambda: self._move_selected(-1))
-        self.down_button = QPushButton("Down")
+        self.down_button = QToolButton()
+        self.down_button.setText("↓")
         self.down_button.setToolTip("Run the selected queued job later")
         self.down_button.clicked.connect(lambda: self._move_selected(1))
-        self.remove_button = QPushButton("Remove")
+        self.remove_button = QToolButton()
+        self.remove_button.setText("Remove")
         self.remove_button.setToolTip("Remove the selected queued job")
         self.remove_button.clicked.connect(self._remove_selected)
         for b in (self.up_button, self.down_button, self.remove_button):
@@ -112,7 +115,8 @@ class QueueView(QWidget):
             item.setSelected(job_id is not None and job_id == selected)
         self.list.blockSignals(False)
         n = len(pending)
-        self.title.setText(f"Queue ({n} waiting)" if n else "Queue")
+        self.title.setText(f"Queue ({n})" if n else "Queue")  # short: the column is narrow in small windows
+        self.title.setToolTip(f"{n} job{'s' if n != 1 else ''} waiting")
         self._selection_changed()
 
     def pending_ids(self) -> list[int]:

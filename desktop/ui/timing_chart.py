@@ -87,7 +87,7 @@ class TimingChart(QWidget):
         self._extra: dict[str, float] = {}  # setup / decode / total once a generation finished
         self._bar_rects: list[QRectF] = []
         self.setMouseTracking(True)
-        self.setMinimumSize(280, 200)
+        self.setMinimumSize(240, 200)  # narrower tabs put the legend under the chart
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setAccessibleName("Per-step timing chart")
 
