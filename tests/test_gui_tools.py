@@ -335,7 +335,7 @@ def test_dropping_a_png_loads_its_settings_and_seed_buttons(qtbot, services, mak
     )
     # Qt delivers a drop only inside a real drag-and-drop session, so the test hands it to the handler Qt calls
     enter = QDragEnterEvent(
-        QPoint(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+        QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
     )
     window.preview.dragEnterEvent(enter)
     assert enter.isAccepted()
