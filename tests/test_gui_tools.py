@@ -308,6 +308,8 @@ def test_copy_and_drag_carry_the_image_and_its_file(qtbot, services, make_window
     panel = window.gallery_panel
     panel.select(entry.id)
     assert panel.copy_selected() and clipboard.image().size().toTuple() == (32, 32)
+    dragged = panel.list.mimeData(panel.list.selectedItems())  # what dragging a thumbnail out carries
+    assert [u.toLocalFile() for u in dragged.urls()] == [str(entry.image_path)] and dragged.hasImage()
     window.close()
 
 

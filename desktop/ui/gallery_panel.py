@@ -74,6 +74,18 @@ def _placeholder() -> QPixmap:
     return pixmap
 
 
+class _GalleryList(QListWidget):
+    """Thumbnails; dragging one out of the app carries its PNG file (with the settings) and the image."""
+
+    mime_for: Callable[[list], QMimeData | None] = staticmethod(lambda _items: None)
+
+    def mimeData(self, items) -> QMimeData:
+        return self.mime_for(items) or super().mimeData(items)
+
+    def supportedDragActions(self):
+        return Qt.DropAction.CopyAction
+
+
 class GalleryPanel(PanelMessages, QWidget):
     loadSettingsRequested = Signal(object)  # GenerationParams
     statusMessage = Signal(str)
@@ -96,12 +108,15 @@ class GalleryPanel(PanelMessages, QWidget):
             "'remember prompts' is on (Preferences)."
         )
         self.search_edit.textChanged.connect(lambda _text: self.refresh())
-        self.list = QListWidget(self)
+        self.list = _GalleryList(self)
+        self.list.mime_for = self._mime_for
         self.list.setViewMode(QListView.ViewMode.IconMode)
         self.list.setIconSize(QSize(THUMB, THUMB))
         self.list.setGridSize(QSize(THUMB + 28, THUMB + 40))
         self.list.setResizeMode(QListView.ResizeMode.Adjust)
         self.list.setMovement(QListView.Movement.Static)
+        self.list.setDragEnabled(True)  # a thumbnail dragged out carries the PNG file and its pixels
+        self.list.setDragDropMode(QListWidget.DragDropMode.DragOnly)
         self.list.setUniformItemSizes(True)
         self.list.setWordWrap(True)
         self.list.setSelectionMode(QListWidget.SelectionMode.SingleSelection)
@@ -328,20 +343,30 @@ class GalleryPanel(PanelMessages, QWidget):
         self.viewer = viewer
         return viewer
 
+    def _mime_for(self, items) -> QMimeData | None:
+        entries = [self._entries.get(item.data(_ID_ROLE)) for item in items]
+        entries = [e for e in entries if e is not None]
+        if not entries:
+            return None
+        mime = QMimeData()
+        mime.setUrls([QUrl.fromLocalFile(str(e.image_path)) for e in entries])
+        image = QImage(str(entries[0].image_path))
+        if not image.isNull():
+            mime.setImageData(image)
+        return mime
+
     def copy_selected(self) -> bool:
         """The selected image to the clipboard: its pixels, and the PNG file for apps that take files."""
         entry = self._need_selection()
         if entry is None:
             return False
-        image = QImage(str(entry.image_path))
-        if image.isNull():
+        mime = self._mime_for(self.list.selectedItems())
+        if mime is None or not mime.hasImage():
             self._fail(f"The image file {entry.image_path} cannot be read.")
             return False
-        mime = QMimeData()
-        mime.setImageData(image)
-        mime.setUrls([QUrl.fromLocalFile(str(entry.image_path))])
+        size = mime.imageData().size()
         QApplication.clipboard().setMimeData(mime)
-        self._ok(f"Copied the image ({image.width()}×{image.height()}) to the clipboard.")
+        self._ok(f"Copied the image ({size.width()}×{size.height()}) to the clipboard.")
         return True
 
     def export_selected(
