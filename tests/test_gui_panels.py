@@ -379,7 +379,8 @@ def test_keys_create_rotate_delete(qtbot, services):
     assert services.keys.info("fast") is not None
     asked = []
     panel.confirm = lambda title, text: asked.append(text) or True
-    qtbot.mouseClick(box.delete_button, LEFT)
+    qtbot.mouseClick(box.delete_button, LEFT)  # the click returns at once; the deletion runs off the GUI thread
+    assert panel.wait()
     assert asked and rotated.fingerprint in asked[0]
     assert services.keys.info("fast") is None and box.fingerprint.text() == "no device key"
     assert not panel.delete("fast")  # nothing to delete: a message, no exception
@@ -418,6 +419,7 @@ def test_keys_without_keyring_need_a_passphrase(qtbot, no_keyring):
     asked = []
     panel.ask_passphrase = lambda **kw: asked.append(kw) or PASSPHRASE
     qtbot.mouseClick(panel.passphrase_button, LEFT)
+    assert panel.wait()
     assert asked and asked[0]["confirm"] is True
     assert panel.passphrase_button.isHidden() and panel.keyring_label.kind == "info"
     assert box.create_button.isEnabled()
@@ -445,11 +447,13 @@ def test_keys_protected_by_a_passphrase_are_unlocked_and_checked(qtbot, tmp_path
     asked = []
     panel.ask_passphrase = lambda **kw: asked.append(kw) or "not the passphrase"
     qtbot.mouseClick(panel.passphrase_button, LEFT)
+    assert not panel.wait()
     assert asked[0]["confirm"] is False  # unlocking: entered once
     assert panel.result_label.kind == "error" and "wrong passphrase" in panel.result_label.text().lower()
     assert not later.keys.uses_passphrase and panel.needs_unlock()
     panel.ask_passphrase = lambda **kw: PASSPHRASE
     qtbot.mouseClick(panel.passphrase_button, LEFT)
+    assert panel.wait()
     assert later.keys.uses_passphrase and not panel.needs_unlock() and panel.passphrase_button.isHidden()
     assert later.keys.load("fast").fingerprint == created.fingerprint
 

@@ -28,6 +28,7 @@ from hediff.desktop.core.keystore import (
     SecretStore,
     WrongPassphrase,
     keyring_advice,
+    no_keyring_message,
 )
 
 FAST_N = 2**12  # scrypt cost for most tests; one test checks the real default
@@ -89,11 +90,13 @@ def test_unavailable_backends_refuse_with_advice(backend):
 
 
 def test_advice_names_the_platform_keyring():
-    assert "Secret Service (e.g. GNOME Keyring or KWallet)" in keyring_advice("linux")
-    assert "start or unlock one" in keyring_advice("linux")
+    assert keyring_advice("linux") == "start or unlock your desktop's keyring (GNOME Keyring or KWallet)"
     assert "Keychain" in keyring_advice("darwin")
     assert "Credential Manager" in keyring_advice("win32")
-    assert str(KeyringUnavailable("x", platform="linux")).startswith("The OS keyring is not available (x)")
+    assert str(KeyringUnavailable("x", platform="linux")) == (
+        "No usable system keyring (x). To fix: start or unlock your desktop's keyring (GNOME Keyring or KWallet), "
+        "then try again. Meanwhile API tokens cannot be saved; device keys can use a passphrase instead (Keys tab)."
+    )
 
 
 class _Raising(keyring.backend.KeyringBackend):
@@ -146,10 +149,9 @@ def test_use_time_keyring_errors_become_keyring_unavailable():
     with pytest.raises(KeyringUnavailable, match="Failed to unlock") as e:
         s.set("n", "v")
     # what the user reads: the cause, then this platform's advice (the Secret Service on Linux)
-    assert str(e.value) == (
-        "The OS keyring is not available (the keyring could not be opened: Failed to unlock the collection!): "
-        + keyring_advice()
-    )
+    assert str(e.value) == no_keyring_message("the keyring could not be opened: Failed to unlock the collection!")
+    assert str(e.value).startswith("No usable system keyring (the keyring could not be opened: Failed to unlock")
+    assert keyring_advice() in str(e.value)
     assert not s.available  # remembered until refresh()
 
     class Refusing(MemoryKeyring):

@@ -147,7 +147,7 @@ def test_tokens_live_only_in_the_keyring(tmp_path, store):
 def test_no_keyring_refuses_tokens_but_not_servers(tmp_path):
     nokeyring = SecretStore(fail.Keyring())
     s = Settings.load(tmp_path)
-    with pytest.raises(KeyringUnavailable, match="Secret Service|Keychain|Credential Manager"):
+    with pytest.raises(KeyringUnavailable, match="GNOME Keyring|Keychain|Credential Manager"):
         s.add_server("GPU", "https://gpu.example", TOKEN, nokeyring)
     assert [e.id for e in s.servers] == ["device", "local"]
     assert not (tmp_path / "settings.json").exists() or TOKEN not in (tmp_path / "settings.json").read_text()

@@ -28,6 +28,7 @@ from hediff.desktop.core.settings import params_from_dict
 SIDECAR_FORMAT = "hediff-gallery/1"
 _ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{6}$")
 _MAX_SIDECAR = 1 << 20
+EXPORT_SCALES = (1, 2, 3, 4, 6, 8)
 
 
 class GalleryError(HEDiffusionError, ValueError):
@@ -48,6 +49,7 @@ class GalleryEntry:
     timing_totals: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    model: str = ""  # "embedded", a model folder or a hub id; "" for entries from before it was kept
 
     def summary(self) -> str:
         """One line for a list: size, steps, scheduler, encryption, seed, time."""
@@ -85,6 +87,40 @@ def save_png_private(result: GenerationResult, path: Path, include_prompt: bool)
     return path
 
 
+def settings_from_png(path: Path) -> GenerationParams:
+    """The generation settings a PNG written by this app carries in its metadata (the prompts only if they were
+    embedded: "" otherwise). GalleryError when the file is not a readable PNG or carries no settings."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise GalleryError(f"{path.name} is not a PNG image")
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise GalleryError(f"{path.name} cannot be read as an image: {e}") from None
+    if not any(k.startswith("hediff:") for k in text):
+        raise GalleryError(f"{path.name} carries no HE-Diffusion settings (only images made by this app do)")
+    try:
+        return GenerationParams.from_text(text)
+    except ValueError as e:
+        raise GalleryError(f"the settings in {path.name} are not usable: {e}") from None
+
+
+def entry_date(entry: GalleryEntry) -> str:
+    """When an entry was made, local time, as the gallery shows and searches it: ``YYYY-MM-DD HH:MM``."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created))
+
+
+def matches(entry: GalleryEntry, query: str) -> bool:
+    """Gallery search: every word of ``query`` (case-insensitive) appears in the entry's prompt (kept only when
+    prompts are remembered), negative prompt, model, date (``2026-12-07 14:05``), scheduler or seed."""
+    p = entry.params
+    haystack = " ".join(
+        (p.prompt, p.negative_prompt, entry.model, Path(entry.model).name, entry_date(entry), p.scheduler, str(p.seed))
+    ).lower()
+    return all(word in haystack for word in query.lower().split())
+
+
 def _check_id(entry_id: str) -> str:
     if not isinstance(entry_id, str) or not _ID_RE.match(entry_id):
         raise GalleryError(f"{entry_id!r} is not a gallery entry id")
@@ -105,9 +141,11 @@ class Gallery:
 
     # --- adding ---
 
-    def add(self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False) -> GalleryEntry:
+    def add(
+        self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False, model: str = ""
+    ) -> GalleryEntry:
         """Store a finished result: the PNG (prompt in its metadata only if asked) and the parameters sidecar
-        (the prompts only if ``remember_prompt``)."""
+        (the prompts only if ``remember_prompt``; ``model``: what made it, for search)."""
         if result.image is None:
             raise GalleryError("the result has no image to store")
         ensure_private_dir(self.root, tighten_existing=True)
@@ -130,12 +168,14 @@ class Gallery:
             timing_totals=result.timing_totals(),
             bytes_sent=int(sum(result.bytes_sent)),
             bytes_received=int(sum(result.bytes_received)),
+            model=str(model),
         )
         sidecar = {
             "format": SIDECAR_FORMAT,
             "id": entry.id,
             "image": png.name,
             "params": asdict(entry.params if remember_prompt else replace(entry.params, prompt="", negative_prompt="")),
+            "model": entry.model,
             "created": entry.created,
             "total_s": entry.total_s,
             "steps": entry.steps,
@@ -222,6 +262,7 @@ class Gallery:
                 timing_totals={str(k): _number(v, "timing") for k, v in totals.items()},
                 bytes_sent=int(_number(data.get("bytes_sent", 0), "bytes_sent")),
                 bytes_received=int(_number(data.get("bytes_received", 0), "bytes_received")),
+                model=str(data.get("model", "")),
             )
         except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
             why = f"missing {e}" if isinstance(e, KeyError) else str(e)
@@ -241,10 +282,13 @@ class Gallery:
             except FileNotFoundError:
                 pass
 
-    def export(self, entry_id: str, dest: Path, include_prompt: bool) -> Path:
+    def export(self, entry_id: str, dest: Path, include_prompt: bool, scale: int = 1, smooth: bool = False) -> Path:
         """Write the image as a PNG to ``dest`` (a file, ".png" added if missing, or a folder to put
         ``hediff-<id>.png`` in) with the parameters in its metadata, the prompts only if ``include_prompt``.
-        Returns the path written."""
+        ``scale``: upscale by a whole factor (a 64 px image is unreadable as is), with crisp pixels (nearest) or,
+        if ``smooth``, Lanczos filtering. Returns the path written."""
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale not in EXPORT_SCALES:
+            raise GalleryError(f"the export scale must be one of {', '.join(map(str, EXPORT_SCALES))}, got {scale!r}")
         entry = self.get(entry_id)
         if entry is None:
             raise GalleryError(f"there is no gallery entry {entry_id}")
@@ -258,6 +302,9 @@ class Gallery:
                 image = im.convert("RGB")  # pixels only: none of the stored file's metadata comes along
         except OSError as e:
             raise GalleryError(f"gallery image {entry.image_path.name} cannot be read: {e}") from None
+        if scale > 1:
+            resample = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
+            image = image.resize((image.width * scale, image.height * scale), resample)
         fractions = [entry.encrypted_fraction] if entry.encrypted_fraction is not None else []
         latent = np.zeros(0)  # not needed for the PNG
         exported = GenerationResult(params=entry.params, image=image, latent=latent, encrypted_fractions=fractions)

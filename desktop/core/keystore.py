@@ -67,30 +67,30 @@ _USE_ERRORS = (keyring.errors.KeyringLocked, keyring.errors.NoKeyringError, keyr
 
 
 def keyring_advice(platform: str | None = None) -> str:
-    """What the user can do about a missing or locked keyring on this platform."""
+    """How to get a working keyring on this platform: one short imperative."""
     platform = sys.platform if platform is None else platform
     if platform.startswith("win"):
-        what = "Windows Credential Manager could not be used; sign in to a normal Windows session and try again."
-    elif platform == "darwin":
-        what = "the macOS Keychain could not be used; unlock your login keychain (Keychain Access) and try again."
-    else:
-        what = (
-            "no Secret Service (e.g. GNOME Keyring or KWallet) is running, or it is locked; start or unlock one "
-            "(it normally comes with the desktop session; on a bare session start gnome-keyring-daemon inside "
-            "a D-Bus session), then try again."
-        )
+        return "sign in to a normal Windows session (Credential Manager)"
+    if platform == "darwin":
+        return "unlock your login keychain in Keychain Access"
+    return "start or unlock your desktop's keyring (GNOME Keyring or KWallet)"
+
+
+def no_keyring_message(detail: str, platform: str | None = None) -> str:
+    """The one message for a missing or locked keyring, wherever it shows (Servers and Keys tabs, the server
+    dialog, errors in the CLI and API): what is wrong, how to fix it, and what works meanwhile."""
     return (
-        f"{what} Server API tokens are only ever kept in the OS keyring, never in a file. Device keys can "
-        "instead be protected with a passphrase: opt in on the Keys tab."
+        f"No usable system keyring ({detail}). To fix: {keyring_advice(platform)}, then try again. Meanwhile "
+        "API tokens cannot be saved; device keys can use a passphrase instead (Keys tab)."
     )
 
 
 class KeyringUnavailable(KeysError, RuntimeError):
-    """The OS keyring cannot be used; str() says what is wrong and what to do."""
+    """The OS keyring cannot be used; str() is ``no_keyring_message``."""
 
     def __init__(self, detail: str, platform: str | None = None):
         self.detail = detail
-        super().__init__(f"The OS keyring is not available ({detail}): {keyring_advice(platform)}")
+        super().__init__(no_keyring_message(detail, platform))
 
 
 class KeyStoreError(KeysError, ValueError):

@@ -27,6 +27,9 @@ LOCAL_SERVER_ID = "local"
 DEVICE_SERVER_ID = "device"
 TRUSTED_CERTS_DIR = "trusted-certs"
 KEY_POLICIES = ("fresh", "device")
+# what the image shows while a job runs: the predicted final image (x0, cheap), or nothing but the progress (a
+# screen others can see, or a slow machine)
+PREVIEW_KINDS = ("predicted", "none")
 _PROMPT_FIELDS = ("prompt", "negative_prompt")
 
 
@@ -92,10 +95,13 @@ class Settings:
     servers: list[ServerEntry] = field(default_factory=_default_servers)
     selected_server: str = DEVICE_SERVER_ID  # private by default
     params: dict = field(default_factory=dict)  # GenerationSettings.to_dict() of the last use; prompts only if asked
-    model: str = "embedded"
+    model: str = "embedded"  # the default model
+    models: list[str] = field(default_factory=list)  # model folders added in the model manager
     remember_prompt: bool = False
+    prompt_history: list[str] = field(default_factory=list)  # recent prompts, stored only if remember_prompt
     embed_prompt_in_png: bool = False
     key_policy: str = "fresh"  # "fresh": a new key per generation; "device": the stored device key
+    preview_kind: str = "predicted"  # one of PREVIEW_KINDS
     window_geometry: str | None = None
     splitter_state: str | None = None  # the main window's panel widths (QSplitter.saveState, base64)
     problem: str | None = None  # why the file on disk could not be used (then these are defaults)
@@ -157,8 +163,17 @@ class Settings:
                     setattr(s, name, data[name])
                 else:
                     notes.append(f"{name!r} was ignored")
+        if isinstance(data.get("models"), list):
+            s.models = [m for m in data["models"] if isinstance(m, str) and m]
+        history = data.get("prompt_history")
+        if s.remember_prompt and isinstance(history, list):
+            s.prompt_history = [p for p in history if isinstance(p, str)]
         if isinstance(data.get("embed_prompt_in_png"), bool):
             s.embed_prompt_in_png = data["embed_prompt_in_png"]
+        if data.get("preview_kind") in PREVIEW_KINDS:
+            s.preview_kind = data["preview_kind"]
+        elif "preview_kind" in data:
+            notes.append(f"unknown preview kind {data['preview_kind']!r} was ignored")
         if data.get("key_policy") in KEY_POLICIES:
             s.key_policy = data["key_policy"]
         elif "key_policy" in data:
@@ -190,9 +205,12 @@ class Settings:
             "selected_server": self.selected_server,
             "params": params,
             "model": self.model,
+            "models": list(self.models),
             "remember_prompt": self.remember_prompt,
+            "prompt_history": list(self.prompt_history) if self.remember_prompt else [],
             "embed_prompt_in_png": self.embed_prompt_in_png,
             "key_policy": self.key_policy,
+            "preview_kind": self.preview_kind,
             "window_geometry": self.window_geometry,
             "splitter_state": self.splitter_state,
         }
@@ -201,6 +219,8 @@ class Settings:
         """Write atomically (0600). Prompts are dropped from ``params`` unless ``remember_prompt``."""
         if self.key_policy not in KEY_POLICIES:
             raise UsageError(f"key_policy must be one of {', '.join(KEY_POLICIES)}, got {self.key_policy!r}")
+        if self.preview_kind not in PREVIEW_KINDS:
+            raise UsageError(f"preview_kind must be one of {', '.join(PREVIEW_KINDS)}, got {self.preview_kind!r}")
         ensure_private_dir(self.path.parent)
         atomic_write(self.path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"), mode=0o600)
 

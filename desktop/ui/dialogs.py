@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from hediff.desktop.core.backend_client import BackendError
-from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError
+from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError, no_keyring_message
 
 PASSPHRASE_MIN_LENGTH = 8
 
@@ -98,7 +98,7 @@ def keyring_problem(secrets) -> str | None:
             return None
     except Exception as e:  # noqa: BLE001 - a keyring that cannot even say whether it works is unavailable
         return error_text(e)
-    return secrets.unavailable_reason or "The OS keyring is not available."
+    return secrets.unavailable_reason or no_keyring_message("no reason given")
 
 
 def monospace_font() -> QFont:

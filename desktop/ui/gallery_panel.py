@@ -9,14 +9,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QSize, Qt, QUrl, Signal
-from PySide6.QtGui import QColor, QDesktopServices, QIcon, QPainter, QPixmap
+from PySide6.QtCore import QMimeData, QSize, Qt, QUrl, Signal
+from PySide6.QtGui import QColor, QDesktopServices, QIcon, QImage, QPainter, QPixmap
 from PySide6.QtWidgets import (
+    QApplication,
     QCheckBox,
+    QComboBox,
     QFileDialog,
     QGridLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListView,
     QListWidget,
     QListWidgetItem,
@@ -25,7 +28,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from hediff.desktop.core.gallery import EXPORT_SCALES, matches
 from hediff.desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
+from hediff.desktop.ui.preview import ImageViewer
 
 THUMB = 128
 _ID_ROLE = Qt.ItemDataRole.UserRole
@@ -69,6 +74,18 @@ def _placeholder() -> QPixmap:
     return pixmap
 
 
+class _GalleryList(QListWidget):
+    """Thumbnails; dragging one out of the app carries its PNG file (with the settings) and the image."""
+
+    mime_for: Callable[[list], QMimeData | None] = staticmethod(lambda _items: None)
+
+    def mimeData(self, items) -> QMimeData:
+        return self.mime_for(items) or super().mimeData(items)
+
+    def supportedDragActions(self):
+        return Qt.DropAction.CopyAction
+
+
 class GalleryPanel(PanelMessages, QWidget):
     loadSettingsRequested = Signal(object)  # GenerationParams
     statusMessage = Signal(str)
@@ -83,19 +100,31 @@ class GalleryPanel(PanelMessages, QWidget):
         self._thumbs: dict[tuple[str, float], QIcon] = {}
 
         self.problems_label = MessageLabel(self)
-        self.list = QListWidget(self)
+        self.search_edit = QLineEdit()
+        self.search_edit.setPlaceholderText("Search: prompt, model, date (2026-12-07), seed")
+        self.search_edit.setClearButtonEnabled(True)
+        self.search_edit.setToolTip(
+            "Every word must match the prompt, model, date, scheduler or seed. Prompts are searchable only while "
+            "'remember prompts' is on (Preferences)."
+        )
+        self.search_edit.textChanged.connect(lambda _text: self.refresh())
+        self.list = _GalleryList(self)
+        self.list.mime_for = self._mime_for
         self.list.setViewMode(QListView.ViewMode.IconMode)
         self.list.setIconSize(QSize(THUMB, THUMB))
         self.list.setGridSize(QSize(THUMB + 28, THUMB + 40))
         self.list.setResizeMode(QListView.ResizeMode.Adjust)
         self.list.setMovement(QListView.Movement.Static)
+        self.list.setDragEnabled(True)  # a thumbnail dragged out carries the PNG file and its pixels
+        self.list.setDragDropMode(QListWidget.DragDropMode.DragOnly)
         self.list.setUniformItemSizes(True)
         self.list.setWordWrap(True)
         self.list.setSelectionMode(QListWidget.SelectionMode.SingleSelection)
         self.list.itemSelectionChanged.connect(self._on_selection)
-        self.list.itemDoubleClicked.connect(lambda _item: self.open_selected())
+        self.list.itemDoubleClicked.connect(lambda _item: self.view_selected())
         self.empty_label = QLabel("No images yet. Finished generations appear here.")
         self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty_label.setWordWrap(True)
         dim(self.empty_label).setContentsMargins(24, 24, 24, 24)
 
         self.details = QLabel()
@@ -105,37 +134,66 @@ class GalleryPanel(PanelMessages, QWidget):
         self.details.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
 
         self.load_button = QPushButton("Load settings")
+        self.view_button = QPushButton("View")
+        self.view_button.setToolTip("A large view with zoom (double-click a thumbnail)")
         self.open_button = QPushButton("Open")
+        self.open_button.setToolTip("Open in your image viewer")
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setToolTip("Copy the image to the clipboard")
         self.export_button = QPushButton("Export…")
         self.delete_button = QPushButton("Delete…")
         self.include_prompt = QCheckBox("Export with the prompt")
         self.include_prompt.setChecked(False)
         self.include_prompt.setToolTip("Exported PNGs carry the settings; the prompt only when this is ticked.")
+        self.scale_combo = QComboBox()
+        for factor in EXPORT_SCALES:
+            self.scale_combo.addItem("as is" if factor == 1 else f"{factor}×", factor)
+        self.scale_combo.setToolTip("Export larger: a 64 px image is unreadable at its own size")
+        self.smooth_check = QCheckBox("Smooth")
+        self.smooth_check.setToolTip("Smooth (Lanczos) upscaling; unticked keeps crisp pixels (nearest)")
         self.load_button.setToolTip("Put this image's settings (including its prompt) back into the form.")
         self.load_button.clicked.connect(self.load_selected)
         self.open_button.clicked.connect(self.open_selected)
+        self.view_button.clicked.connect(self.view_selected)
+        self.copy_button.clicked.connect(self.copy_selected)
         self.export_button.clicked.connect(self._on_export)
         self.delete_button.clicked.connect(lambda: self.delete_selected(confirm=True))
-        buttons = QGridLayout()  # two by two: whole buttons even when the tabs panel is at its narrowest
-        for i, b in enumerate((self.load_button, self.open_button, self.export_button, self.delete_button)):
+        buttons = QGridLayout()  # two per row: whole buttons even when the tabs panel is at its narrowest
+        for i, b in enumerate(self._action_buttons()):
             buttons.addWidget(b, i // 2, i % 2)
         export_row = QHBoxLayout()
         export_row.addWidget(self.include_prompt)
         export_row.addStretch(1)
+        scale_row = QHBoxLayout()
+        scale_row.addWidget(QLabel("Size"))
+        scale_row.addWidget(self.scale_combo, 1)
+        scale_row.addWidget(self.smooth_check)
 
         self.result_label = MessageLabel(self)
         self.status_label = StatusLabel(self)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self.problems_label)
+        layout.addWidget(self.search_edit)
         layout.addWidget(self.list, 1)
         layout.addWidget(self.empty_label, 1)
         layout.addWidget(self.details)
         layout.addLayout(buttons)
         layout.addLayout(export_row)
+        layout.addLayout(scale_row)
         layout.addWidget(self.result_label)
         layout.addWidget(self.status_label)
         self.refresh()
+
+    def _action_buttons(self) -> tuple[QPushButton, ...]:
+        return (
+            self.load_button,
+            self.view_button,
+            self.copy_button,
+            self.open_button,
+            self.export_button,
+            self.delete_button,
+        )
 
     @property
     def gallery(self):
@@ -169,6 +227,10 @@ class GalleryPanel(PanelMessages, QWidget):
             problems = list(getattr(self.gallery, "problems", []) or [])
         except Exception as e:  # noqa: BLE001 - the panel shows the error and stays usable
             entries, problems = [], [error_text(e)]
+        total = len(entries)
+        query = self.search_edit.text().strip()
+        if query:
+            entries = [e for e in entries if matches(e, query)]
         self._entries = {e.id: e for e in entries}
         self.list.blockSignals(True)
         self.list.clear()
@@ -192,6 +254,11 @@ class GalleryPanel(PanelMessages, QWidget):
         else:
             self.problems_label.clear_message()
         self.list.setVisible(bool(entries))
+        self.empty_label.setText(
+            f"No image matches “{query}” ({total} in the gallery)."
+            if query and total
+            else "No images yet. Finished generations appear here."
+        )
         self.empty_label.setVisible(not entries)
         if keep is not None and keep in self._entries:
             self.select(keep)
@@ -218,7 +285,7 @@ class GalleryPanel(PanelMessages, QWidget):
 
     def _on_selection(self) -> None:
         entry = self.selected_entry()
-        for b in (self.load_button, self.open_button, self.export_button, self.delete_button):
+        for b in self._action_buttons():
             b.setEnabled(entry is not None)
         if entry is None:
             self.details.setText("Select an image to see its settings." if self._entries else "")
@@ -261,17 +328,67 @@ class GalleryPanel(PanelMessages, QWidget):
         self._ok(f"Opened {path.name}.")
         return True
 
-    def export_selected(self, dest, include_prompt: bool = False) -> Path | None:
-        """Write the selected image as a PNG to ``dest``; the prompt goes into its metadata only if asked."""
+    def view_selected(self) -> ImageViewer | None:
+        """Show the selected image large, with zoom; the viewer (non-modal), or None."""
         entry = self._need_selection()
         if entry is None:
             return None
+        image = QImage(str(entry.image_path))
+        if image.isNull():
+            self._fail(f"The image file {entry.image_path} cannot be read.")
+            return None
+        viewer = ImageViewer(image, f"Seed {entry.params.seed} · {_format_time(entry.created)}", entry.image_path, self)
+        viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        viewer.show()
+        self.viewer = viewer
+        return viewer
+
+    def _mime_for(self, items) -> QMimeData | None:
+        entries = [self._entries.get(item.data(_ID_ROLE)) for item in items]
+        entries = [e for e in entries if e is not None]
+        if not entries:
+            return None
+        mime = QMimeData()
+        mime.setUrls([QUrl.fromLocalFile(str(e.image_path)) for e in entries])
+        image = QImage(str(entries[0].image_path))
+        if not image.isNull():
+            mime.setImageData(image)
+        return mime
+
+    def copy_selected(self) -> bool:
+        """The selected image to the clipboard: its pixels, and the PNG file for apps that take files."""
+        entry = self._need_selection()
+        if entry is None:
+            return False
+        mime = self._mime_for(self.list.selectedItems())
+        if mime is None or not mime.hasImage():
+            self._fail(f"The image file {entry.image_path} cannot be read.")
+            return False
+        size = mime.imageData().size()
+        QApplication.clipboard().setMimeData(mime)
+        self._ok(f"Copied the image ({size.width()}×{size.height()}) to the clipboard.")
+        return True
+
+    def export_selected(
+        self, dest, include_prompt: bool = False, scale: int | None = None, smooth: bool | None = None
+    ) -> Path | None:
+        """Write the selected image as a PNG to ``dest``; the prompt goes into its metadata only if asked.
+        ``scale`` / ``smooth``: the upscale (the panel's choice when None)."""
+        entry = self._need_selection()
+        if entry is None:
+            return None
+        scale = int(self.scale_combo.currentData()) if scale is None else scale
+        smooth = self.smooth_check.isChecked() if smooth is None else smooth
         try:
-            dest = Path(self.gallery.export(entry.id, Path(dest), include_prompt=include_prompt))
+            dest = Path(
+                self.gallery.export(entry.id, Path(dest), include_prompt=include_prompt, scale=scale, smooth=smooth)
+            )
         except Exception as e:  # noqa: BLE001
             self._fail(f"Export failed: {error_text(e)}")
             return None
-        self._ok(f"Exported to {dest}" + (" (with the prompt)." if include_prompt else " (without the prompt)."))
+        size = "" if scale == 1 else f", {scale}× {'smooth' if smooth else 'crisp'}"
+        prompt = "with the prompt" if include_prompt else "without the prompt"
+        self._ok(f"Exported to {dest} ({prompt}{size}).")
         return dest
 
     def delete_selected(self, confirm: bool = False) -> bool:

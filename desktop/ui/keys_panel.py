@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEventLoop, QObject, QRunnable, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtWidgets import (
-    QApplication,
     QButtonGroup,
     QGridLayout,
     QGroupBox,
@@ -40,7 +38,7 @@ from hediff.desktop.ui.dialogs import (
 )
 
 POLICY_LABELS = {
-    "fresh": "A fresh key for every generation (default)",
+    "fresh": "A fresh key per generation (default)",
     "device": "Use the stored device key",
 }
 PROTECTION_LABELS = {
@@ -53,13 +51,27 @@ def _format_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-@contextmanager
-def _busy():
-    QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
-    try:
-        yield
-    finally:
-        QApplication.restoreOverrideCursor()
+class _Relay(QObject):
+    """Carries a key operation's outcome from the pool thread to the GUI thread (a queued signal)."""
+
+    finished = Signal(int, bool, object)  # ticket, ok, the result or the exception
+
+
+class _KeyOperation(QRunnable):
+    def __init__(self, fn: Callable[[], object], ticket: int, relay: _Relay):
+        super().__init__()
+        self.setAutoDelete(True)
+        self._fn, self._ticket, self._relay = fn, ticket, relay
+
+    def run(self) -> None:
+        try:
+            ok, value = True, self._fn()
+        except Exception as e:  # noqa: BLE001 - any failure becomes a message in the panel
+            ok, value = False, e
+        try:
+            self._relay.finished.emit(self._ticket, ok, value)
+        except RuntimeError:  # the panel went away while the operation ran
+            pass
 
 
 class _PresetBox(QGroupBox):
@@ -123,10 +135,18 @@ class _PresetBox(QGroupBox):
 class KeysPanel(PanelMessages, QWidget):
     keysChanged = Signal()
     statusMessage = Signal(str)
+    operationFinished = Signal(bool)  # a key operation started by this panel ended; True when it succeeded
 
     def __init__(self, services, parent: QWidget | None = None):
         super().__init__(parent)
         self.services = services
+        self.thread_pool = QThreadPool.globalInstance()
+        self._relay = _Relay(self)
+        self._relay.finished.connect(self._on_finished)
+        self._ticket = 0
+        self._op: int | None = None
+        self._handlers: tuple = (None, None)
+        self._last_ok = False
         self.confirm: Callable[[str, str], bool] = lambda title, text: ask_yes_no(self, title, text)
         self.ask_passphrase: Callable[..., str | None] = lambda **kw: PassphraseDialog.ask(self, **kw)
 
@@ -162,9 +182,9 @@ class KeysPanel(PanelMessages, QWidget):
         boxes_layout.setContentsMargins(0, 0, 0, 0)
         for name, preset in PRESETS.items():
             box = _PresetBox(preset)
-            box.create_button.clicked.connect(lambda _=False, p=name: self.create(p))
-            box.rotate_button.clicked.connect(lambda _=False, p=name: self.rotate(p, confirm=True))
-            box.delete_button.clicked.connect(lambda _=False, p=name: self.delete(p, confirm=True))
+            box.create_button.clicked.connect(lambda _=False, p=name: self.start_create(p))
+            box.rotate_button.clicked.connect(lambda _=False, p=name: self.start_rotate(p, confirm=True))
+            box.delete_button.clicked.connect(lambda _=False, p=name: self.start_delete(p, confirm=True))
             self.preset_boxes[name] = box
             boxes_layout.addWidget(box)
         boxes_layout.addStretch(1)
@@ -239,11 +259,7 @@ class KeysPanel(PanelMessages, QWidget):
             )
             self.passphrase_button.hide()
         else:
-            self.keyring_label.show_message(
-                f"{keyring}\nDevice keys are never stored unprotected, so none can be created until you "
-                + ("enter your passphrase." if unlock else "opt in."),
-                "warning",
-            )
+            self.keyring_label.show_message(keyring, "warning")  # the one no-keyring message, as is
             self.passphrase_button.show()
         why_not = "No system keyring: protect keys with a passphrase first."
         for name, box in self.preset_boxes.items():
@@ -267,36 +283,97 @@ class KeysPanel(PanelMessages, QWidget):
             )
         else:
             self.policy_note.clear_message()
+        self.passphrase_button.setEnabled(True)
+        for radio in self.policy_buttons.values():
+            radio.setEnabled(True)
+        self._update_busy()
 
-    # --- messages ----------------------------------------------------------------------------------
+    # --- key operations, off the GUI thread ----------------------------------------------------------
 
-    def _run(self, action, done: str, changed: bool = True) -> bool:
-        try:
-            with _busy():
-                action()
-        except Exception as e:  # noqa: BLE001 - a message in the panel, the app keeps working
-            self.refresh()
-            self._fail(error_text(e))
+    @property
+    def busy(self) -> bool:
+        return self._op is not None
+
+    def _start(self, action, done: Callable[[object], str], on_error: Callable[[], None] | None = None) -> bool:
+        """Run ``action`` on a pool thread: unwrapping, scrypt and key generation take 0.3 s and more, which would
+        freeze the window. ``done(result)`` gives the success message, on the GUI thread; ``on_error`` undoes
+        what a failure leaves behind. False (message shown) while another key operation runs."""
+        if self._op is not None:
+            self._fail("Another key operation is still running; wait for it to finish.")
             return False
-        self.refresh()
-        self._ok(done)
-        if changed:
-            self.keysChanged.emit()
+        self._ticket += 1
+        self._op = self._ticket
+        self._handlers = (done, on_error)
+        self.result_label.clear_message()
+        self._status("Working on the device keys…")
+        self._update_busy()
+        self.thread_pool.start(_KeyOperation(action, self._ticket, self._relay))
         return True
 
+    def _on_finished(self, ticket: int, ok: bool, value) -> None:
+        if ticket != self._op:
+            return
+        self._op = None
+        done, on_error = self._handlers
+        self._last_ok = ok
+        if not ok and on_error is not None:
+            try:
+                on_error()
+            except Exception:  # noqa: BLE001 - undoing is best effort; the error below is what the user needs
+                pass
+        self.refresh()
+        if ok:
+            self._ok(done(value))
+            self.keysChanged.emit()
+        else:
+            self._fail(error_text(value))
+        self.operationFinished.emit(ok)
+
+    def _update_busy(self) -> None:
+        if self._op is None:
+            return
+        for box in self.preset_boxes.values():
+            for b in (box.create_button, box.rotate_button, box.delete_button):
+                b.setEnabled(False)
+        self.passphrase_button.setEnabled(False)
+        for radio in self.policy_buttons.values():
+            radio.setEnabled(False)
+
+    def wait(self, timeout_ms: int | None = None) -> bool:
+        """Wait for the running key operation (the event loop keeps running); True when it succeeded."""
+        if self._op is not None:
+            loop = QEventLoop()
+            self.operationFinished.connect(loop.quit)
+            try:
+                if timeout_ms is not None:
+                    QTimer.singleShot(timeout_ms, loop.quit)
+                if self._op is not None:
+                    loop.exec()
+            finally:
+                self.operationFinished.disconnect(loop.quit)
+        return self._op is None and self._last_ok
+
     # --- actions -----------------------------------------------------------------------------------
+    # Each start_* returns at once (False with a message if it could not start); the plain methods wait for the
+    # outcome with the event loop running, for scripts and tests.
+
+    def _ready_text(self, preset: str, verb: str) -> Callable[[object], str]:
+        def text(_result) -> str:
+            info, _ = self.key_info(preset)
+            return f"{verb} {preset!r}: {info.fingerprint}." if info is not None else f"{verb} {preset!r}."
+
+        return text
+
+    def start_create(self, preset: str) -> bool:
+        return self._start(lambda: self.keys.get_or_create(preset), self._ready_text(preset, "Device key ready for"))
 
     def create(self, preset: str):
         """Create the device key for a preset (no-op when one exists). Its KeyInfo, or None (message shown)."""
-        if not self._run(lambda: self.keys.get_or_create(preset), f"Device key for {preset!r} ready."):
+        if not (self.start_create(preset) and self.wait()):
             return None
-        info, _ = self.key_info(preset)
-        if info is not None:
-            self._ok(f"Device key for {preset!r} ready: {info.fingerprint}.")
-        return info
+        return self.key_info(preset)[0]
 
-    def rotate(self, preset: str, confirm: bool = False):
-        """Replace a preset's device key with a new one. The new KeyInfo, or None."""
+    def start_rotate(self, preset: str, confirm: bool = False) -> bool:
         old, _ = self.key_info(preset)
         if (
             confirm
@@ -306,15 +383,16 @@ class KeysPanel(PanelMessages, QWidget):
                 f"Replace the {preset!r} device key {old.fingerprint} with a new one? The old key is deleted.",
             )
         ):
-            return None
-        if not self._run(lambda: self.keys.rotate(preset), f"Rotated the {preset!r} device key."):
-            return None
-        info, _ = self.key_info(preset)
-        if info is not None:
-            self._ok(f"Rotated the {preset!r} device key; new fingerprint {info.fingerprint}.")
-        return info
+            return False
+        return self._start(lambda: self.keys.rotate(preset), self._ready_text(preset, "Rotated the device key of"))
 
-    def delete(self, preset: str, confirm: bool = False) -> bool:
+    def rotate(self, preset: str, confirm: bool = False):
+        """Replace a preset's device key with a new one. The new KeyInfo, or None."""
+        if not (self.start_rotate(preset, confirm) and self.wait()):
+            return None
+        return self.key_info(preset)[0]
+
+    def start_delete(self, preset: str, confirm: bool = False) -> bool:
         info, problem = self.key_info(preset)
         if info is None and problem is None:
             self._fail(f"There is no {preset!r} device key to delete.")
@@ -322,7 +400,10 @@ class KeysPanel(PanelMessages, QWidget):
         what = f"the {preset!r} device key" + (f" {info.fingerprint}" if info else "")
         if confirm and not self.confirm("Delete device key", f"Delete {what}? This cannot be undone."):
             return False
-        return self._run(lambda: self.keys.delete(preset), f"Deleted {what}.")
+        return self._start(lambda: self.keys.delete(preset), lambda _r: f"Deleted {what}.")
+
+    def delete(self, preset: str, confirm: bool = False) -> bool:
+        return self.start_delete(preset, confirm) and self.wait()
 
     def set_policy(self, policy: str) -> bool:
         """Bind the key policy ("fresh" | "device") to the settings and save them."""
@@ -347,7 +428,7 @@ class KeysPanel(PanelMessages, QWidget):
         )
         return True
 
-    def enable_passphrase(self, passphrase: str) -> bool:
+    def start_passphrase(self, passphrase: str) -> bool:
         """Opt in to passphrase protection of the device keys for this session, or unlock keys protected earlier
         (then the passphrase is checked against them at once, so a typo is reported here, not at generation)."""
         locked = [] if self.has_passphrase() else self.passphrase_keys()
@@ -355,29 +436,27 @@ class KeysPanel(PanelMessages, QWidget):
         if problem:
             self._fail(problem)
             return False
-        try:
-            with _busy():
-                self.keys.set_passphrase(passphrase)
-                for preset in locked:
-                    self.keys.load(preset)
-        except Exception as e:  # noqa: BLE001 - e.g. WrongPassphrase: a message, and back to no passphrase
-            try:
-                self.keys.set_passphrase(None)
-            except Exception:  # noqa: BLE001
-                pass
-            self.refresh()
-            self._fail(error_text(e))
-            return False
-        self.refresh()
-        self._ok(
-            "Unlocked the device keys for this session."
-            if locked
-            else "Device keys are protected by your passphrase for this session."
+        keys = self.keys
+
+        def unlock() -> None:
+            keys.set_passphrase(passphrase)
+            for preset in locked:
+                keys.load(preset)  # scrypt: the slow part
+
+        return self._start(
+            unlock,
+            lambda _r: (
+                "Unlocked the device keys for this session."
+                if locked
+                else "Device keys are protected by your passphrase for this session."
+            ),
+            on_error=lambda: keys.set_passphrase(None),  # e.g. WrongPassphrase: back to no passphrase
         )
-        self.keysChanged.emit()
-        return True
+
+    def enable_passphrase(self, passphrase: str) -> bool:
+        return self.start_passphrase(passphrase) and self.wait()
 
     def _on_passphrase(self) -> None:
         passphrase = self.ask_passphrase(confirm=not self.needs_unlock())
         if passphrase:
-            self.enable_passphrase(passphrase)
+            self.start_passphrase(passphrase)

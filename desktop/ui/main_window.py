@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtCore import QByteArray, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
+    QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -20,16 +22,19 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSplitter,
     QTabWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from hediff.common.settings import U_SPLITS
-from hediff.desktop.ui.dialogs import ask_yes_no
+from hediff.desktop.core.prompt_history import PromptHistory
+from hediff.desktop.ui.dialogs import ask_yes_no, error_text
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
+from hediff.desktop.ui.notify import Notifier
 from hediff.desktop.ui.params_form import ParamsForm
-from hediff.desktop.ui.preview import PreviewWidget
+from hediff.desktop.ui.preview import ImageView, compact, png_paths
 from hediff.desktop.ui.privacy_panel import PrivacyPanel
 from hediff.desktop.ui.queue_view import QueueView
 from hediff.desktop.ui.servers_panel import ServersPanel
@@ -45,6 +50,9 @@ NOT_PRIVATE_STYLE = "color: #c62828; font-weight: 600;"
 
 
 WINDOW_TITLE = "HE-Diffusion"
+WIDE_WINDOW = 1000  # from this width on, every panel gets the width its contents need
+NARROW_TABS_WIDTH = 240
+CENTRE_MIN_WIDTH = 200
 
 
 def warm_up_note(evaluations: int, requested: int) -> str:
@@ -71,6 +79,28 @@ def format_eta(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+class FittingProgressBar(QProgressBar):
+    """Shows its full text, or a short form when the bar is too narrow for it (the centre column of a 1024 px
+    window); the full text stays in the tooltip."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._full = self._short = ""
+
+    def set_texts(self, full: str, short: str | None = None) -> None:
+        self._full, self._short = full, short or full
+        self.setToolTip(full if short else "")
+        self._fit()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        fits = self.fontMetrics().horizontalAdvance(self._full) <= self.width() - 16
+        self.setFormat((self._full if fits else self._short).replace("%", "%%"))
+
+
 class MainWindow(QMainWindow):
     def __init__(self, services, parent: QWidget | None = None):
         super().__init__(parent)
@@ -81,6 +111,8 @@ class MainWindow(QMainWindow):
         self._shut_down = False
 
         self.worker = GenerationWorker(services)
+        self.prompt_history = PromptHistory(services.settings)
+        self.notifier = Notifier(self)
         self._build_ui()
         self._build_menus()
         self._connect_worker()
@@ -115,6 +147,8 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.cancel_button, 1)
         self.queue_view = QueueView()
         self.queue_view.removeRequested.connect(self._remove_pending)
+        self.queue_view.moveRequested.connect(self.worker_move)
+        self.queue_view.reorderRequested.connect(self.worker_reorder)
         self.queue_view.setMinimumHeight(60)
         left = QWidget()
         ll = QVBoxLayout(left)
@@ -134,12 +168,25 @@ class MainWindow(QMainWindow):
         left.setMinimumWidth(scroll.minimumWidth() + margins.left() + margins.right())
 
         # centre: the image, progress, the last message
-        self.preview = PreviewWidget()
-        self.progress = QProgressBar()
+        self.image_view = ImageView()
+        self.preview = self.image_view.preview
+        self.preview.pngDropped.connect(self.load_png)
+        self.reuse_seed_button = QToolButton()
+        self.reuse_seed_button.setText("Seed")
+        self.reuse_seed_button.setToolTip("Put this image's seed into the form and keep it")
+        self.reuse_seed_button.setEnabled(False)
+        self.reuse_seed_button.setAutoRaise(True)
+        compact(self.reuse_seed_button)
+        self.reuse_seed_button.clicked.connect(self.reuse_seed)
+        self.image_view.bar.insertWidget(self.image_view.bar.count() - 1, self.reuse_seed_button)
+        self._shown_seed: int | None = None
+        self._saved_paths: dict[int, str] = {}
+        self.setAcceptDrops(True)
+        self.progress = FittingProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
-        self.progress.setFormat("Idle")
+        self.progress.set_texts("Idle")
         self.progress.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.message_label = QLabel("")
         self.message_label.setWordWrap(True)
@@ -149,7 +196,7 @@ class MainWindow(QMainWindow):
         centre = QWidget()
         cl = QVBoxLayout(centre)
         cl.setContentsMargins(4, 8, 4, 8)
-        cl.addWidget(self.preview, 1)
+        cl.addWidget(self.image_view, 1)
         cl.addWidget(self.progress)
         cl.addWidget(self.message_label)
         cl.addWidget(self.queue_view)
@@ -175,7 +222,11 @@ class MainWindow(QMainWindow):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 8, 8, 8)
         rl.addWidget(self.tabs)
-        right.setMinimumWidth(240)
+        # in windows of 1000 px and more the tabs panel gets the width its widest tab needs (a narrower one cuts
+        # the tabs' contents off at the window's edge); in smaller windows (small screens) it may shrink
+        margins = rl.contentsMargins()
+        self._tabs_width = self.tabs.minimumSizeHint().width() + margins.left() + margins.right()
+        right.setMinimumWidth(NARROW_TABS_WIDTH)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(left)
@@ -186,6 +237,7 @@ class MainWindow(QMainWindow):
         self.splitter.setStretchFactor(2, 1)
         self.splitter.setChildrenCollapsible(False)
         self.splitter.setSizes([left.minimumWidth(), 600, 400])
+        self.splitter.splitterMoved.connect(lambda *_: self._fit_tabs())
         self.setCentralWidget(self.splitter)
 
         self.server_status = QLabel("")
@@ -206,8 +258,21 @@ class MainWindow(QMainWindow):
         quit_action = QAction("&Quit", self)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         quit_action.triggered.connect(self.close)
+        open_png = QAction("&Load settings from a PNG…", self)
+        open_png.setShortcut(QKeySequence.StandardKey.Open)
+        open_png.triggered.connect(self._ask_png)
         file_menu.addAction(generate)
         file_menu.addAction(cancel)
+        file_menu.addAction(open_png)
+        preferences = QAction("&Preferences…", self)
+        preferences.setShortcut(QKeySequence.StandardKey.Preferences)
+        preferences.setMenuRole(QAction.MenuRole.PreferencesRole)
+        preferences.triggered.connect(self.open_preferences)
+        models = QAction("&Models…", self)
+        models.triggered.connect(self.open_model_manager)
+        file_menu.addSeparator()
+        file_menu.addAction(models)
+        file_menu.addAction(preferences)
         file_menu.addSeparator()
         file_menu.addAction(quit_action)
         view_menu = self.menuBar().addMenu("&View")
@@ -225,6 +290,7 @@ class MainWindow(QMainWindow):
         w = self.worker
         w.jobStarted.connect(self._job_started)
         w.stepUpdate.connect(self._step_update)
+        w.jobSaved.connect(lambda job_id, path: self._saved_paths.__setitem__(job_id, path))
         w.jobFinished.connect(self._job_finished)
         w.jobFailed.connect(self._job_failed)
         w.jobCancelled.connect(self._job_cancelled)
@@ -265,6 +331,8 @@ class MainWindow(QMainWindow):
             self.services.settings.acknowledge_not_private(server.id)
         job_id = self.worker.submit(params, server_id, self.form.model())
         self._submitted[job_id] = (params, server_name)
+        self.prompt_history.add(params.prompt)
+        self.form.set_history(self.prompt_history.items())
         self.form.after_submit()
         self._save_settings(params_only=True)
         if self._current_job is not None:
@@ -281,10 +349,99 @@ class MainWindow(QMainWindow):
         self.form.set_params(params)
         self.show_info("Settings loaded from the gallery (seed kept).")
 
+    def load_png(self, path) -> bool:
+        """Fill the form from the settings in a PNG this app wrote (dropped or opened). A PNG without the prompt
+        keeps the form's prompt. False (message shown) when the file carries no usable settings."""
+        from hediff.desktop.core.gallery import settings_from_png
+
+        try:
+            params = settings_from_png(Path(path))
+        except Exception as e:  # noqa: BLE001 - GalleryError and anything unexpected: a message, not a crash
+            self.show_error(f"Cannot load settings: {error_text(e)}")
+            return False
+        kept = ""
+        if not params.prompt:
+            params = dataclasses.replace(
+                params,
+                prompt=self.form.prompt_edit.toPlainText().strip(),
+                negative_prompt=self.form.negative_edit.toPlainText().strip(),
+            )
+            kept = "; it carries no prompt, so yours was kept"
+        self.form.set_params(params)
+        self.show_info(f"Settings loaded from {Path(path).name} (seed {params.seed} kept){kept}.")
+        return True
+
+    def _ask_png(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load settings from a PNG", "", "PNG images (*.png)")
+        if path:
+            self.load_png(path)
+
+    def open_preferences(self, config=None, modal: bool = True):
+        """The Preferences dialog; with ``modal`` False it is shown and returned (tests, screenshots)."""
+        from hediff.desktop.ui.preferences import PreferencesDialog
+
+        dialog = PreferencesDialog(self.services, self, config=config)
+        dialog.accepted.connect(self.preferences_changed)
+        if not modal:
+            dialog.show()
+            return dialog
+        dialog.exec()
+        return None
+
+    def open_model_manager(self, modal: bool = True):
+        """The model manager; with ``modal`` False it is shown and returned (tests, screenshots)."""
+        from hediff.desktop.ui.model_manager import ModelManagerDialog
+
+        dialog = ModelManagerDialog(self.services, self)
+        dialog.modelsChanged.connect(lambda: self.form.add_models(dialog.specs()))
+        dialog.defaultChanged.connect(self.form.set_model)
+        if not modal:
+            dialog.show()
+            return dialog
+        dialog.exec()
+        return None
+
+    def preferences_changed(self) -> None:
+        """Apply stored preferences to what is on screen."""
+        s = self.services.settings
+        self.form.select_server(s.selected_server)
+        self.prompt_history.sync()  # "remember prompts" off: the stored history goes at this save
+        self._save_settings(params_only=True)
+        self.gallery_panel.refresh()
+        self.show_info("Preferences saved.")
+
+    def reuse_seed(self) -> int | None:
+        """Put the shown image's seed into the form and keep it for the next Generate."""
+        if self._shown_seed is None:
+            return None
+        self.form.seed_spin.setValue(self._shown_seed)
+        self.form.seed_lock_check.setChecked(True)
+        self.show_info(f"Seed {self._shown_seed} is in the form and kept.")
+        return self._shown_seed
+
+    def dragEnterEvent(self, event) -> None:
+        if png_paths(event.mimeData()):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event) -> None:
+        paths = png_paths(event.mimeData())
+        if paths:
+            event.acceptProposedAction()
+            self.load_png(paths[0])
+
     def _remove_pending(self, job_id: int) -> None:
         if self.worker.remove_pending(job_id):
             self._submitted.pop(job_id, None)
             self.show_info(f"Job #{job_id} removed from the queue.")
+
+    def worker_move(self, job_id: int, offset: int) -> None:
+        self.worker.move_pending(job_id, offset)
+
+    def worker_reorder(self, ids: list) -> None:
+        if not self.worker.reorder_pending(ids):
+            self._queue_changed()  # a drop that changed nothing (e.g. above the running job): show the real order
 
     def _servers_changed(self) -> None:
         self.form.set_servers(self.services.settings.servers)
@@ -352,9 +509,11 @@ class MainWindow(QMainWindow):
             self.privacy_panel.begin_job(params, server_name, getattr(self.services.settings, "key_policy", "fresh"))
         self.progress.setRange(0, params.steps if params is not None else 1)
         self.progress.setValue(0)
-        self.progress.setFormat(f"Job #{job_id}: connecting to {server_name or 'the server'}…")
+        self.progress.set_texts(f"Job #{job_id}: connecting to {server_name or 'the server'}…", "Connecting…")
         # the last job's image and message belong to it: an old error under a new job reads as the new job's
         self.preview.clear()
+        self._shown_seed = None
+        self.reuse_seed_button.setEnabled(False)
         self.message_label.clear()
         self.message_label.setStyleSheet(INFO_STYLE)
         self.preview.set_caption(f"Job #{job_id}: preparing…")
@@ -365,47 +524,63 @@ class MainWindow(QMainWindow):
         done = update.index + 1
         params, _server = self._submitted.get(self._current_job, (None, ""))
         counted = progress_text(done, update.total, params.steps if params is not None else update.total)
-        self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
+        if getattr(self.services.settings, "preview_kind", "predicted") == "none":
+            self.preview.set_caption(f"Step {done} / {update.total} (preview off in Preferences)")
+        else:
+            self.preview.set_image(update.preview, caption=f"Predicted final image at {done} / {update.total}")
         self.progress.setRange(0, update.total)
         self.progress.setValue(done)
-        self.progress.setFormat(f"{counted}, ETA {format_eta(update.eta_s)}")
+        eta = format_eta(update.eta_s)
+        self.progress.set_texts(f"{counted}, ETA {eta}", f"{done} / {update.total}, ETA {eta}")
         self.setWindowTitle(f"{100 * done // update.total}% · job #{self._current_job} · {WINDOW_TITLE}")
         self.timing_chart.add_update(update)
         self.privacy_panel.update_step(update)
 
     def _job_finished(self, job_id: int, result) -> None:
         params, _server = self._submitted.pop(job_id, (result.params, ""))
+        self._shown_seed = params.seed
+        self.reuse_seed_button.setEnabled(True)
         self.preview.set_image(
             result.image,
             final=True,
+            path=self._saved_paths.pop(job_id, None),
             caption=f"Job #{job_id} · seed {params.seed} · {params.width}×{params.height} · "
             f"{format_seconds(result.total_s)}",
         )
         self.progress.setRange(0, max(1, len(result.step_timings)))
         self.progress.setValue(self.progress.maximum())
         note = warm_up_note(len(result.step_timings), params.steps)
-        self.progress.setFormat(f"Done: {params.steps} steps{note} in {format_seconds(result.total_s)}")
+        took = format_seconds(result.total_s)
+        self.progress.set_texts(f"Done: {params.steps} steps{note} in {took}", f"Done in {took}")
         self.timing_chart.set_result(result)
         self.privacy_panel.finish(result)
         self.gallery_panel.refresh()
         self.keys_panel.refresh()  # a generation with the device-key policy may have just created the key
         self.show_info(f"Job #{job_id} finished in {format_seconds(result.total_s)}; saved to the gallery.")
         self._job_over(job_id)
-        if not self.isActiveWindow():  # the user is elsewhere: flash the task bar entry
-            QApplication.alert(self)
+        if self.user_is_away():
+            self.notifier.notify(
+                f"Job #{job_id} finished", f"Seed {params.seed}, {format_seconds(result.total_s)}; in the gallery."
+            )
+
+    def user_is_away(self) -> bool:
+        """The window is not the one the user works in (another app, minimised): tell them when a job ends."""
+        return not self.isActiveWindow() or self.isMinimized()
 
     def _job_failed(self, job_id: int, message: str) -> None:
         self._submitted.pop(job_id, None)
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self.progress.setFormat(f"Job #{job_id} failed")
+        self.progress.set_texts(f"Job #{job_id} failed")
         self.preview.set_caption("")
         self.show_error(f"Job #{job_id} failed: {message}")
+        if self.user_is_away():
+            self.notifier.notify(f"Job #{job_id} failed", message)
         self._job_over(job_id)
 
     def _job_cancelled(self, job_id: int) -> None:
         self._submitted.pop(job_id, None)
-        self.progress.setFormat(f"Job #{job_id} cancelled")
+        self.progress.set_texts(f"Job #{job_id} cancelled")
         self.preview.set_caption(f"Job #{job_id} was cancelled")
         self.show_info(f"Job #{job_id} cancelled.")
         self._job_over(job_id)
@@ -425,7 +600,9 @@ class MainWindow(QMainWindow):
     def _restore_settings(self) -> None:
         s = self.services.settings
         self.form.set_servers(s.servers, s.selected_server)
+        self.form.set_history(self.prompt_history.items())
         model = getattr(s, "model", "embedded") or "embedded"
+        self.form.add_models(getattr(s, "models", []))
         self.form.set_model(model)
         saved = getattr(s, "params", {}) or {}
         # the model's recommended guidance and steps unless the user saved their own
@@ -476,6 +653,21 @@ class MainWindow(QMainWindow):
             QApplication.processEvents()
         self._save_settings()
         self.worker.shutdown()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        QTimer.singleShot(0, self, self._fit_tabs)  # once the splitter has laid its panels out at the new width
+
+    def _fit_tabs(self) -> None:
+        """Widen the tabs panel to what its tabs need, taking the width from the image, in a wide window."""
+        if self.width() < WIDE_WINDOW:
+            return
+        sizes = self.splitter.sizes()
+        lack = self._tabs_width - sizes[2]
+        if lack > 0:
+            take = min(lack, sizes[1] - CENTRE_MIN_WIDTH)
+            if take > 0:
+                self.splitter.setSizes([sizes[0], sizes[1] - take, sizes[2] + take])
 
     def closeEvent(self, event) -> None:
         waiting = len(self.worker.pending_jobs()) if not self._shut_down else 0

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPlainTextEdit,
     QSizePolicy,
     QSpinBox,
@@ -42,6 +43,7 @@ SPLIT_TIPS = {
     "down0.resnet0": "conv_in and the first resnet run here; the server still receives conv_in's output",
     "u1": "U-shaped: the first and last UNet blocks run here; the latent and noise prediction never leave",
     "u2": "U-shaped, deeper: the first and last two UNet blocks run here (models with 3 or more blocks)",
+    "u3": "U-shaped, deepest: every down and up block runs here; the server runs only the middle block",
 }
 
 
@@ -103,7 +105,19 @@ class ParamsForm(QWidget):
         self.negative_edit.setAccessibleName("Negative prompt")
         self.prompt_edit.submitted.connect(self.generateRequested)
         self.negative_edit.submitted.connect(self.generateRequested)
-        pl.addWidget(self.prompt_edit)
+        self.history_button = QToolButton()
+        self.history_button.setText("▾")
+        self.history_button.setToolTip("Recent prompts")
+        self.history_button.setAccessibleName("Recent prompts")
+        self.history_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.history_menu = QMenu(self.history_button)
+        self.history_button.setMenu(self.history_menu)
+        self.set_history([])
+        prompt_row = QHBoxLayout()
+        prompt_row.setSpacing(4)
+        prompt_row.addWidget(self.prompt_edit, 1)
+        prompt_row.addWidget(self.history_button, 0, Qt.AlignmentFlag.AlignTop)
+        pl.addLayout(prompt_row)
         pl.addWidget(self.negative_edit)
         outer.addWidget(prompt_box)
 
@@ -303,6 +317,22 @@ class ParamsForm(QWidget):
         if folder:
             self.set_model(folder)
 
+    # --- prompt history ---
+
+    def set_history(self, prompts: list[str]) -> None:
+        """The recent prompts the ▾ button offers, newest first."""
+        self.history_menu.clear()
+        for prompt in prompts:
+            shown = prompt if len(prompt) <= 70 else prompt[:69] + "…"
+            action = self.history_menu.addAction(shown.replace("&", "&&"))
+            action.setToolTip(prompt)
+            action.triggered.connect(lambda _checked=False, p=prompt: self.prompt_edit.setPlainText(p))
+        if not prompts:
+            self.history_menu.addAction("No prompts yet this session").setEnabled(False)
+
+    def history_prompts(self) -> list[str]:
+        return [a.toolTip() for a in self.history_menu.actions() if a.isEnabled()]
+
     # --- seed ---
 
     @property
@@ -423,6 +453,12 @@ class ParamsForm(QWidget):
         if changed:
             recommended = self.model_defaults(model)
             self.load_dict({k: v for k, v in recommended.items() if k not in self._user_set})
+
+    def add_models(self, specs) -> None:
+        """Offer these models (the model manager's list) in the chooser, keeping the current choice."""
+        for spec in specs:
+            if self.model_combo.findText(spec) < 0:
+                self.model_combo.addItem(spec)
 
     def set_servers(self, servers, selected: str | None = None) -> None:
         """Fill the chooser from settings.servers, keeping ``selected`` (or the current choice) when it exists."""

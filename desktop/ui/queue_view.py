@@ -1,10 +1,26 @@
-"""The job queue under the Generate button: the running job, then pending jobs that can be removed."""
+"""The job queue under the image: the running job, then pending jobs that can be moved or removed.
+
+Rows stay where they are while the queue changes (texts are updated in place, the selection and scroll position
+kept); the order changes only when the user asks: the Up / Down buttons or dragging a queued row.
+"""
 
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+_ID_ROLE = Qt.ItemDataRole.UserRole
+EMPTY_TEXT = "No jobs. Generate adds one; you can queue more while one runs."
 
 
 def describe_job(job, running: bool = False) -> str:
@@ -16,8 +32,21 @@ def describe_job(job, running: bool = False) -> str:
     return f"#{job.id} {state} · {p.steps} steps · {p.width}×{p.height}\n{prompt}"
 
 
+class _QueueList(QListWidget):
+    """A list whose queued rows can be dragged into a new order; the running row stays first."""
+
+    reordered = Signal(list)  # the queued job ids in their new order
+
+    def dropEvent(self, event) -> None:
+        super().dropEvent(event)
+        ids = [self.item(i).data(_ID_ROLE) for i in range(self.count())]
+        self.reordered.emit([int(i) for i in ids if i is not None])
+
+
 class QueueView(QWidget):
     removeRequested = Signal(int)  # a pending job's id
+    moveRequested = Signal(int, int)  # a pending job's id, places to move (-1: sooner, +1: later)
+    reorderRequested = Signal(list)  # pending job ids in the order the user dragged them into
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -28,54 +57,82 @@ class QueueView(QWidget):
         self.title.setStyleSheet("font-weight: 600;")
         header.addWidget(self.title)
         header.addStretch(1)
-        self.remove_button = QPushButton("Remove")
+        self.up_button = QToolButton()
+        self.up_button.setText("↑")
+        self.up_button.setToolTip("Run the selected queued job sooner")
+        self.up_button.clicked.connect(lambda: self._move_selected(-1))
+        self.down_button = QToolButton()
+        self.down_button.setText("↓")
+        self.down_button.setToolTip("Run the selected queued job later")
+        self.down_button.clicked.connect(lambda: self._move_selected(1))
+        self.remove_button = QToolButton()
+        self.remove_button.setText("Remove")
         self.remove_button.setToolTip("Remove the selected queued job")
-        self.remove_button.setEnabled(False)
         self.remove_button.clicked.connect(self._remove_selected)
-        header.addWidget(self.remove_button)
+        for b in (self.up_button, self.down_button, self.remove_button):
+            b.setEnabled(False)
+            header.addWidget(b)
         layout.addLayout(header)
-        self.list = QListWidget()
+        self.list = _QueueList()
         self.list.setAlternatingRowColors(True)
         self.list.setWordWrap(True)
+        self.list.setDragDropMode(QAbstractItemView.DragDropMode.InternalMove)
+        self.list.setDefaultDropAction(Qt.DropAction.MoveAction)
         self.list.itemSelectionChanged.connect(self._selection_changed)
+        self.list.reordered.connect(self.reorderRequested)
         layout.addWidget(self.list)
         self.set_jobs(None, [])
 
     def set_jobs(self, current, pending) -> None:
+        """Show the running and queued jobs. Rows are updated in place, so a row the mouse is over keeps its place
+        unless a job before it left the queue."""
         selected = self.selected_job_id()
-        self.list.clear()
+        rows: list[tuple[str, int | None, bool]] = []
         if current is not None:
-            item = QListWidgetItem(describe_job(current, running=True))
-            item.setData(Qt.ItemDataRole.UserRole, None)  # the running job is cancelled, not removed
-            font = QFont(item.font())
-            font.setBold(True)
+            rows.append((describe_job(current, running=True), None, True))  # cancelled, not removed or moved
+        rows += [(describe_job(job), job.id, False) for job in pending]
+        empty = not rows
+        if empty:
+            rows.append((EMPTY_TEXT, None, False))
+        self.list.blockSignals(True)
+        while self.list.count() > len(rows):
+            self.list.takeItem(self.list.count() - 1)
+        for i, (text, job_id, running) in enumerate(rows):
+            item = self.list.item(i)
+            if item is None:
+                item = QListWidgetItem()
+                self.list.addItem(item)
+            if item.text() != text:
+                item.setText(text)
+            item.setData(_ID_ROLE, job_id)
+            font = QFont(self.list.font())
+            font.setBold(running)
             item.setFont(font)
-            self.list.addItem(item)
-        for job in pending:
-            item = QListWidgetItem(describe_job(job))
-            item.setData(Qt.ItemDataRole.UserRole, job.id)
-            self.list.addItem(item)
-            if job.id == selected:
-                item.setSelected(True)
-        if current is None and not pending:
-            item = QListWidgetItem("No jobs. Generate adds one; you can queue more while one runs.")
-            item.setFlags(Qt.ItemFlag.NoItemFlags)
-            self.list.addItem(item)
+            flags = Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+            if job_id is not None:
+                flags |= Qt.ItemFlag.ItemIsDragEnabled
+            item.setFlags(Qt.ItemFlag.NoItemFlags if empty else flags)
+            item.setSelected(job_id is not None and job_id == selected)
+        self.list.blockSignals(False)
         n = len(pending)
-        self.title.setText(f"Queue ({n} waiting)" if n else "Queue")
+        self.title.setText(f"Queue ({n})" if n else "Queue")  # short: the column is narrow in small windows
+        self.title.setToolTip(f"{n} job{'s' if n != 1 else ''} waiting")
         self._selection_changed()
 
     def pending_ids(self) -> list[int]:
         ids = []
         for i in range(self.list.count()):
-            job_id = self.list.item(i).data(Qt.ItemDataRole.UserRole)
+            job_id = self.list.item(i).data(_ID_ROLE)
             if job_id is not None:
                 ids.append(int(job_id))
         return ids
 
+    def row_texts(self) -> list[str]:
+        return [self.list.item(i).text() for i in range(self.list.count())]
+
     def selected_job_id(self) -> int | None:
         for item in self.list.selectedItems():
-            job_id = item.data(Qt.ItemDataRole.UserRole)
+            job_id = item.data(_ID_ROLE)
             if job_id is not None:
                 return int(job_id)
         return None
@@ -83,10 +140,19 @@ class QueueView(QWidget):
     def select_job(self, job_id: int) -> None:
         for i in range(self.list.count()):
             item = self.list.item(i)
-            item.setSelected(item.data(Qt.ItemDataRole.UserRole) == job_id)
+            item.setSelected(item.data(_ID_ROLE) == job_id)
 
     def _selection_changed(self) -> None:
-        self.remove_button.setEnabled(self.selected_job_id() is not None)
+        job_id = self.selected_job_id()
+        ids = self.pending_ids()
+        self.remove_button.setEnabled(job_id is not None)
+        self.up_button.setEnabled(job_id is not None and ids.index(job_id) > 0)
+        self.down_button.setEnabled(job_id is not None and ids.index(job_id) < len(ids) - 1)
+
+    def _move_selected(self, offset: int) -> None:
+        job_id = self.selected_job_id()
+        if job_id is not None:
+            self.moveRequested.emit(job_id, offset)
 
     def _remove_selected(self) -> None:
         job_id = self.selected_job_id()

@@ -1,5 +1,6 @@
 """Screenshots of the main window for the docs, each at 1024x700, 1280x800 and 1920x1080: mid-generation (the
-x0 preview), finished, the privacy tab and the gallery.
+x0 preview), finished, the privacy tab and the gallery; and the model manager, preferences and large image view
+dialogs at their own size.
 
     python -m hediff.desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
 
@@ -133,9 +134,42 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, si
         ):
             window.tabs.setCurrentWidget(tab)
             written += grab_at_sizes(window, out_dir / f"{name}.png")
+        written += grab_dialogs(window, out_dir)
         window.close()
         app.processEvents()
     return written
+
+
+def grab_dialogs(window, out_dir: Path) -> list[Path]:
+    """The model manager, Preferences and the large view of the newest gallery image, each as
+    ``name-WxH.png`` at the dialog's own size."""
+    written = []
+    gallery = window.gallery_panel
+    if gallery.entry_ids():
+        gallery.select(gallery.entry_ids()[0])
+    for name, open_dialog in (
+        ("model-manager", lambda: window.open_model_manager(modal=False)),
+        ("preferences", lambda: window.open_preferences(config=Path(window.services.data_dir) / "config", modal=False)),
+        ("image-viewer", lambda: _viewer(gallery)),
+    ):
+        dialog = open_dialog()
+        if dialog is None:
+            continue
+        if name == "image-viewer":
+            dialog.resize(900, 700)
+        QApplication.processEvents()
+        target = out_dir / f"{name}-{dialog.width()}x{dialog.height()}.png"
+        if dialog.grab().save(str(target)):
+            written.append(target)
+        dialog.close()
+    return written
+
+
+def _viewer(gallery):
+    viewer = gallery.view_selected()
+    if viewer is not None:
+        viewer.view.preview.set_zoom(8.0)  # 8x: the pixels of a 64 px image, crisp
+    return viewer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from PySide6.QtCore import QEventLoop, QObject, QRunnable, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
-    QHBoxLayout,
+    QGridLayout,
     QHeaderView,
     QLabel,
     QPushButton,
@@ -106,11 +106,9 @@ class ServersPanel(PanelMessages, QWidget):
         self.edit_button.clicked.connect(self._on_edit)
         self.remove_button.clicked.connect(lambda: self.remove_selected(confirm=True))
         self.test_button.clicked.connect(self.start_test)
-        buttons = QHBoxLayout()
-        for b in (self.add_button, self.edit_button, self.remove_button):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
-        buttons.addWidget(self.test_button)
+        buttons = QGridLayout()  # two by two: the tabs panel stays narrow enough for the image in a 1024 px window
+        for i, b in enumerate((self.add_button, self.edit_button, self.remove_button, self.test_button)):
+            buttons.addWidget(b, i // 2, i % 2)
 
         self.result_label = MessageLabel(self)
         self.status_label = StatusLabel(self)
@@ -139,9 +137,7 @@ class ServersPanel(PanelMessages, QWidget):
         keep = self.selected_id()
         problem = self.keyring_message()
         if problem:
-            self.keyring_label.show_message(
-                f"{problem}\nServers that need an API token cannot be added or edited until then.", "warning"
-            )
+            self.keyring_label.show_message(problem, "warning")  # the one no-keyring message, as is
         else:
             self.keyring_label.clear_message()
         servers = list(self.settings.servers)

@@ -23,6 +23,7 @@ LABELS = {
     "download": "download",
     "decrypt": "decrypt",
 }
+LEGEND_ORDER = tuple(reversed(TIMING_KEYS))  # the stack's order, top to bottom
 # Tableau 10: distinguishable, colour-blind friendly enough, readable on light and dark backgrounds
 COLORS = {
     "head": QColor("#4e79a7"),
@@ -86,7 +87,7 @@ class TimingChart(QWidget):
         self._extra: dict[str, float] = {}  # setup / decode / total once a generation finished
         self._bar_rects: list[QRectF] = []
         self.setMouseTracking(True)
-        self.setMinimumSize(280, 200)
+        self.setMinimumSize(240, 200)  # narrower tabs put the legend under the chart
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setAccessibleName("Per-step timing chart")
 
@@ -169,11 +170,7 @@ class TimingChart(QWidget):
         # the totals line(s) at the bottom
         footer = self._footer_lines()
         footer_h = len(footer) * (line + 2) + 4
-        # the legend on the right: swatch, name, total over all steps
-        totals = self.totals()
-        legend_w = max(fm.horizontalAdvance(LABELS[k]) for k in TIMING_KEYS) + fm.horizontalAdvance("000.0 ms") + 30
-        legend_w = min(legend_w, max(120, self.width() // 2))
-        chart = QRect(pad, pad + line + 4, self.width() - legend_w - 3 * pad, self.height() - 3 * pad - footer_h - line)
+        chart, header, entries = self.legend_layout(fm, footer_h)
 
         # title
         p.setPen(text)
@@ -183,7 +180,7 @@ class TimingChart(QWidget):
         p.drawText(QRect(pad, pad, chart.width() + 40, line), Qt.AlignmentFlag.AlignLeft, title)
 
         self._paint_bars(p, chart, fm, text, muted)
-        self._paint_legend(p, QRect(self.width() - legend_w - pad, pad, legend_w, chart.bottom() - pad), totals, fm)
+        self._paint_legend(p, header, entries, fm)
 
         y = self.height() - footer_h
         for i, s in enumerate(footer):
@@ -265,23 +262,52 @@ class TimingChart(QWidget):
             p.fillRect(box.adjusted(-6, -3, 6, 3), self.palette().color(QPalette.ColorRole.Window))
             p.drawText(box, flags, text)
 
-    def _paint_legend(self, p: QPainter, area: QRect, totals: dict[str, float], fm: QFontMetrics) -> None:
+    def _legend_values(self) -> dict[str, str]:
+        totals = self.totals()
+        return {k: format_seconds(totals[k]) if self._steps else "–" for k in TIMING_KEYS}
+
+    def legend_layout(self, fm: QFontMetrics | None = None, footer_h: int | None = None):
+        """(chart rect, "all steps" header rect, [(timing key, entry rect)]): the legend beside the chart when the
+        widget is wide enough for both, else under it in as many columns as fit, so that no entry is cut off in a
+        narrow tab (1024 px windows)."""
+        fm = fm or QFontMetrics(self.font())
+        if footer_h is None:
+            footer_h = len(self._footer_lines()) * (fm.height() + 2) + 4
+        line, pad, row = fm.height(), 8, fm.height() + 4
+        values = [*self._legend_values().values(), "99.9 ms", "59.99 s"]
+        entry_w = 16 + max(fm.horizontalAdvance(LABELS[k]) for k in TIMING_KEYS) + 12
+        entry_w += max(fm.horizontalAdvance(v) for v in values)
+        top = pad + line + 4
+        bottom = self.height() - footer_h - pad
+        if self.width() - entry_w - 3 * pad >= 200:  # room for a readable chart beside the legend
+            chart = QRect(pad, top, self.width() - entry_w - 3 * pad, bottom - top - line)
+            left = self.width() - entry_w - pad
+            header = QRect(left, pad, entry_w, line)
+            entries = [(k, QRect(left, pad + (i + 1) * row, entry_w, line)) for i, k in enumerate(LEGEND_ORDER)]
+            return chart, header, entries
+        columns = max(1, min(2, (self.width() - 2 * pad + 12) // (entry_w + 12)))
+        col_w = (self.width() - 2 * pad - 12 * (columns - 1)) // columns
+        rows = math.ceil(len(LEGEND_ORDER) / columns)
+        legend_top = bottom - (rows + 1) * row + 4
+        chart = QRect(pad, top, self.width() - 2 * pad, legend_top - top - line)
+        header = QRect(pad, legend_top, self.width() - 2 * pad, line)
+        entries = [
+            (k, QRect(pad + (i // rows) * (col_w + 12), legend_top + (i % rows + 1) * row, col_w, line))
+            for i, k in enumerate(LEGEND_ORDER)
+        ]
+        return chart, header, entries
+
+    def _paint_legend(self, p: QPainter, header: QRect, entries, fm: QFontMetrics) -> None:
         pal = self.palette()
-        row = fm.height() + 4
-        y = area.top()
+        values = self._legend_values()
         p.setPen(pal.color(QPalette.ColorRole.PlaceholderText))
-        p.drawText(QRect(area.left(), y, area.width(), fm.height()), Qt.AlignmentFlag.AlignRight, "all steps")
-        y += row
-        for k in reversed(TIMING_KEYS):  # same order as the stack, top to bottom
-            sw = QRect(area.left(), y + (fm.height() - 10) // 2, 10, 10)
+        p.drawText(header, Qt.AlignmentFlag.AlignRight, "all steps")
+        for k, rect in entries:
+            sw = QRect(rect.left(), rect.top() + (fm.height() - 10) // 2, 10, 10)
             p.fillRect(sw, COLORS[k])
             p.setPen(pal.color(QPalette.ColorRole.WindowText))
-            p.drawText(
-                QRect(area.left() + 16, y, area.width() - 16, fm.height()), Qt.AlignmentFlag.AlignLeft, LABELS[k]
-            )
-            value = format_seconds(totals[k]) if self._steps else "–"
-            p.drawText(QRect(area.left(), y, area.width(), fm.height()), Qt.AlignmentFlag.AlignRight, value)
-            y += row
+            p.drawText(rect.adjusted(16, 0, 0, 0), Qt.AlignmentFlag.AlignLeft, LABELS[k])
+            p.drawText(rect, Qt.AlignmentFlag.AlignRight, values[k])
 
     # --- hover ---
 

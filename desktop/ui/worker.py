@@ -55,6 +55,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 class GenerationWorker(QObject):
     jobStarted = Signal(int)
     stepUpdate = Signal(object)  # desktop.core.engine.StepUpdate
+    jobSaved = Signal(int, str)  # job id, the gallery PNG of its image (before jobFinished)
     jobFinished = Signal(int, object)  # job id, GenerationResult (already in the gallery)
     jobFailed = Signal(int, str)  # job id, a message for the user
     jobCancelled = Signal(int)
@@ -148,6 +149,33 @@ class GenerationWorker(QObject):
         self.queueChanged.emit()
         return True
 
+    def move_pending(self, job_id: int, offset: int) -> bool:
+        """Move a queued job ``offset`` places (negative: sooner); the queue's only reordering besides
+        ``reorder_pending``. False when the job is not queued or cannot move that way."""
+        with self._lock:
+            ids = [j.id for j in self._pending]
+            if job_id not in ids:
+                return False
+            i = ids.index(job_id)
+            j = max(0, min(len(ids) - 1, i + offset))
+            if i == j:
+                return False
+            ids.insert(j, ids.pop(i))
+        return self.reorder_pending(ids)
+
+    def reorder_pending(self, ids: list[int]) -> bool:
+        """Put the queued jobs in this order (ids of jobs no longer queued are ignored, queued jobs missing from
+        ``ids`` keep their place at the end)."""
+        with self._lock:
+            by_id = {j.id: j for j in self._pending}
+            order = [by_id.pop(i) for i in ids if i in by_id]
+            order += [j for j in self._pending if j.id in by_id]
+            if [j.id for j in order] == [j.id for j in self._pending]:
+                return False
+            self._pending = deque(order)
+        self.queueChanged.emit()
+        return True
+
     def current_job(self) -> Job | None:
         with self._lock:
             return self._current
@@ -223,11 +251,13 @@ class GenerationWorker(QObject):
             return
         try:
             settings = self._services.settings
-            self._services.gallery.add(
+            entry = self._services.gallery.add(
                 result,
                 bool(getattr(settings, "embed_prompt_in_png", False)),
                 remember_prompt=bool(getattr(settings, "remember_prompt", False)),
+                model=job.model,
             )
+            self.jobSaved.emit(job.id, str(entry.image_path))
         except Exception as e:  # noqa: BLE001 - the result stays on screen even if it could not be stored
             log.error("could not add job %d to the gallery: %s", job.id, type(e).__name__)
             self.notice.emit(f"The image of job #{job.id} could not be saved to the gallery: {e}")
