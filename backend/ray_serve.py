@@ -178,6 +178,8 @@ class SessionTier:
         self.scheduler = FairScheduler(config.session_workers, limits.max_steps_per_token, limits.max_queued_steps)
         self.replica = serve.get_replica_context().replica_id.unique_id
         prepare_process()
+        for preset in he.PRESETS.values():  # SEAL's precomputation, once here rather than in a user's first step
+            he.EvaluationContext(he.preset_parameter_bytes(preset), preset)
 
     def _body(self, call: BodyCall):
         # runs in a scheduler worker thread, never on the replica's event loop, so waiting here is allowed

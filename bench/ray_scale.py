@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     single = subprocess.Popen([*hediff, "--port", str(port)], stderr=subprocess.DEVNULL, env=env)
     try:
         wait_health(f"http://127.0.0.1:{port}", single)
+        load(f"http://127.0.0.1:{port}", tokens, recorded, 1, 1)  # warm-up, not measured
         for n in counts:
             row = load(f"http://127.0.0.1:{port}", tokens, recorded, n, args.generations)
             rows.append({"backend": "single-process", **row})
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_health(f"http://127.0.0.1:{port}", on_ray, timeout_s=300)
         ray_start_s = time.perf_counter() - t0
+        load(f"http://127.0.0.1:{port}", tokens, recorded, max(2, args.session_replicas), 1)  # warm every replica
         for n in counts:
             clear_metrics(redis_url)
             row = load(f"http://127.0.0.1:{port}", tokens, recorded, n, args.generations)

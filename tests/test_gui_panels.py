@@ -665,6 +665,11 @@ def test_privacy_panel_shows_the_measured_leakage(qtbot, tmp_path):
     panel.begin_job(GenerationParams(prompt="a red circle", split="u1", encryption="full"))
     u1 = leakage.lookup("u1", "full")
     assert u1 is not None and panel.leakage_label.text() == u1.summary() != text
+    # a loopback backend: the tab agrees with the green line above Generate, and quotes the remote risk as such
+    panel.begin_job(GenerationParams(prompt="a red circle", split="conv_in", encryption="full"), remote=False)
+    local = panel.leakage_label.text()
+    assert local.startswith("Nothing leaves this machine") and measured.summary() in local
+    assert "b3261e" not in panel.leakage_label.styleSheet()
     panel.reset()
     assert panel.leakage_label.text() == "–"
 

@@ -506,7 +506,10 @@ class MainWindow(QMainWindow):
         params, server_name = self._submitted.get(job_id, (None, ""))
         self.timing_chart.clear(params.steps if params is not None else 0)
         if params is not None:
-            self.privacy_panel.begin_job(params, server_name, getattr(self.services.settings, "key_policy", "fresh"))
+            remote = any(s.remote for s in self.services.settings.servers if s.name == server_name)
+            self.privacy_panel.begin_job(
+                params, server_name, getattr(self.services.settings, "key_policy", "fresh"), remote=remote
+            )
         self.progress.setRange(0, params.steps if params is not None else 1)
         self.progress.setValue(0)
         self.progress.set_texts(f"Job #{job_id}: connecting to {server_name or 'the server'}…", "Connecting…")

@@ -121,7 +121,7 @@ class PrivacyPanel(QWidget):
         self.sent_caption.setText("What the last step sent to the server")
         self._fit_table()
 
-    def begin_job(self, params, server_name: str = "", key_policy: str = "fresh") -> None:
+    def begin_job(self, params, server_name: str = "", key_policy: str = "fresh", remote: bool = True) -> None:
         """A job started: show its settings; step details follow with ``update_step``."""
         self._params, self._key_policy = params, key_policy
         self.mode_label.setText(describe_mode(params))
@@ -138,7 +138,14 @@ class PrivacyPanel(QWidget):
         else:
             self.key_label.setText("ephemeral: a fresh key for this generation")
         self.server_label.setText(server_name or "–")
-        self._show_leakage(self._describe_leakage(params.split, params.encryption))
+        measured = self._describe_leakage(params.split, params.encryption)
+        if remote:
+            self._show_leakage(measured)
+        else:  # the same label as the line above Generate: what a remote server could do is not this job's risk
+            self.leakage_label.setText(
+                f"Nothing leaves this machine (the backend runs on it). A remote server: {measured}"
+            )
+            self.leakage_label.setStyleSheet("")
         self.sent_table.setRowCount(0)
 
     def update_step(self, update) -> None:
