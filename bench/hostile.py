@@ -129,6 +129,45 @@ class UploadFlood:
             t.join(60)
 
 
+def _attack(port: int, url: str, token: str, args: dict, stop, results) -> None:
+    """The attacker's process: slow-loris and the upload flood until ``stop`` is set; counts go to ``results``."""
+    loris = SlowLoris(port, args["slow"], args["addresses"]).start()
+    flood = UploadFlood(url, token, args["uploaders"], args["upload_bytes"]).start()
+    stop.wait()
+    flood.stop()
+    loris.stop()
+    results.put(
+        {
+            "opened": loris.opened,
+            "closed_by_server": loris.closed_by_server,
+            "refused": loris.refused,
+            "by_status": flood.by_status,
+        }
+    )
+
+
+class Attack:
+    """The attack in a process of its own, as a real attacker is: its threads do not share the legitimate
+    clients' interpreter (their GIL), only the machine."""
+
+    def __init__(self, port: int, url: str, token: str, **args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._stop, self._results = ctx.Event(), ctx.Queue()
+        self._proc = ctx.Process(target=_attack, args=(port, url, token, args, self._stop, self._results))
+
+    def start(self) -> Attack:
+        self._proc.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        counts = self._results.get(timeout=120)
+        self._proc.join(30)
+        return counts
+
+
 def second_token(config_dir: Path) -> str:
     """A new token made with `hediff token create` while the server runs (it picks tokens up within a second)."""
     env = dict(os.environ, HEDIFF_CONFIG_DIR=str(config_dir))
@@ -229,12 +268,18 @@ def main(argv=None) -> int:
         log_before = served.log_path.stat().st_size
         port = int(served.url.rsplit(":", 1)[1])
         flood_token = second_token(served.log_path.parent)  # the flood is another client than the legitimate ones
-        loris = SlowLoris(port, args.slow, args.addresses).start()
-        flood = UploadFlood(served.url, flood_token, args.uploaders, int(args.upload_mb * (1 << 20))).start()
+        attack = Attack(
+            port,
+            served.url,
+            flood_token,
+            slow=args.slow,
+            addresses=args.addresses,
+            uploaders=args.uploaders,
+            upload_bytes=int(args.upload_mb * (1 << 20)),
+        ).start()
         time.sleep(3.0)  # let the attack take hold before measuring
         attacked = legitimate_run(target, args.clients, args.steps, hard_stop)
-        flood.stop()
-        loris.stop()
+        counts = attack.stop()
         rss_peak = proc_status(pid, "VmHWM")
         alive = httpx.get(served.url + "/v1/health", timeout=30).status_code == 200
         log_growth = served.log_path.stat().st_size - log_before
@@ -246,12 +291,12 @@ def main(argv=None) -> int:
         "attack": {
             "slow_loris_connections": args.slow,
             "source_addresses": args.addresses,
-            "slow_connections_opened": loris.opened,
-            "slow_connections_closed_by_server": loris.closed_by_server,
-            "slow_connections_refused": loris.refused,
+            "slow_connections_opened": counts["opened"],
+            "slow_connections_closed_by_server": counts["closed_by_server"],
+            "slow_connections_refused": counts["refused"],
             "uploaders": args.uploaders,
             "upload_bytes": int(args.upload_mb * (1 << 20)),
-            "uploads_by_status": flood.by_status,
+            "uploads_by_status": counts["by_status"],
         },
         "legitimate": {"clients": args.clients, "steps_each": args.steps, "quiet": quiet, "attacked": attacked},
         "p99_ratio": round(ratio, 2),
@@ -274,8 +319,9 @@ def main(argv=None) -> int:
             f"p99 under attack / quiet: {ratio:.2f}x. Server peak RSS {rss_quiet_peak / mib:.0f} MiB quiet, "
             f"{rss_peak / mib:.0f} MiB under attack (+{(rss_peak - rss_quiet_peak) / mib:.0f} MiB; in-flight budget "
             f"{budget / mib:.0f} MiB). Log growth during the attack: {log_growth} bytes. Slow connections: "
-            f"{loris.opened} opened, {loris.closed_by_server} closed by the server, {loris.refused} refused at "
-            f"connect. Uploads by status: {dict(sorted(flood.by_status.items()))}. Server alive after: {alive}.",
+            f"{counts['opened']} opened, {counts['closed_by_server']} closed by the server, {counts['refused']} "
+            f"refused at connect. Uploads by status: {dict(sorted(counts['by_status'].items()))}. "
+            f"Server alive after: {alive}.",
             "",
             f"`{report['command']}`",
             "",

@@ -194,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         "--max-sessions-per-token",
         "8",
+        "--torch-threads",
+        str(args.torch_threads),
     ]
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)}  # Ray's workers keep a value that is set
     port = free_port()
-    single = subprocess.Popen([*hediff, "--port", str(port)], stderr=subprocess.DEVNULL, env=env)
+    single = subprocess.Popen([*hediff, "--port", str(port)], stderr=subprocess.DEVNULL)
     try:
         wait_health(f"http://127.0.0.1:{port}", single)
         load(f"http://127.0.0.1:{port}", tokens, recorded, 1, 1)  # warm-up, not measured
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.batch_wait_ms),
     ]
     t0 = time.perf_counter()
-    on_ray = subprocess.Popen(ray_cmd, stderr=subprocess.DEVNULL, env=env)
+    on_ray = subprocess.Popen(ray_cmd, stderr=subprocess.DEVNULL)
     try:
         wait_health(f"http://127.0.0.1:{port}", on_ray, timeout_s=300)
         ray_start_s = time.perf_counter() - t0

@@ -54,12 +54,15 @@ def step_answers(exchanges: list[Exchange]) -> list[bytes]:
     return [e.answer for e in exchanges if e.path.endswith("/steps")]
 
 
-def replay(url: str, token: str, exchanges: list[Exchange], latencies: list[float] | None = None) -> list[bytes]:
+def replay(
+    url: str, token: str, exchanges: list[Exchange], latencies: list[float] | None = None, verify=True
+) -> list[bytes]:
     """Open a new session with the recorded request and send the recorded steps in order; returns the answers
-    (and appends each step's round-trip seconds to ``latencies``). Any refusal is an AssertionError."""
+    (and appends each step's round-trip seconds to ``latencies``). Any refusal is an AssertionError. ``verify``:
+    httpx's TLS verification (an ``ssl.SSLContext`` for a private CA)."""
     headers = {"Authorization": f"Bearer {token}", "content-type": protocol.FRAME_CONTENT_TYPE}
     answers = []
-    with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
+    with httpx.Client(base_url=url, headers=headers, timeout=300, verify=verify) as http:
         session_id = None
         for e in exchanges:
             if e.path == "/v1/sessions":

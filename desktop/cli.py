@@ -14,7 +14,12 @@ from pathlib import Path
 from hediff.common.errors import EXIT_ATTESTATION, EXIT_CANCELLED, EXIT_USAGE, HEDiffusionError, UsageError
 
 
-def _serve_on_ray(args, tokens_path: Path, limits, tls) -> int:
+def default_torch_threads() -> int:
+    """Every core but one for the model: the server's HTTP side keeps a core of its own."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _serve_on_ray(args, tokens_path: Path, limits, tls, torch_threads: int) -> int:
     """`hediff serve --ray` / `--ray-config`: the same limits and tokens, on three Ray Serve deployments."""
     for flag, value in (
         ("--session-replicas", args.session_replicas),
@@ -49,6 +54,7 @@ def _serve_on_ray(args, tokens_path: Path, limits, tls) -> int:
         unet_gpus=unet_gpus,
         device=args.device,
         dtype=args.dtype,
+        torch_threads=torch_threads,
         max_batch_size=args.max_batch_size,
         batch_wait_s=args.batch_wait_ms / 1000,
     )
@@ -107,6 +113,13 @@ def _add_serve(sub, with_options: bool = True) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the UNet runs")
     p.add_argument(
         "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="the UNet's precision"
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads of the UNet's forward passes (default: every core but one, which stays free to answer "
+        "HTTP: a model that takes every core slows down many times over when connections need one too)",
     )
     p.add_argument(
         "--tokens-file",
@@ -456,9 +469,11 @@ def cmd_serve(args) -> int:
         ("--keep-alive", args.keep_alive),
         ("--max-connections", args.max_connections),
         ("--max-connections-per-address", args.max_connections_per_address),
+        ("--torch-threads", args.torch_threads if args.torch_threads is not None else 1),
     ):
         if not value > 0:
             raise UsageError(f"{flag} must be positive, got {value}")
+    torch_threads = args.torch_threads or default_torch_threads()
     if args.max_inflight_mb < 4 * args.max_request_mb:
         raise UsageError(
             f"--max-inflight-mb {args.max_inflight_mb:g} must be at least 4 x --max-request-mb "
@@ -488,7 +503,10 @@ def cmd_serve(args) -> int:
         keep_alive_s=args.keep_alive,
     )
     if args.ray is not None or args.ray_config is not None:
-        return _serve_on_ray(args, tokens_path, limits, tls)
+        return _serve_on_ray(args, tokens_path, limits, tls, torch_threads)
+    import torch
+
+    torch.set_num_threads(torch_threads)
     model_path = resolve_model(args.model)
     model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
     scheme = "https" if tls else "http"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,10 +31,12 @@ from hediff.backend.ray_serve import (
     served_sessions,
     start_ray_backend,
 )
+from hediff.backend.serve import check_tls_files
 from hediff.common import he, protocol
 from hediff.desktop.core.backend_client import BackendClient
 from hediff.desktop.core.client_model import ClientModel
 from hediff.desktop.core.engine import GenerationParams, Generator
+from tests.test_tls import self_signed
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +50,10 @@ def _free_port() -> int:
 
 
 class RayBackend:
-    def __init__(self, running, config: RayServeConfig, tokens: list[str]):
+    def __init__(self, running, config: RayServeConfig, tokens: list[str], ca: Path):
         self.running, self.config, self.url = running, config, running.url
+        self.ca = ca  # the deployment serves HTTPS with a self-signed certificate (Serve's http_options)
+        self.verify = ssl.create_default_context(cafile=str(ca))
         self.tokens = tokens  # one per simulated user
         self.token = tokens[0]
 
@@ -84,8 +90,10 @@ def ray_backend(tiny_model_dir, redis_url, tmp_path_factory):
         max_batch_size=1,  # batching off first
         batch_wait_s=0.0,
     )
-    running = start_ray_backend(config, port=_free_port(), num_cpus=8)
-    backend = RayBackend(running, config, user_tokens)
+    cert, key = self_signed(folder, "ray-ingress")
+    running = start_ray_backend(config, port=_free_port(), num_cpus=8, tls=check_tls_files(cert, key))
+    assert running.url.startswith("https://")
+    backend = RayBackend(running, config, user_tokens, cert)
     yield backend
     running.stop()
     # after shutdown: no Ray process of this cluster and no ciphertext scratch file of a replica is left
@@ -131,9 +139,9 @@ def _params(**kw) -> GenerationParams:
     return GenerationParams(**base)
 
 
-def _generate(model_dir, url: str, token: str, **kw):
+def _generate(model_dir, url: str, token: str, tls_ca: Path | None = None, **kw):
     params = _params(**kw)
-    with BackendClient(url, token, timeout_s=120) as client:
+    with BackendClient(url, token, timeout_s=120, tls_ca=tls_ca) as client:
         return Generator(ClientModel(model_dir, params.split), client).generate(params)
 
 
@@ -165,7 +173,7 @@ def test_batching_off_every_split_and_preset_answers_bit_identically(ray_backend
             kw["he_preset"] = preset
         _generate(tiny_model_dir, url, token, **kw)
         recorded = list(recorder.exchanges)
-        answers = replay(ray_backend.url, ray_backend.token, recorded)
+        answers = replay(ray_backend.url, ray_backend.token, recorded, verify=ray_backend.verify)
         expected = step_answers(recorded)
         assert len(answers) == len(expected) >= 4
         for step, (got, want) in enumerate(zip(answers, expected)):
@@ -221,7 +229,9 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
         )
         recorded.append(list(recorder.exchanges))
     recorded = recorded + recorded
-    answers = _concurrently(8, lambda i: replay(ray_backend.url, ray_backend.tokens[i], recorded[i]))
+    answers = _concurrently(
+        8, lambda i: replay(ray_backend.url, ray_backend.tokens[i], recorded[i], verify=ray_backend.verify)
+    )
     worst = 0.0
     for i in range(8):
         expected = step_answers(recorded[i])
@@ -283,6 +293,7 @@ def test_killing_a_session_replica_mid_generation_loses_no_session(ray_backend, 
             tiny_model_dir,
             ray_backend.url,
             ray_backend.tokens[i],
+            tls_ca=ray_backend.ca,
             steps=steps,
             seed=i,
             encryption="full" if i % 2 else "none",
@@ -328,7 +339,7 @@ def pipe_latents(tiny_model_dir):
 
 
 def test_the_ingress_keeps_the_single_process_error_format_and_limits(ray_backend):
-    with httpx.Client(base_url=ray_backend.url, timeout=30) as http:
+    with httpx.Client(base_url=ray_backend.url, timeout=30, verify=ray_backend.verify) as http:
         assert http.get("/v1/health").json()["status"] == "ok"
         r = http.get("/v1/capabilities")
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"

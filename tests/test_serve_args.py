@@ -45,6 +45,7 @@ def config_dir(tmp_path, monkeypatch) -> Path:
         (["--max-request-mb", "-2"], "--max-request-mb must be positive, got -2.0"),
         (["--tokens-file", "{tmp}"], "token file {tmp} is unreadable"),
         (["--tokens-file", "{tmp}/none.json"], "no API tokens in {tmp}/none.json"),
+        (["--torch-threads", "0"], "--torch-threads must be positive, got 0"),
         (["--ray", "--session-replicas", "0"], "--session-replicas must be at least 1, got 0"),
         (["--ray", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
         (["--ray", "--batch-wait-ms", "-1"], "--batch-wait-ms and --unet-gpus cannot be negative"),
