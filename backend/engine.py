@@ -80,8 +80,8 @@ class ServerModel:
         self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
         self.lock = threading.Lock()  # one forward pass at a time on this device
 
-    def plan(self, scheduler: str, steps: int):
-        return _cached_plan(scheduler, _freeze(self.scheduler_config), steps)
+    def plan(self, scheduler: str, steps: int, strength: float | None = None):
+        return _cached_plan(scheduler, _freeze(self.scheduler_config), steps, strength)
 
     def size_limits(self, limits: Limits) -> settings.SizeLimits:
         """This model's size cap under the server's configuration (what capabilities advertise)."""
@@ -163,8 +163,12 @@ def _freeze(cfg: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(scheduler: str, frozen_config: tuple, steps: int):
-    return build_plan(scheduler, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}, steps)
+def _cached_plan(scheduler: str, frozen_config: tuple, steps: int, strength: float | None = None):
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}
+    try:
+        return build_plan(scheduler, config, steps, strength)
+    except ValueError as e:  # e.g. an img2img strength that runs no step: the client's mistake, said as such
+        raise ProtocolError(str(e)) from None
 
 
 _HEADER_BYTES_PER_FIELD = 256
@@ -233,7 +237,7 @@ class Engine:
             )
         u_shaped = split.is_u_shaped(settings.split)
         latent_shape = self.model.latent_shape(settings.height, settings.width)
-        plan = self.model.plan(settings.scheduler, settings.steps)
+        plan = self.model.plan(settings.scheduler, settings.steps, settings.strength)
         if plan.digest() != settings.plan_digest:
             raise ProtocolError(
                 "the client's step plan differs from the server's (different scheduler config or library versions); "

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from hediff.common import models
-from hediff.common.schedulers import make_scheduler
+from hediff.common.img2img import resize_init_image
+from hediff.common.schedulers import make_scheduler, model_evaluations
 
 
 class PipelineCancelled(Exception):
@@ -62,6 +63,7 @@ class LocalPipeline:
         self.vae_scale_factor = int(self.pipe.vae_scale_factor)
         self.native_size = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
         self.latent_channels = int(self.pipe.unet.config.in_channels)
+        self._img2img_pipe = None
 
     def generate(
         self,
@@ -76,10 +78,14 @@ class LocalPipeline:
         scheduler: str,
         on_step: Callable[[LocalStep], None] | None = None,
         cancel: threading.Event | None = None,
+        init_image: Image.Image | None = None,
+        strength: float = 0.8,
     ) -> LocalOutput:
-        self.pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
-        self.pipe.scheduler.set_timesteps(steps)
-        total = len(self.pipe.scheduler.timesteps)
+        """``init_image``: img2img with diffusers' StableDiffusionImg2ImgPipeline (same weights) from that
+        picture at ``strength``; its size wins unless ``width``/``height`` (non-zero) ask for another."""
+        pipe = self.pipe if init_image is None else self._img2img()
+        pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
+        total = model_evaluations(scheduler, self.scheduler_config, steps, None if init_image is None else strength)
         last = time.perf_counter()
 
         def callback(_pipe, i: int, t, tensors: dict) -> dict:
@@ -95,21 +101,36 @@ class LocalPipeline:
 
         if cancel is not None and cancel.is_set():
             raise PipelineCancelled(f"cancelled before step 1 of {total}")
+        if init_image is None:
+            inputs = {"height": height, "width": width}
+        else:
+            inputs = {
+                "image": resize_init_image(init_image, self.vae_scale_factor, width, height),
+                "strength": strength,
+            }
         with torch.no_grad():
-            latents = self.pipe(
+            latents = pipe(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=height,
-                width=width,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="latent",
                 callback_on_step_end=callback,
+                **inputs,
             ).images
             t = time.perf_counter()
             image = self.decode(latents)
         return LocalOutput(latent=latents[0].double().cpu().numpy(), image=image, decode_s=time.perf_counter() - t)
+
+    def _img2img(self):
+        """diffusers' img2img pipeline on the loaded components (no second copy of the weights)."""
+        if self._img2img_pipe is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._img2img_pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
+        return self._img2img_pipe
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:

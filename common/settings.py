@@ -26,6 +26,8 @@ __all__ = [
     "ACTIVATION_DTYPES",
     "DEFAULT_HE_PRESET",
     "DEFAULT_SPLIT",
+    "DEFAULT_STRENGTH",
+    "MAX_COUNT",
     "ENCRYPTION_MODES",
     "HE_PRESET_NAMES",
     "PAPER_SPLITS",
@@ -94,6 +96,10 @@ SIZE_MULTIPLE = 8  # diffusers' pipeline insists on multiples of 8
 MAX_SIDE = 2048
 MAX_SIDE_FACTOR = 2
 SERVER_MAX_STEPS = 500  # a server's default cap on steps per session
+#: diffusers' img2img default
+DEFAULT_STRENGTH = 0.8
+#: images per session: the server runs them in one UNet batch, so its memory bounds this
+MAX_COUNT = 16
 
 _NATIVE = "0: the model's native size"
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description="denoising steps")]
@@ -171,6 +177,25 @@ class GenerationSettings:
     activation_dtype: Annotated[
         ActivationDtype, Field(description="precision of the activations sent to the server")
     ] = "float32"
+    init_image: Annotated[
+        str,
+        Field(
+            description="img2img: the picture (PNG, JPEG) to start from, encoded on this machine; empty: start "
+            "from noise. Its size is the image's size unless width/height are given"
+        ),
+    ] = ""
+    strength: Annotated[
+        Fraction,
+        Field(description="img2img: how much of the picture is redrawn (1: all of it); int(steps x strength) run"),
+    ] = DEFAULT_STRENGTH
+    count: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_COUNT,
+            description="images in one session, with seeds seed, seed+1, ...; the server runs them in one batch",
+        ),
+    ] = 1
 
     @model_validator(mode="after")
     def _rules_across_fields(self) -> GenerationSettings:
@@ -182,18 +207,31 @@ class GenerationSettings:
         return self
 
     def validate(self) -> None:
-        """The rules construction cannot check because stored settings legitimately lack them: a prompt."""
+        """The rules construction cannot check because stored settings legitimately lack them: a prompt, and
+        an img2img strength that runs at least one step."""
         if not self.prompt.strip():
             raise SettingsError("the prompt is empty", field="prompt", allowed="non-empty text", value=self.prompt)
+        if self.init_image and int(self.steps * self.strength) < 1:
+            rule = f"at least 1/steps ({1 / self.steps:g}) so that int(steps x strength) runs a step"
+            raise SettingsError(
+                f"strength must be {rule}, got {self.strength!r}", field="strength", allowed=rule, value=self.strength
+            )
+        if self.seed + self.count - 1 > SEED_MAX:
+            rule = f"at most {SEED_MAX - self.seed + 1} from seed {self.seed} (the seeds run up to {SEED_MAX})"
+            raise SettingsError(
+                f"count must be {rule}, got {self.count}", field="count", allowed=rule, value=self.count
+            )
 
     # --- serialisations ---
 
     def to_dict(self, include_prompt: bool = True) -> dict[str, Any]:
-        """JSON-ready fields (stored settings, gallery sidecars); the prompts only when asked for."""
+        """JSON-ready fields (stored settings, gallery sidecars); the prompts and the init image's path only when
+        asked for (a file name can say whose picture it is)."""
         data = dataclasses.asdict(self)
         if not include_prompt:
             data.pop("prompt")
             data.pop("negative_prompt")
+            data.pop("init_image")
         return data
 
     @classmethod

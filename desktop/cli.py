@@ -133,12 +133,14 @@ _DEFAULT_HELP = {
     "prompt": "none, required",
     "steps": "the model's recommendation (hediff.json), else {default}",
     "guidance": "the model's recommendation (hediff.json), else {default}",
-    "width": "the model's native size",
-    "height": "the model's native size",
+    "width": "the model's native size; img2img: the picture's",
+    "height": "the model's native size; img2img: the picture's",
+    "init_image": "none: start from noise",
 }
 
 
 # None when not given: the model's recommendation or native size applies, or --plaintext may set encryption
+_METAVARS = {"init_image": "PNG"}
 _UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
 
 
@@ -200,7 +202,7 @@ def _add_generate(sub, with_settings: bool = True) -> None:
             choices=options,
             default=None if name in _UNSET_BY_DEFAULT else info.default,
             required=name == "prompt",
-            metavar=None if options is not None else kind.__name__.upper(),
+            metavar=None if options is not None else _METAVARS.get(name, kind.__name__.upper()),
             help=f"{settings.help_text(name)}; {settings.allowed(name)} (default: {when_absent})",
         )
     p.add_argument("--plaintext", action="store_true", help="same as --encryption none: the split without HE")
@@ -648,6 +650,10 @@ def cmd_generate_confidential(args) -> int:
 
     if not args.server:
         raise UsageError("--confidential needs --server https://...: a local backend is not a confidential one")
+    # the confidential server's request takes a prompt and sampling settings only: refuse what it would ignore
+    for option, unused in (("--init-image", not args.init_image), ("--count", args.count in (None, 1))):
+        if not unused:
+            raise UsageError(f"{option} is not supported with --confidential yet; generate on this device or drop it")
     token = args.token or os.environ.get("HEDIFF_TOKEN")
     if not token:
         raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")

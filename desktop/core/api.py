@@ -173,7 +173,7 @@ class HEDiffusion:
         ``overrides`` say otherwise. Width and height 0 mean the model's native size. Unknown names are a
         TypeError, bad values a SettingsError."""
         base: dict[str, Any] = {"split": self.split, **self.recommended}
-        return GenerationSettings(prompt=prompt, **{**base, **overrides})
+        return GenerationSettings(prompt=prompt, **{**base, **_path_names(overrides)})
 
     def check(self, settings: GenerationSettings) -> None:
         """Everything that can be checked without loading a model: a prompt, the model's and server's limits."""
@@ -195,7 +195,7 @@ class HEDiffusion:
         then replace some of them). ``key``: a stored device key to use; by default every generation gets a
         fresh key. ``cancel``: a ``threading.Event`` that stops the generation between steps."""
         if isinstance(prompt, GenerationSettings):
-            settings = dataclasses.replace(prompt, **overrides) if overrides else prompt
+            settings = dataclasses.replace(prompt, **_path_names(overrides)) if overrides else prompt
         elif isinstance(prompt, str):
             settings = self.settings(prompt, **overrides)
         else:
@@ -252,3 +252,8 @@ class HEDiffusion:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _path_names(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A path object given for a file setting (``init_image``) as the text the settings hold."""
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()}

@@ -61,6 +61,7 @@ class ClientModel:
         self.preview_map = load_preview_map(self.path, self.latent_channels)
         self.recommended = models.recommended_settings(self.path)
         self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor
+        self._vae_encoder: AutoencoderKL | None = None  # img2img only
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +92,20 @@ class ClientModel:
         ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
         h = torch.from_numpy(np.array(hidden, dtype=np.float32)).to(self.device, self.dtype)
         return mix_guidance(self.head.tail(h, kept, ehs), guidance)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """img2img: the picture's latent, sampled from the VAE encoder's distribution with ``generator`` and
+        scaled, exactly as StableDiffusionImg2ImgPipeline does (float32). The encoder loads on first use: a
+        text-to-image client never reads it."""
+        if self._vae_encoder is None:
+            self._vae_encoder = AutoencoderKL.from_pretrained(
+                self.path, subfolder="vae", **models.diffusers_load_kwargs()
+            ).to(self.device)  # float32, as the client's other models
+            self._vae_encoder.eval()
+        vae = self._vae_encoder
+        latents = vae.encode(image.to(self.device, self.dtype)).latent_dist.sample(generator)
+        return vae.config.scaling_factor * latents
 
     @torch.no_grad()
     def decode(self, latent: np.ndarray) -> Image.Image:

@@ -21,7 +21,8 @@ from PIL import Image
 
 from hediff.common import he, models, protocol
 from hediff.common.errors import Cancelled, UsageError
-from hediff.common.schedulers import AffinePlan, build_plan, noise_term, x0_coefficients
+from hediff.common.img2img import load_init_image, prepare_init_image
+from hediff.common.schedulers import AffinePlan, build_plan, img2img_start_latent, noise_term, x0_coefficients
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
@@ -115,6 +116,15 @@ class SeedNoise:
     def __init__(self, seed: int):
         self._generator = torch.Generator("cpu").manual_seed(seed)
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The seed's generator itself, for a draw diffusers makes elsewhere (img2img's VAE sample)."""
+        return self._generator
+
+    def draw_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """One float32 ``shape`` draw as a tensor (diffusers' ``randn_tensor`` on the CPU)."""
+        return torch.randn(shape, generator=self._generator, dtype=torch.float32)
+
     def draw(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
         """One (1, *shape) draw, times ``scale`` in float32 as the pipeline multiplies (x_T by init_noise_sigma)."""
         noise = torch.randn((1, *shape), generator=self._generator, dtype=torch.float32)
@@ -135,12 +145,19 @@ class Generator:
     ) -> GenerationResult:
         """Run one generation. ``key``: a stored device key to use; by default a fresh key per generation."""
         params.validate()
-        native = self.model.native_size
-        params = _with_changes(params, width=params.width or native, height=params.height or native)
         if params.split != self.model.split:
             raise UsageError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
         t_start = time.perf_counter()
-        plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
+        init_image = None
+        if params.init_image:  # img2img: the picture sets the size unless width/height ask for another
+            init_image = prepare_init_image(
+                load_init_image(params.init_image), self.model.vae_scale_factor, params.width, params.height
+            )
+            params = _with_changes(params, height=int(init_image.shape[2]), width=int(init_image.shape[3]))
+        native = self.model.native_size
+        params = _with_changes(params, width=params.width or native, height=params.height or native)
+        strength = params.strength if init_image is not None else None
+        plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps, strength)
         cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
         strategy = strategy_for(self.model, params, key)
         params = _with_changes(params, **strategy.settings_overrides)
@@ -149,7 +166,10 @@ class Generator:
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         result.key_fingerprint = strategy.key.fingerprint if strategy.key else None
         seed_noise = SeedNoise(params.seed)
-        history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
+        if init_image is None:
+            history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
+        else:
+            history = {0: self._noised_image(init_image, plan, seed_noise)}
         noise_history: dict[int, np.ndarray] = {}  # step -> the fresh noise z it drew; never leaves this machine
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
         strategy.start(plan, latent_shape, cond, uncond)
@@ -218,6 +238,15 @@ class Generator:
         result.total_s = time.perf_counter() - t_start
         return result
 
+    def _noised_image(self, image, plan: AffinePlan, seed_noise: SeedNoise) -> np.ndarray:
+        """img2img's x_0, drawn as StableDiffusionImg2ImgPipeline draws it: the VAE's sample, then the noise."""
+        latents = self.model.encode_image(image, seed_noise.generator)
+        noise = seed_noise.draw_tensor(tuple(latents.shape))
+        start = img2img_start_latent(
+            plan.scheduler, self.model.scheduler_config, plan.num_inference_steps, plan.strength, latents, noise
+        )
+        return start[0].cpu().numpy().astype(np.float64)
+
     def _open_session(
         self,
         params: GenerationParams,
@@ -239,6 +268,7 @@ class Generator:
             activation_dtype=params.activation_dtype,
             plan_digest=plan.digest(),
             weights_digest=models.unet_weights_digest(self.model.path),
+            strength=plan.strength,
         )
         open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
         open_frame.blobs.update(strategy.open_blobs())

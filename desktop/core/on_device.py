@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hediff.common.errors import UsageError
+from hediff.common.img2img import load_init_image, prepare_init_image
 from hediff.common.local_pipeline import LocalPipeline, LocalStep, PipelineCancelled
 from hediff.desktop.core.engine import (
     TIMING_KEYS,
@@ -48,6 +49,10 @@ class OnDeviceGenerator:
         if key is not None:
             raise UsageError("a generation on this device encrypts nothing: do not pass a key")
         params.validate()
+        init_image = load_init_image(params.init_image) if params.init_image else None
+        if init_image is not None:  # the picture's size, as the split client records it
+            size = prepare_init_image(init_image, self.pipeline.vae_scale_factor, params.width, params.height).shape
+            params = dataclasses.replace(params, height=int(size[2]), width=int(size[3]))
         native = self.native_size
         # nothing is encrypted here: the record says so
         params = dataclasses.replace(
@@ -102,6 +107,8 @@ class OnDeviceGenerator:
                 scheduler=params.scheduler,
                 on_step=report,
                 cancel=cancel,
+                init_image=init_image,
+                strength=params.strength,
             )
         except PipelineCancelled as e:
             raise GenerationCancelled(str(e)) from None
