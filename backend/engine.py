@@ -107,9 +107,11 @@ class ServerModel:
         return list(self.bodies)
 
     def activation_shapes(self, split_name: str, latent_shape, batch: int = 1) -> dict[str, tuple[int, ...]]:
-        """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it)."""
-        b = batch if split.is_u_shaped(split_name) else 1
-        shapes = split.activation_shapes(self.unet.config, split_name, (b, *latent_shape))
+        """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it).
+        ``latent_shape`` is (C, H, W), or (N, C, H, W) for a session of N images (the head runs on all N)."""
+        *images, c, h, w = latent_shape
+        b = batch if split.is_u_shaped(split_name) else (images[0] if images else 1)
+        shapes = split.activation_shapes(self.unet.config, split_name, (b, c, h, w))
         return {k: tuple(v) for k, v in shapes.items()}
 
     def capabilities(self, limits: Limits) -> dict:
@@ -140,8 +142,9 @@ class ServerModel:
         with self.lock:
             acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
             batch = embeddings.shape[0]
-            acts = {k: v.expand(batch, *v.shape[1:]) for k, v in acts.items()}
-            return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance)
+            images = next(iter(acts.values())).shape[0]  # the session's images, run as one batch
+            acts = {k: _tile(v, batch) for k, v in acts.items()}
+            return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance, images)
 
     @torch.no_grad()
     def middle(
@@ -152,6 +155,13 @@ class ServerModel:
             acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
             hidden = self.bodies[split_name](acts, timestep, embeddings, latent_size=tuple(latent_hw))
             return hidden.float().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
+
+
+def _tile(activation: torch.Tensor, batch: int) -> torch.Tensor:
+    """The images' activation repeated for each guidance branch, in diffusers' order (``cat([latents] * 2)``)."""
+    if activation.shape[0] == 1:
+        return activation.expand(batch, *activation.shape[1:])
+    return activation.repeat(batch // activation.shape[0], *[1] * (activation.dim() - 1))
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -237,6 +247,8 @@ class Engine:
             )
         u_shaped = split.is_u_shaped(settings.split)
         latent_shape = self.model.latent_shape(settings.height, settings.width)
+        if settings.count > 1:  # the session's images travel and run as one batch
+            latent_shape = (settings.count, *latent_shape)
         plan = self.model.plan(settings.scheduler, settings.steps, settings.strength)
         if plan.digest() != settings.plan_digest:
             raise ProtocolError(
@@ -264,6 +276,8 @@ class Engine:
         unknown = sorted((set(frame.tensors) | set(frame.blobs)) - {"cond", "uncond", "context"})
         if unknown:
             raise ProtocolError(f"unexpected fields in a session request: {', '.join(unknown[:8])}")
+        # each branch once per image, as diffusers' num_images_per_prompt repeats them: (uncond x N, cond x N)
+        embeds = [e for e in embeds for _ in range(settings.count)]
         activation_shapes = self.model.activation_shapes(settings.split, latent_shape, len(embeds))
         max_blobs, max_step_bytes = step_bounds(settings, latent_shape, activation_shapes)
         if max_blobs > protocol.MAX_BLOBS or max_step_bytes > self.limits.max_request_bytes:
@@ -357,7 +371,7 @@ class Engine:
             acts,
             plan_step.timestep,
             session.embeddings,
-            session.latent_shape[1:],
+            session.latent_shape[-2:],
             settings.activation_dtype,
         )
         t_body = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,10 @@ class LocalStep:
 
 @dataclass(frozen=True)
 class LocalOutput:
-    latent: np.ndarray  # (C, h, w) float64: the final latent, before VAE scaling (as --latents-out)
-    image: Image.Image
+    latent: np.ndarray  # (C, h, w) float64, (count, C, h, w) for several: the final latent, before VAE scaling
+    image: Image.Image  # the first image
     decode_s: float
+    images: list[Image.Image] = field(default_factory=list)
 
 
 class LocalPipeline:
@@ -80,9 +81,11 @@ class LocalPipeline:
         cancel: threading.Event | None = None,
         init_image: Image.Image | None = None,
         strength: float = 0.8,
+        count: int = 1,
     ) -> LocalOutput:
         """``init_image``: img2img with diffusers' StableDiffusionImg2ImgPipeline (same weights) from that
-        picture at ``strength``; its size wins unless ``width``/``height`` (non-zero) ask for another."""
+        picture at ``strength``; its size wins unless ``width``/``height`` (non-zero) ask for another.
+        ``count``: that many images in one batch, image i drawn from seed ``seed + i``'s own generator."""
         pipe = self.pipe if init_image is None else self._img2img()
         pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
         total = model_evaluations(scheduler, self.scheduler_config, steps, None if init_image is None else strength)
@@ -91,7 +94,7 @@ class LocalPipeline:
         def callback(_pipe, i: int, t, tensors: dict) -> dict:
             nonlocal last
             now = time.perf_counter()
-            latent = tensors["latents"][0].double().cpu().numpy()
+            latent = _latent(tensors["latents"], count)
             if on_step is not None:
                 on_step(LocalStep(index=i, total=total, timestep=int(t), latent=latent, step_s=now - last))
             if cancel is not None and cancel.is_set() and i + 1 < total:
@@ -114,14 +117,17 @@ class LocalPipeline:
                 negative_prompt=negative_prompt,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                generator=torch.Generator("cpu").manual_seed(seed),
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(count)],
+                num_images_per_prompt=count,
                 output_type="latent",
                 callback_on_step_end=callback,
                 **inputs,
             ).images
             t = time.perf_counter()
-            image = self.decode(latents)
-        return LocalOutput(latent=latents[0].double().cpu().numpy(), image=image, decode_s=time.perf_counter() - t)
+            images = [self.decode(latents[i : i + 1]) for i in range(count)]
+        return LocalOutput(
+            latent=_latent(latents, count), image=images[0], decode_s=time.perf_counter() - t, images=images
+        )
 
     def _img2img(self):
         """diffusers' img2img pipeline on the loaded components (no second copy of the weights)."""
@@ -138,3 +144,9 @@ class LocalPipeline:
         vae = self.pipe.vae
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+
+
+def _latent(latents: torch.Tensor, count: int) -> np.ndarray:
+    """float64 (C, h, w) of one image, (count, C, h, w) of several: the split client's shapes."""
+    out = latents.double().cpu().numpy()
+    return out[0] if count == 1 else out

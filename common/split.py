@@ -137,16 +137,19 @@ def split_family(split: str) -> str:
     return U_SHAPED_FAMILY if is_u_shaped(split) else PAPER_FAMILY
 
 
-def mix_guidance(noise: Tensor, guidance: float) -> np.ndarray:
-    """One image's guided noise prediction (float64) from the UNet's output on the prompt batch.
+def mix_guidance(noise: Tensor, guidance: float, images: int = 1) -> np.ndarray:
+    """The guided noise prediction (float64) of ``images`` images from the UNet's output on the prompt batch:
+    (C, H, W) for one image, (images, C, H, W) for more.
 
-    A batch of 2 is (unconditional, conditional), mixed in diffusers' pipeline's order and arithmetic so that the
-    result is bit-identical to it; a batch of 1 is the conditional branch alone (guidance <= 1 runs no other).
+    A batch of ``2 * images`` is (unconditional x images, conditional x images), mixed in diffusers' pipeline's
+    order and arithmetic so that the result is bit-identical to it; a batch of ``images`` is the conditional
+    branch alone (guidance <= 1 runs no other).
     """
-    if noise.shape[0] == 2:
+    if noise.shape[0] == 2 * images:
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance * (cond - uncond)
-    return noise[0].float().cpu().numpy().astype(np.float64)
+    out = noise.float().cpu().numpy().astype(np.float64)
+    return out[0] if images == 1 else out
 
 
 def u_depth(split: str, down_blocks: int) -> int:

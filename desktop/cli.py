@@ -505,13 +505,30 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0 - result.total_s  # the models load on the first generation
     from hediff.desktop.core.gallery import save_png_private
 
-    save_png_private(result, args.out, include_prompt=args.embed_prompt)  # 0600: the image is the private output
+    images = result.images or [result.image]
+    for k, path in enumerate(image_paths(args.out, len(images))):  # 0600: the images are the private output
+        save_png_private(_one_image(result, k) if len(images) > 1 else result, path, args.embed_prompt)
     if args.latents_out:
         import numpy as np
 
-        _write_whole(args.latents_out, lambda tmp: np.save(tmp, result.latent[None].astype(np.float32)))
+        latents = result.latent if result.latent.ndim == 4 else result.latent[None]  # (count, C, h, w)
+        _write_whole(args.latents_out, lambda tmp: np.save(tmp, latents.astype(np.float32)))
     _print_summary(result, load_s, args.out)
     return 0
+
+
+def image_paths(out: Path, count: int) -> list[Path]:
+    """Where --count images go: --out itself for the first (seed s), ``<stem>-<k>.png`` for seed s+k."""
+    return [out] + [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, count)]
+
+
+def _one_image(result, k: int):
+    """The result as saved for its k-th image: the metadata names that image's own seed (rerunning those
+    settings makes that image alone)."""
+    import dataclasses
+
+    params = dataclasses.replace(result.params, seed=result.params.seed + k, count=1)
+    return dataclasses.replace(result, image=result.images[k], params=params)
 
 
 def _write_whole(path: Path, write: Callable[[Path], None]) -> None:

@@ -70,7 +70,8 @@ class ClientModel:
 
     @torch.no_grad()
     def run_head(self, model_input: np.ndarray, timestep: int, dtype: str) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32)[None]).to(self.device, self.dtype)
+        """The head on one latent (C, H, W) or a session's images (N, C, H, W) in one batch."""
+        x = torch.from_numpy(_batch(model_input)).to(self.device, self.dtype)
         out = self.head(x, timestep)
         np_dtype = np.float16 if dtype == "float16" else np.float32
         return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in out.items()}
@@ -79,19 +80,25 @@ class ClientModel:
     def run_u_head(
         self, model_input: np.ndarray, timestep, embeddings: np.ndarray, dtype: str
     ) -> tuple[dict[str, np.ndarray], UShapedKept]:
-        """U-shaped split: what goes to the server (``h``, guidance batch) and what stays for the tail."""
-        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32)[None]).to(self.device, self.dtype)
+        """U-shaped split: what goes to the server (``h``, guidance batch) and what stays for the tail. Several
+        images run once per guidance branch, in diffusers' order (``cat([latents] * 2)``)."""
+        x = torch.from_numpy(_batch(model_input)).to(self.device, self.dtype)
         ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
+        if 1 < x.shape[0] < ehs.shape[0]:
+            x = x.repeat(ehs.shape[0] // x.shape[0], 1, 1, 1)
         sent, kept = self.head.head(x, timestep, ehs)
         np_dtype = np.float16 if dtype == "float16" else np.float32
         return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in sent.items()}, kept
 
     @torch.no_grad()
-    def run_u_tail(self, hidden: np.ndarray, kept: UShapedKept, embeddings: np.ndarray, guidance: float) -> np.ndarray:
-        """U-shaped split: the guided noise prediction (float64) from the server's hidden state."""
+    def run_u_tail(
+        self, hidden: np.ndarray, kept: UShapedKept, embeddings: np.ndarray, guidance: float, images: int = 1
+    ) -> np.ndarray:
+        """U-shaped split: the guided noise prediction (float64) of ``images`` images from the server's hidden
+        state."""
         ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
         h = torch.from_numpy(np.array(hidden, dtype=np.float32)).to(self.device, self.dtype)
-        return mix_guidance(self.head.tail(h, kept, ehs), guidance)
+        return mix_guidance(self.head.tail(h, kept, ehs), guidance, images)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,3 +122,9 @@ class ClientModel:
         image = (image / 2 + 0.5).clamp(0, 1)
         arr = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         return Image.fromarray((arr * 255).round().astype("uint8"))
+
+
+def _batch(latent: np.ndarray) -> np.ndarray:
+    """float32 (B, C, H, W): one image's latent gets its batch axis, a batch of images keeps its own."""
+    x = np.asarray(latent, dtype=np.float32)
+    return x if x.ndim == 4 else x[None]

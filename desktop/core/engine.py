@@ -61,8 +61,8 @@ class StepUpdate:
 @dataclass
 class GenerationResult:
     params: GenerationParams
-    image: Image.Image
-    latent: np.ndarray
+    image: Image.Image  # the first image (the only one unless params.count > 1)
+    latent: np.ndarray  # (C, H, W); (count, C, H, W) for several images
     step_timings: list[dict[str, float]] = field(default_factory=list)
     bytes_sent: list[int] = field(default_factory=list)
     bytes_received: list[int] = field(default_factory=list)
@@ -73,6 +73,7 @@ class GenerationResult:
     server_url: str = ""
     mode: str = "split"  # "split" (through a backend) or "on-device" (the whole pipeline in this process)
     key_fingerprint: str | None = None
+    images: list[Image.Image] = field(default_factory=list)  # every image, in seed order
 
     def timing_totals(self) -> dict[str, float]:
         return {k: float(sum(t.get(k, 0.0) for t in self.step_timings)) for k in TIMING_KEYS}
@@ -111,24 +112,25 @@ def describe_frame(frame: protocol.Frame) -> list[dict]:
 
 class SeedNoise:
     """Every random tensor of one generation, drawn from the seed's CPU generator in the order diffusers'
-    pipeline draws them: the initial latents, then each stochastic step's fresh noise, all float32."""
+    pipeline draws them: the initial latents, then each stochastic step's fresh noise, all float32.
 
-    def __init__(self, seed: int):
-        self._generator = torch.Generator("cpu").manual_seed(seed)
+    ``count`` images (seeds seed, seed+1, ...) each draw from their own seed's generator, so that each is the
+    image a single-image run with its seed makes; their latents are then (count, C, H, W)."""
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The seed's generator itself, for a draw diffusers makes elsewhere (img2img's VAE sample)."""
-        return self._generator
-
-    def draw_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """One float32 ``shape`` draw as a tensor (diffusers' ``randn_tensor`` on the CPU)."""
-        return torch.randn(shape, generator=self._generator, dtype=torch.float32)
+    def __init__(self, seed: int, count: int = 1):
+        self.generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
     def draw(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
-        """One (1, *shape) draw, times ``scale`` in float32 as the pipeline multiplies (x_T by init_noise_sigma)."""
-        noise = torch.randn((1, *shape), generator=self._generator, dtype=torch.float32)
-        return (noise * scale)[0].numpy().astype(np.float64)
+        """One draw of the latent ``shape`` ((count, C, H, W) for several images), times ``scale`` in float32 as
+        the pipeline multiplies (x_T by init_noise_sigma)."""
+        if len(self.generators) == 1:
+            return _draw(self.generators[0], shape, scale)
+        return np.stack([_draw(g, shape[1:], scale) for g in self.generators])
+
+
+def _draw(generator: torch.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    noise = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    return (noise * scale)[0].numpy().astype(np.float64)
 
 
 class Generator:
@@ -165,7 +167,7 @@ class Generator:
 
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         result.key_fingerprint = strategy.key.fingerprint if strategy.key else None
-        seed_noise = SeedNoise(params.seed)
+        seed_noise = SeedNoise(params.seed, params.count)
         if init_image is None:
             history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
         else:
@@ -233,19 +235,28 @@ class Generator:
 
         result.latent = history[len(plan.steps)]
         t = time.perf_counter()
-        result.image = self.model.decode(result.latent)
+        result.images = [self.model.decode(x) for x in (result.latent if params.count > 1 else [result.latent])]
+        result.image = result.images[0]
         result.decode_s = time.perf_counter() - t
         result.total_s = time.perf_counter() - t_start
         return result
 
     def _noised_image(self, image, plan: AffinePlan, seed_noise: SeedNoise) -> np.ndarray:
         """img2img's x_0, drawn as StableDiffusionImg2ImgPipeline draws it: the VAE's sample, then the noise."""
-        latents = self.model.encode_image(image, seed_noise.generator)
-        noise = seed_noise.draw_tensor(tuple(latents.shape))
+        latents, noise = [], []
+        for generator in seed_noise.generators:  # per image, as a single-image run with its seed draws
+            latents.append(self.model.encode_image(image, generator))
+            noise.append(torch.randn(tuple(latents[-1].shape), generator=generator, dtype=torch.float32))
         start = img2img_start_latent(
-            plan.scheduler, self.model.scheduler_config, plan.num_inference_steps, plan.strength, latents, noise
+            plan.scheduler,
+            self.model.scheduler_config,
+            plan.num_inference_steps,
+            plan.strength,
+            torch.cat(latents),
+            torch.cat(noise),
         )
-        return start[0].cpu().numpy().astype(np.float64)
+        start = start.cpu().numpy().astype(np.float64)
+        return start[0] if len(latents) == 1 else start
 
     def _open_session(
         self,
@@ -269,6 +280,7 @@ class Generator:
             plan_digest=plan.digest(),
             weights_digest=models.unet_weights_digest(self.model.path),
             strength=plan.strength,
+            count=params.count,
         )
         open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
         open_frame.blobs.update(strategy.open_blobs())
@@ -278,6 +290,7 @@ class Generator:
             raise BackendProtocolError(f"{self.client.url} answered the session request inconsistently")
         latent_shape = tuple(opened.get("latent_shape", ()))
         expected_shape = (
+            *((params.count,) if params.count > 1 else ()),
             self.model.latent_channels,
             params.height // self.model.vae_scale_factor,
             params.width // self.model.vae_scale_factor,
@@ -290,6 +303,8 @@ class Generator:
         return session_id, latent_shape
 
     def _preview(self, latent: np.ndarray, params: GenerationParams) -> Image.Image:
+        if latent.ndim == 4:  # several images: the first one's preview
+            latent = latent[0]
         if latent.shape[0] != 4:  # the fast preview map is for 4-channel latents only
             return Image.new("RGB", (params.width, params.height))
         return latent_preview(latent, self.model.preview_map, upscale=self.model.vae_scale_factor)

@@ -83,7 +83,11 @@ class OnDeviceGenerator:
                     total=step.total,
                     timestep=step.timestep,
                     latent=step.latent,
-                    preview=latent_preview(step.latent, self.preview_map, upscale=self.pipeline.vae_scale_factor),
+                    preview=latent_preview(
+                        step.latent[0] if step.latent.ndim == 4 else step.latent,  # several images: the first
+                        self.preview_map,
+                        upscale=self.pipeline.vae_scale_factor,
+                    ),
                     timings=timings,
                     bytes_sent=0,
                     bytes_received=0,
@@ -109,11 +113,13 @@ class OnDeviceGenerator:
                 cancel=cancel,
                 init_image=init_image,
                 strength=params.strength,
+                count=params.count,
             )
         except PipelineCancelled as e:
             raise GenerationCancelled(str(e)) from None
         result.latent = out.latent
         result.image = out.image
+        result.images = out.images
         result.decode_s = out.decode_s
         result.setup_s = loop_start - t_start
         result.total_s = time.perf_counter() - t_start

@@ -230,10 +230,13 @@ class UShapedSteps(StepStrategy):
         super().__init__(model, params)  # no latent leaves, so no key is used
 
     def start(self, plan: AffinePlan, latent_shape: tuple[int, ...], cond: np.ndarray, uncond: np.ndarray) -> None:
-        # the prompt batch the UNet runs on, in diffusers' order (negative first); guidance only when > 1
-        self.embeds = np.concatenate([uncond, cond]) if self.params.guidance > 1.0 else cond
+        # the prompt batch the UNet runs on, in diffusers' order (negative first, each once per image); guidance
+        # only when > 1
+        self.images = latent_shape[0] if len(latent_shape) == 4 else 1
+        branches = [uncond, cond] if self.params.guidance > 1.0 else [cond]
+        self.embeds = np.concatenate([e for e in branches for _ in range(self.images)])
         self.hidden_shape = split.return_shape(
-            self.model.head.unet_config, self.params.split, (len(self.embeds), *latent_shape)
+            self.model.head.unet_config, self.params.split, (len(self.embeds), *latent_shape[-3:])
         )
         self._eps_kept = plan.eps_history_needed()
         self._eps_history: dict[int, np.ndarray] = {}  # step -> guided noise prediction, computed here
@@ -253,7 +256,9 @@ class UShapedSteps(StepStrategy):
         t = time.perf_counter()
         _check_answer_step(answer, step)
         hidden = protocol.require_tensor(answer, split.RETURN_NAME, self.hidden_shape, (self.params.activation_dtype,))
-        self._eps_history[step.index] = self.model.run_u_tail(hidden, self._kept, self.embeds, self.params.guidance)
+        self._eps_history[step.index] = self.model.run_u_tail(
+            hidden, self._kept, self.embeds, self.params.guidance, self.images
+        )
         x_next = apply_step(step, history, self._eps_history)
         timings["head"] += time.perf_counter() - t  # "head" is all UNet work here: tail, guidance, step included
         for k in [k for k in self._eps_history if k <= step.index - self._eps_kept]:
