@@ -18,6 +18,7 @@ from hediff.backend.limits import Limits  # noqa: F401 - re-exported: create_app
 from hediff.backend.sessions import Session, SessionError, SessionStore
 from hediff.common import he, models, protocol, settings, split
 from hediff.common.latent import EncryptedLatent, unpack_mask, update_latent
+from hediff.common.lora import apply_loras, parse_loras, weights_digest
 from hediff.common.protocol import Frame, ProtocolError, SessionSettings
 from hediff.common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
 
@@ -54,11 +55,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ServerModel:
     """The full UNet (run from any split point on), the scheduler config and the facts clients must match."""
 
-    def __init__(self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto", lora: tuple[str, ...] = ()
+    ):
+        """``lora``: ``DIR[:SCALE]`` entries folded into the UNet (clients must name the same ones)."""
         self.model_id = model_id
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
+        loras = parse_loras(lora)
+        apply_loras(loras, unet=self.unet)
+        self.lora_count = len(loras)
         self.unet.eval()
         # every split this UNet supports; the others are refused per session with the reason (a 400, not a 500)
         self.bodies: dict[str, split.UNetBody] = {}
@@ -74,7 +81,7 @@ class ServerModel:
         self.scheduler_config = models.load_scheduler_config(model_path)
         self.vae_scale_factor = models.vae_scale_factor(model_path)
         self.prompt_tokens = models.prompt_token_count(model_path)
-        self.weights_digest = models.unet_weights_digest(model_path)
+        self.weights_digest = weights_digest(model_path, loras)
         self.latent_channels = int(self.unet.config.in_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
         self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -258,8 +265,9 @@ class Engine:
         if settings.weights_digest != self.model.weights_digest:
             raise ProtocolError(
                 f"the client's UNet weights (digest {settings.weights_digest[:12]}) are not the server's "
-                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r}): load the same model "
-                "folder (same fine-tune) on both sides, or ask the operator which model the server runs"
+                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r} with "
+                f"{self.model.lora_count} LoRA(s)): load the same model folder (same fine-tune) and the same LoRAs "
+                "at the same scales on both sides, or ask the operator which model and LoRAs the server runs"
             )
         tokens_dim = (self.model.prompt_tokens, self.model.cross_attention_dim)
         cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))

@@ -20,6 +20,7 @@ from PIL import Image
 
 from hediff.common import models
 from hediff.common.img2img import resize_init_image
+from hediff.common.lora import parse_loras
 from hediff.common.schedulers import make_scheduler, model_evaluations
 
 
@@ -47,7 +48,11 @@ class LocalOutput:
 class LocalPipeline:
     """A loaded model folder, ready to generate in process."""
 
-    def __init__(self, model_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, model_path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, lora: tuple[str, ...] = ()
+    ):
+        """``lora``: ``DIR[:SCALE]`` entries, loaded with diffusers' ``load_lora_weights`` and ``set_adapters``
+        exactly as a diffusers user would."""
         from diffusers import StableDiffusionPipeline
 
         self.path = Path(model_path)
@@ -60,6 +65,12 @@ class LocalPipeline:
             **models.diffusers_load_kwargs(),
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        loras = parse_loras(lora)
+        if loras:
+            names = [f"lora{i}" for i in range(len(loras))]
+            for name, item in zip(names, loras, strict=True):
+                self.pipe.load_lora_weights(str(item.file.parent), weight_name=item.file.name, adapter_name=name)
+            self.pipe.set_adapters(names, adapter_weights=[item.scale for item in loras])
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.vae_scale_factor = int(self.pipe.vae_scale_factor)
         self.native_size = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor

@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from hediff.common.errors import UsageError
+from hediff.common.lora import parse_lora
 
 __all__ = [
     "ACTIVATION_DTYPES",
@@ -188,6 +189,13 @@ class GenerationSettings:
         Fraction,
         Field(description="img2img: how much of the picture is redrawn (1: all of it); int(steps x strength) run"),
     ] = DEFAULT_STRENGTH
+    lora: Annotated[
+        tuple[str, ...],
+        Field(
+            description="LoRAs applied on this machine and on the server at the same scale, each DIR[:SCALE] "
+            "(a folder holding pytorch_lora_weights.safetensors, or the file; scale 1 if absent)"
+        ),
+    ] = ()
     count: Annotated[
         int,
         Field(
@@ -196,6 +204,16 @@ class GenerationSettings:
             description="images in one session, with seeds seed, seed+1, ...; the server runs them in one batch",
         ),
     ] = 1
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):  # stored settings come back from JSON as lists
+            value = tuple(value)
+        if isinstance(value, tuple):
+            for entry in value:
+                parse_lora(entry)  # the form only: the files are read where the model loads
+        return value
 
     @model_validator(mode="after")
     def _rules_across_fields(self) -> GenerationSettings:
@@ -244,7 +262,10 @@ class GenerationSettings:
 
     def to_text(self, include_prompt: bool = False, prefix: str = "hediff:") -> dict[str, str]:
         """Fields as text (PNG text chunks); the prompts only when asked for."""
-        return {f"{prefix}{k}": str(v) for k, v in self.to_dict(include_prompt).items()}
+        return {
+            f"{prefix}{k}": json.dumps(list(v)) if isinstance(v, tuple) else str(v)
+            for k, v in self.to_dict(include_prompt).items()
+        }
 
     @classmethod
     def from_text(cls, text: dict[str, str], prefix: str = "hediff:") -> GenerationSettings:
@@ -256,8 +277,11 @@ class GenerationSettings:
                 continue
             kind = f.annotation
             try:
-                values[name] = int(raw) if kind is int else float(raw) if kind is float else raw
-            except ValueError:
+                if getattr(kind, "__origin__", None) is tuple:  # a list of texts, written as JSON
+                    values[name] = tuple(json.loads(raw))
+                else:
+                    values[name] = int(raw) if kind is int else float(raw) if kind is float else raw
+            except (ValueError, TypeError):
                 raise SettingsError(
                     f"{name} must be {allowed(name)}, got {raw!r}", field=name, allowed=allowed(name), value=raw
                 ) from None
@@ -324,6 +348,8 @@ def allowed(name: str) -> str:
     b = _bounds(name)
     if kind is str:
         return "text"
+    if getattr(kind, "__origin__", None) is tuple:
+        return "a list of DIR[:SCALE] (the scale a finite number)"
     if "multiple_of" in b:
         return f"a multiple of {b['multiple_of']} in [{b['ge']}, {b['le']}] ({_NATIVE})"
     if kind is int:

@@ -36,6 +36,13 @@ def _add_serve(sub, with_options: bool = True) -> None:
         "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="the UNet's precision"
     )
     p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="DIR[:SCALE]",
+        help="a LoRA folded into the UNet (repeatable); clients must name the same LoRAs at the same scales",
+    )
+    p.add_argument(
         "--tokens-file",
         type=Path,
         default=None,
@@ -136,11 +143,12 @@ _DEFAULT_HELP = {
     "width": "the model's native size; img2img: the picture's",
     "height": "the model's native size; img2img: the picture's",
     "init_image": "none: start from noise",
+    "lora": "none",
 }
 
 
 # None when not given: the model's recommendation or native size applies, or --plaintext may set encryption
-_METAVARS = {"init_image": "PNG"}
+_METAVARS = {"init_image": "PNG", "lora": "DIR[:SCALE]"}
 _UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
 
 
@@ -195,6 +203,16 @@ def _add_generate(sub, with_settings: bool = True) -> None:
         options = settings.choices(name)
         kind = str if options is not None else info.annotation
         when_absent = _DEFAULT_HELP.get(name, "{default!r}").format(default=info.default)
+        if getattr(kind, "__origin__", None) is tuple:  # a list setting: the option repeats
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                action="append",
+                default=None,
+                metavar=_METAVARS.get(name, "TEXT"),
+                help=f"{settings.help_text(name)}; {settings.allowed(name)}, one per option (default: {when_absent})",
+            )
+            continue
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -355,7 +373,7 @@ def cmd_serve(args) -> int:
     if not tokens.records():
         raise UsageError(f"no API tokens in {tokens_path}; make one with `hediff token create` first")
     model_path = resolve_model(args.model)
-    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
+    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype, lora=tuple(args.lora))
     limits = Limits(
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         session_ttl_s=args.session_ttl,
@@ -416,7 +434,7 @@ def generation_settings(args):
     from hediff.common.settings import GenerationSettings, SettingsError
 
     given = {name: getattr(args, name) for name in GenerationSettings.__pydantic_fields__}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     if args.plaintext:
         if given.get("encryption", "none") != "none":
             raise UsageError(f"--plaintext means --encryption none, but --encryption {given['encryption']} was given")
@@ -668,7 +686,12 @@ def cmd_generate_confidential(args) -> int:
     if not args.server:
         raise UsageError("--confidential needs --server https://...: a local backend is not a confidential one")
     # the confidential server's request takes a prompt and sampling settings only: refuse what it would ignore
-    for option, unused in (("--init-image", not args.init_image), ("--count", args.count in (None, 1))):
+    confidential_unused = (
+        ("--init-image", not args.init_image),
+        ("--count", args.count in (None, 1)),
+        ("--lora", not args.lora),
+    )
+    for option, unused in confidential_unused:
         if not unused:
             raise UsageError(f"{option} is not supported with --confidential yet; generate on this device or drop it")
     token = args.token or os.environ.get("HEDIFF_TOKEN")

@@ -202,29 +202,32 @@ class HEDiffusion:
             raise TypeError(f"generate() takes a prompt or GenerationSettings, not {type(prompt).__name__}")
         self.check(settings)
         if self.where is Where.DEVICE:
-            return self._device_generator().generate(settings, on_step=on_step, cancel=cancel, key=key)
+            return self._device_generator(settings.lora).generate(settings, on_step=on_step, cancel=cancel, key=key)
         from hediff.desktop.core.engine import Generator
 
-        generator = Generator(self._client_model(settings.split), self._backend())
+        generator = Generator(self._client_model(settings.split, settings.lora), self._backend(settings.lora))
         return generator.generate(settings, on_step=on_step, cancel=cancel, key=key)
 
-    def _device_generator(self):
-        if self._on_device is None:
+    def _device_generator(self, lora: tuple[str, ...] = ()):
+        if self._on_device is None or self._on_device.lora != tuple(lora):  # LoRAs change the weights: reload
             from hediff.desktop.core.on_device import OnDeviceGenerator
 
             quiet_libraries()
-            self._on_device = OnDeviceGenerator(self.model_path)
+            self._on_device = OnDeviceGenerator(self.model_path, lora=tuple(lora))
         return self._on_device
 
-    def _client_model(self, split: str):
-        if split not in self._client_models:
+    def _client_model(self, split: str, lora: tuple[str, ...] = ()):
+        key = (split, tuple(lora))
+        if key not in self._client_models:
             from hediff.desktop.core.client_model import ClientModel
 
             quiet_libraries()
-            self._client_models[split] = ClientModel(self.model_path, split)
-        return self._client_models[split]
+            self._client_models[key] = ClientModel(self.model_path, split, lora=tuple(lora))
+        return self._client_models[key]
 
-    def _backend(self) -> BackendClient:
+    def _backend(self, lora: tuple[str, ...] = ()) -> BackendClient:
+        """The server's client; a loopback backend starts with the first generation's LoRAs (a later generation
+        with others is refused by the weights digest: start another HEDiffusion for them)."""
         if self.client is None:
             from hediff.backend.app import create_app
             from hediff.backend.auth import TokenStore
@@ -234,7 +237,9 @@ class HEDiffusion:
 
             quiet_libraries()
             tokens, token = TokenStore.ephemeral()
-            server_model = ServerModel(self.model_path, self.model_spec, device=self._backend_device, dtype="float32")
+            server_model = ServerModel(
+                self.model_path, self.model_spec, device=self._backend_device, dtype="float32", lora=tuple(lora)
+            )
             self._local = start_in_thread(create_app(server_model, tokens))
             self.client = BackendClient(self._local.url, token, timeout_s=self._timeout_s, tls_ca=self._tls_ca)
         return self.client

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from hediff.common import models
+from hediff.common.lora import apply_loras, parse_loras, weights_digest
 from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped, mix_guidance
 from hediff.desktop.core.preview import load_preview_map
 
@@ -42,17 +43,29 @@ def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype)
 
 
 class ClientModel:
-    def __init__(self, model_path: Path, split: str, device: str = "cpu"):
+    def __init__(self, model_path: Path, split: str, device: str = "cpu", lora: tuple[str, ...] = ()):
+        """``lora``: ``DIR[:SCALE]`` entries folded into the text encoder and the client's UNet layers (the
+        server must run the same ones: the weights digest says whether it does)."""
         self.path = Path(model_path)
         models.validate_model_folder(self.path)
         self.device = torch.device(device)
         self.dtype = torch.float32
         self.split = split
         self.u_shaped = is_u_shaped(split)
+        self.lora = tuple(lora)
+        loras = parse_loras(self.lora)
+        self.weights_digest = weights_digest(self.path, loras)
         self.tokenizer = models.load_tokenizer(self.path)
         self.text_encoder = models.load_text_encoder(self.path, device=self.device, dtype=self.dtype)
         part = UNetHeadTail if self.u_shaped else UNetHead
-        self.head = part.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
+        if loras:
+            # a LoRA spans the whole UNet: apply it to the whole UNet once, keep the client's layers of it
+            unet = models.load_unet(self.path, device=self.device, dtype=self.dtype)
+            apply_loras(loras, unet=unet, text_encoder=self.text_encoder)
+            self.head = part.from_unet(unet, split).eval()
+            del unet
+        else:
+            self.head = part.from_pretrained(self.path, split, device=self.device, dtype=self.dtype)
         self.vae = load_vae_decoder(self.path, self.device, self.dtype)
         self.vae_scale_factor = models.vae_scale_factor(self.path)
         self.scheduler_config = models.load_scheduler_config(self.path)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hediff.common import he, models, protocol
+from hediff.common import he, protocol
 from hediff.common.errors import Cancelled, UsageError
 from hediff.common.img2img import load_init_image, prepare_init_image
 from hediff.common.schedulers import AffinePlan, build_plan, img2img_start_latent, noise_term, x0_coefficients
@@ -149,6 +149,10 @@ class Generator:
         params.validate()
         if params.split != self.model.split:
             raise UsageError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
+        if tuple(params.lora) != self.model.lora:
+            raise UsageError(
+                f"this client model was loaded with LoRAs {list(self.model.lora)}, not {list(params.lora)}"
+            )
         t_start = time.perf_counter()
         init_image = None
         if params.init_image:  # img2img: the picture sets the size unless width/height ask for another
@@ -278,7 +282,7 @@ class Generator:
             he_preset=params.he_preset if strategy.key else None,
             activation_dtype=params.activation_dtype,
             plan_digest=plan.digest(),
-            weights_digest=models.unet_weights_digest(self.model.path),
+            weights_digest=self.model.weights_digest,  # the UNet's and every LoRA's with its scale
             strength=plan.strength,
             count=params.count,
         )

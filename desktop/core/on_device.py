@@ -32,8 +32,9 @@ ON_DEVICE_LOCATION = "this device"
 class OnDeviceGenerator:
     """The whole pipeline of one model folder, loaded once, generating in process."""
 
-    def __init__(self, model_path: Path, device: str = "cpu"):
-        self.pipeline = LocalPipeline(model_path, device=device)
+    def __init__(self, model_path: Path, device: str = "cpu", lora: tuple[str, ...] = ()):
+        self.lora = tuple(lora)
+        self.pipeline = LocalPipeline(model_path, device=device, lora=self.lora)
         self.preview_map = load_preview_map(Path(model_path), self.pipeline.latent_channels)
         self.native_size = self.pipeline.native_size
 
@@ -49,6 +50,8 @@ class OnDeviceGenerator:
         if key is not None:
             raise UsageError("a generation on this device encrypts nothing: do not pass a key")
         params.validate()
+        if tuple(params.lora) != self.lora:
+            raise UsageError(f"this model was loaded with LoRAs {list(self.lora)}, not {list(params.lora)}")
         init_image = load_init_image(params.init_image) if params.init_image else None
         if init_image is not None:  # the picture's size, as the split client records it
             size = prepare_init_image(init_image, self.pipeline.vae_scale_factor, params.width, params.height).shape
