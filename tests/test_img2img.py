@@ -164,3 +164,13 @@ def test_the_cli_and_api_take_the_init_image(tiny_model_dir, init_png, tmp_path)
         assert hd.settings(PROMPT, init_image=Path(init_png), strength=0.5).init_image == init_png
         with pytest.raises(InitImageError, match="missing.png' does not exist"):
             hd.generate(PROMPT, steps=STEPS, init_image=tmp_path / "missing.png")
+
+
+def test_img2img_batch_each_image_is_its_seeds_img2img(img2img_pipe, generator, init_png):
+    """--count with --init-image: each image encodes and noises the picture with its own seed's generator."""
+    result = generator.generate(
+        params(scheduler="euler-a", steps=STEPS, seed=4, count=2, init_image=init_png, strength=0.8)
+    )
+    assert result.latent.shape == (2, 4, 16, 16)
+    for k in range(2):
+        assert np.abs(result.latent[k] - reference(img2img_pipe, "euler-a", 0.8, seed=4 + k)).max() <= 1e-3
