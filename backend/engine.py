@@ -84,6 +84,14 @@ class ServerModel:
         self.weights_digest = weights_digest(model_path, loras)
         self.latent_channels = int(self.unet.config.in_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
+        # SDXL: the width of the pooled text embedding the client sends (the added conditioning's rest is the
+        # six time ids the server makes from the size); None for a UNet without added conditioning
+        config = self.unet.config
+        self.pooled_dim = (
+            int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+            if config.get("addition_embed_type") == "text_time"
+            else None
+        )
         self.native_side = int(self.unet.config.sample_size) * self.vae_scale_factor
         self.lock = threading.Lock()  # one forward pass at a time on this device
 
@@ -144,23 +152,39 @@ class ServerModel:
 
     @torch.no_grad()
     def guided_noise(
-        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, guidance: float
+        self,
+        split_name: str,
+        activations: dict[str, np.ndarray],
+        timestep: int,
+        embeddings,
+        guidance: float,
+        added_cond: dict | None = None,
     ):
         with self.lock:
             acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
             batch = embeddings.shape[0]
             images = next(iter(acts.values())).shape[0]  # the session's images, run as one batch
             acts = {k: _tile(v, batch) for k, v in acts.items()}
-            return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance, images)
+            noise = self.bodies[split_name](acts, timestep, embeddings, added_cond=added_cond)
+            return split.mix_guidance(noise, guidance, images)
 
     @torch.no_grad()
     def middle(
-        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, latent_hw, dtype: str
+        self,
+        split_name: str,
+        activations: dict[str, np.ndarray],
+        timestep: int,
+        embeddings,
+        latent_hw,
+        dtype: str,
+        added_cond: dict | None = None,
     ) -> np.ndarray:
         """U-shaped split: the hidden state entering the client's first up block, both guidance branches."""
         with self.lock:
             acts = {k: torch.from_numpy(np.array(v)).to(self.device, self.dtype) for k, v in activations.items()}
-            hidden = self.bodies[split_name](acts, timestep, embeddings, latent_size=tuple(latent_hw))
+            hidden = self.bodies[split_name](
+                acts, timestep, embeddings, latent_size=tuple(latent_hw), added_cond=added_cond
+            )
             return hidden.float().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
 
 
@@ -281,7 +305,9 @@ class Engine:
             if "context" not in frame.blobs:
                 raise ProtocolError("an encrypted session needs the 'context' blob (the HE evaluation parameters)")
             context = he.EvaluationContext(frame.blobs["context"], settings.he_preset)
-        unknown = sorted((set(frame.tensors) | set(frame.blobs)) - {"cond", "uncond", "context"})
+        pooled = self._pooled_embeddings(frame, settings.guidance > 1.0)
+        known = {"cond", "uncond", "context"} | ({"cond_pooled", "uncond_pooled"} if pooled else set())
+        unknown = sorted((set(frame.tensors) | set(frame.blobs)) - known)
         if unknown:
             raise ProtocolError(f"unexpected fields in a session request: {', '.join(unknown[:8])}")
         # each branch once per image, as diffusers' num_images_per_prompt repeats them: (uncond x N, cond x N)
@@ -296,6 +322,17 @@ class Engine:
                 "size, or ask the operator to raise --max-request-mb"
             )
         embeddings = torch.from_numpy(np.concatenate(embeds)).to(self.model.device, self.model.dtype)
+        added_cond = None
+        if pooled:  # SDXL: per batch row, in the embeddings' order; the time ids follow from the size
+            rows = [p for p in pooled for _ in range(settings.count)]
+            added_cond = {
+                "text_embeds": torch.from_numpy(np.concatenate(rows)).to(self.model.device, self.model.dtype),
+                "time_ids": torch.tensor(
+                    [models.add_time_ids(settings.height, settings.width)] * len(rows),
+                    device=self.model.device,
+                    dtype=self.model.dtype,  # the pipeline makes them in the prompt embeddings' dtype
+                ),
+            }
         session = self.store.add(
             token_id,
             settings=settings,
@@ -305,6 +342,7 @@ class Engine:
             latent_shape=latent_shape,
             activation_shapes=activation_shapes,
             max_step_bytes=max_step_bytes,
+            added_cond=added_cond,
         )
         return {
             "session_id": session.id,
@@ -314,6 +352,14 @@ class Engine:
             "activation_shapes": {k: list(v) for k, v in session.activation_shapes.items()},
             "expires_after_idle_s": self.store.ttl_s,
         }
+
+    def _pooled_embeddings(self, frame: Frame, guided: bool) -> list[np.ndarray]:
+        """SDXL: the pooled text embeddings (uncond first when guided), [] for a model without them."""
+        if self.model.pooled_dim is None:
+            return []
+        shape = (1, self.model.pooled_dim)
+        names = ["uncond_pooled", "cond_pooled"] if guided else ["cond_pooled"]
+        return [protocol.require_tensor(frame, name, shape, ("float32", "float16")) for name in names]
 
     def step(self, session: Session, frame: Frame) -> bytes:
         t0 = time.perf_counter()
@@ -338,7 +384,7 @@ class Engine:
             t_parsed = time.perf_counter()
 
             eps = self.model.guided_noise(
-                settings.split, acts, plan_step.timestep, session.embeddings, settings.guidance
+                settings.split, acts, plan_step.timestep, session.embeddings, settings.guidance, session.added_cond
             )
             t_body = time.perf_counter()
 
@@ -381,6 +427,7 @@ class Engine:
             session.embeddings,
             session.latent_shape[-2:],
             settings.activation_dtype,
+            session.added_cond,
         )
         t_body = time.perf_counter()
         session.next_step += 1

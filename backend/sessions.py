@@ -58,6 +58,7 @@ class Session:
     latents: dict[int, Any] = field(default_factory=dict)  # step -> EncryptedLatent or plaintext array
     last_response: tuple[int, bytes] | None = None
     max_step_bytes: int = 0  # the largest step request this session can need; larger bodies are refused unread
+    added_cond: dict[str, Any] | None = None  # SDXL: text_embeds and time_ids per batch row (torch, model device)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

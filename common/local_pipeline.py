@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from hediff.common import models
+from hediff.common.errors import UsageError
 from hediff.common.img2img import resize_init_image
-from hediff.common.lora import parse_loras
+from hediff.common.lora import LoraError, parse_loras
 from hediff.common.schedulers import make_scheduler, model_evaluations
 
 
@@ -53,19 +54,27 @@ class LocalPipeline:
     ):
         """``lora``: ``DIR[:SCALE]`` entries, loaded with diffusers' ``load_lora_weights`` and ``set_adapters``
         exactly as a diffusers user would."""
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         self.path = Path(model_path)
         models.validate_model_folder(self.path)
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            self.path,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=dtype,
-            **models.diffusers_load_kwargs(),
-        ).to(device)
+        self.xl = models.model_family(self.path) == "sdxl"
+        if self.xl:
+            self.pipe = StableDiffusionXLPipeline.from_pretrained(
+                self.path, dtype=dtype, **models.diffusers_load_kwargs()
+            ).to(device)
+        else:
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                self.path,
+                safety_checker=None,
+                requires_safety_checker=False,
+                dtype=dtype,
+                **models.diffusers_load_kwargs(),
+            ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         loras = parse_loras(lora)
+        if loras and self.xl:
+            raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
         if loras:
             names = [f"lora{i}" for i in range(len(loras))]
             for name, item in zip(names, loras, strict=True):
@@ -97,6 +106,8 @@ class LocalPipeline:
         """``init_image``: img2img with diffusers' StableDiffusionImg2ImgPipeline (same weights) from that
         picture at ``strength``; its size wins unless ``width``/``height`` (non-zero) ask for another.
         ``count``: that many images in one batch, image i drawn from seed ``seed + i``'s own generator."""
+        if init_image is not None and self.xl:
+            raise UsageError("img2img on SDXL models is not supported yet; use an SD 1.x or 2.x model for it")
         pipe = self.pipe if init_image is None else self._img2img()
         pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
         total = model_evaluations(scheduler, self.scheduler_config, steps, None if init_image is None else strength)
@@ -125,7 +136,8 @@ class LocalPipeline:
         with torch.no_grad():
             latents = pipe(
                 prompt=prompt,
-                negative_prompt=negative_prompt,
+                # empty: no negative prompt (SDXL then uses zeros where its folder says so; SD encodes "")
+                negative_prompt=negative_prompt or None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(count)],

@@ -109,6 +109,8 @@ def apply_loras(loras: Sequence[Lora], *, unet=None, text_encoder=None, tokenize
     module that is not given are skipped, as diffusers skips them for a pipeline without it)."""
     if not loras:
         return
+    if unet is not None and unet.config.get("addition_embed_type") == "text_time":
+        raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
     try:
         import peft  # noqa: F401  (diffusers' LoRA loading needs it; say so before diffusers' own message)
     except ImportError:

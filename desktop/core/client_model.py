@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from hediff.common import models
-from hediff.common.lora import apply_loras, parse_loras, weights_digest
+from hediff.common.lora import LoraError, apply_loras, parse_loras, weights_digest
 from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped, mix_guidance
 from hediff.desktop.core.preview import load_preview_map
 
@@ -57,6 +57,13 @@ class ClientModel:
         self.weights_digest = weights_digest(self.path, loras)
         self.tokenizer = models.load_tokenizer(self.path)
         self.text_encoder = models.load_text_encoder(self.path, device=self.device, dtype=self.dtype)
+        self.xl = models.model_family(self.path) == "sdxl"
+        if self.xl:  # SDXL: a second tokenizer and text encoder, whose projection is the pooled embedding
+            self.tokenizer_2 = models.load_tokenizer(self.path, "tokenizer_2")
+            self.text_encoder_2 = models.load_text_encoder_2(self.path, device=self.device, dtype=self.dtype)
+            self.zeros_for_empty = models.force_zeros_for_empty_prompt(self.path)
+            if loras:
+                raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
         part = UNetHeadTail if self.u_shaped else UNetHead
         if loras:
             # a LoRA spans the whole UNet: apply it to the whole UNet once, keep the client's layers of it
@@ -78,8 +85,25 @@ class ClientModel:
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
-        cond, uncond = models.encode_prompt(self.tokenizer, self.text_encoder, prompt, negative_prompt)
-        return cond.float().cpu().numpy(), uncond.float().cpu().numpy()
+        embeds = self.encode(prompt, negative_prompt)
+        return embeds["cond"], embeds["uncond"]
+
+    @torch.no_grad()
+    def encode(self, prompt: str, negative_prompt: str = "") -> dict[str, np.ndarray]:
+        """The prompt embeddings the session opens with: ``cond`` and ``uncond`` (1, tokens, D), and for SDXL the
+        pooled ``cond_pooled`` and ``uncond_pooled`` (1, P), each as the model's diffusers pipeline makes them."""
+        if not self.xl:
+            cond, uncond = models.encode_prompt(self.tokenizer, self.text_encoder, prompt, negative_prompt)
+            return {"cond": cond.float().cpu().numpy(), "uncond": uncond.float().cpu().numpy()}
+        out = models.encode_prompt_xl(
+            (self.tokenizer, self.tokenizer_2),
+            (self.text_encoder, self.text_encoder_2),
+            prompt,
+            negative_prompt,
+            self.zeros_for_empty,
+        )
+        names = ("cond", "uncond", "cond_pooled", "uncond_pooled")
+        return {name: t.float().cpu().numpy() for name, t in zip(names, out, strict=True)}
 
     @torch.no_grad()
     def run_head(self, model_input: np.ndarray, timestep: int, dtype: str) -> dict[str, np.ndarray]:
@@ -91,7 +115,7 @@ class ClientModel:
 
     @torch.no_grad()
     def run_u_head(
-        self, model_input: np.ndarray, timestep, embeddings: np.ndarray, dtype: str
+        self, model_input: np.ndarray, timestep, embeddings: np.ndarray, dtype: str, added_cond: dict | None = None
     ) -> tuple[dict[str, np.ndarray], UShapedKept]:
         """U-shaped split: what goes to the server (``h``, guidance batch) and what stays for the tail. Several
         images run once per guidance branch, in diffusers' order (``cat([latents] * 2)``)."""
@@ -99,7 +123,9 @@ class ClientModel:
         ehs = torch.from_numpy(embeddings).to(self.device, self.dtype)
         if 1 < x.shape[0] < ehs.shape[0]:
             x = x.repeat(ehs.shape[0] // x.shape[0], 1, 1, 1)
-        sent, kept = self.head.head(x, timestep, ehs)
+        if added_cond is not None:  # SDXL: numpy rows per batch entry
+            added_cond = {k: torch.from_numpy(v).to(self.device, self.dtype) for k, v in added_cond.items()}
+        sent, kept = self.head.head(x, timestep, ehs, added_cond)
         np_dtype = np.float16 if dtype == "float16" else np.float32
         return {k: v.float().cpu().numpy().astype(np_dtype) for k, v in sent.items()}, kept
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hediff.common import he, protocol
+from hediff.common import he, models, protocol
 from hediff.common.errors import Cancelled, UsageError
 from hediff.common.img2img import load_init_image, prepare_init_image
 from hediff.common.schedulers import AffinePlan, build_plan, img2img_start_latent, noise_term, x0_coefficients
@@ -155,6 +155,8 @@ class Generator:
             )
         t_start = time.perf_counter()
         init_image = None
+        if params.init_image and self.model.xl:
+            raise UsageError("img2img on SDXL models is not supported yet; use an SD 1.x or 2.x model for it")
         if params.init_image:  # img2img: the picture sets the size unless width/height ask for another
             init_image = prepare_init_image(
                 load_init_image(params.init_image), self.model.vae_scale_factor, params.width, params.height
@@ -164,10 +166,16 @@ class Generator:
         params = _with_changes(params, width=params.width or native, height=params.height or native)
         strength = params.strength if init_image is not None else None
         plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps, strength)
-        cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
+        embeds = self.model.encode(params.prompt, params.negative_prompt)
+        cond, uncond = embeds["cond"], embeds["uncond"]
         strategy = strategy_for(self.model, params, key)
         params = _with_changes(params, **strategy.settings_overrides)
-        session_id, latent_shape = self._open_session(params, plan, cond, uncond, strategy)
+        session_id, latent_shape = self._open_session(params, plan, embeds, strategy)
+        added_cond = None
+        if "cond_pooled" in embeds:  # SDXL: what a client-side time embedding adds (U-shaped splits)
+            time_ids = np.array([models.add_time_ids(params.height, params.width)], dtype=np.float32)
+            added_cond = {"cond_pooled": embeds["cond_pooled"], "uncond_pooled": embeds["uncond_pooled"]}
+            added_cond["time_ids"] = time_ids
 
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         result.key_fingerprint = strategy.key.fingerprint if strategy.key else None
@@ -178,7 +186,7 @@ class Generator:
             history = {0: self._noised_image(init_image, plan, seed_noise)}
         noise_history: dict[int, np.ndarray] = {}  # step -> the fresh noise z it drew; never leaves this machine
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
-        strategy.start(plan, latent_shape, cond, uncond)
+        strategy.start(plan, latent_shape, cond, uncond, added_cond)
         x0 = X0Estimator(plan, x0_coefficients(plan, self.model.scheduler_config)) if on_step is not None else None
         result.setup_s = time.perf_counter() - t_start
         loop_start = time.perf_counter()
@@ -266,8 +274,7 @@ class Generator:
         self,
         params: GenerationParams,
         plan: AffinePlan,
-        cond: np.ndarray,
-        uncond: np.ndarray,
+        embeds: dict[str, np.ndarray],
         strategy: StepStrategy,
     ) -> tuple[str, tuple[int, ...]]:
         """Open the session on the server; its id and the latent shape both sides agreed on."""
@@ -286,7 +293,7 @@ class Generator:
             strength=plan.strength,
             count=params.count,
         )
-        open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
+        open_frame = protocol.Frame(meta=settings.to_meta(), tensors=dict(embeds))
         open_frame.blobs.update(strategy.open_blobs())
         opened = self.client.open_session(open_frame)
         session_id = opened.get("session_id")

@@ -1,0 +1,144 @@
+"""SDXL (two text encoders; the pooled text embedding and six time ids as added conditioning) through the
+encrypted split and a real loopback backend, checked against diffusers' StableDiffusionXLPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from hediff.backend.engine import ServerModel
+from hediff.common import protocol
+from hediff.common.lora import LoraError
+from hediff.common.schedulers import make_scheduler
+from hediff.common.split import UnsupportedUNetError, check_unet_config
+from hediff.desktop.core.backend_client import BackendClient
+from hediff.desktop.core.client_model import ClientModel
+from hediff.desktop.core.engine import Generator
+from tests.conftest import start_backend
+from tests.test_e2e import NEGATIVE, PROMPT, SIZE, params
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def xl_pipe(tiny_sdxl_model_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def xl_served(tiny_sdxl_model_dir):
+    server = ServerModel(tiny_sdxl_model_dir, "tiny-sdxl", device="cpu", dtype="float32")
+    running, info = start_backend(server)
+    yield server, info
+    running.stop()
+
+
+_refs: dict = {}
+
+
+def reference(pipe, scheduler: str, seed: int, negative: str | None = NEGATIVE, count: int = 1) -> np.ndarray:
+    """diffusers' SDXL pipeline: the final latent(s) before VAE scaling."""
+    key = (scheduler, seed, negative, count)
+    if key not in _refs:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        latents = pipe(
+            prompt=PROMPT,
+            negative_prompt=negative,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+        ).images
+        _refs[key] = latents[0].double().numpy()
+    return _refs[key]
+
+
+_clients: dict = {}
+
+
+def _generate(model_dir, backend, **kw):
+    if kw["split"] not in _clients:
+        _clients[kw["split"]] = ClientModel(model_dir, kw["split"])
+    with BackendClient(backend.url, backend.token) as client:
+        return Generator(_clients[kw["split"]], client).generate(params(steps=STEPS, **kw))
+
+
+def test_the_tiny_sdxl_model_has_sdxls_features(xl_pipe, xl_served):
+    server = xl_served[0]
+    unet = xl_pipe.unet.config
+    assert unet.addition_embed_type == "text_time" and unet.cross_attention_dim == 64
+    assert list(unet.transformer_layers_per_block) == [1, 2] and unet.use_linear_projection
+    assert type(xl_pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert xl_pipe.vae.config.scaling_factor == 0.13025
+    assert server.pooled_dim == 32 and "down0.resnet0" in server.unsupported
+    assert set(server.splits) >= {"conv_in", "u1"}
+
+
+@pytest.mark.parametrize(
+    ("split", "scheduler", "encryption"),
+    [
+        ("conv_in", "euler", "full"),  # SDXL's own scheduler
+        ("conv_in", "euler", "none"),
+        ("conv_in", "dpmpp-2m", "min-distortion"),
+        ("conv_in", "euler-a", "full"),
+        ("u1", "ddim", "none"),  # the client's time embedding carries the added conditioning too
+        ("u1", "dpmpp-2m-sde", "none"),
+    ],
+)
+def test_sdxl_matches_diffusers_through_the_split(
+    xl_pipe, tiny_sdxl_model_dir, xl_served, split, scheduler, encryption
+):
+    ref = reference(xl_pipe, scheduler, seed=1)
+    result = _generate(
+        tiny_sdxl_model_dir, xl_served[1], split=split, scheduler=scheduler, encryption=encryption, tau=0.1, seed=1
+    )
+    diff = np.abs(result.latent - ref).max()
+    assert diff <= 1e-3, f"{split}/{scheduler}/{encryption}: max abs latent difference {diff:.2e}"
+
+
+def test_the_pooled_embeddings_travel_at_session_open_and_an_empty_negative_is_zeros(
+    xl_pipe, tiny_sdxl_model_dir, xl_served
+):
+    """No negative prompt: the pipeline's zeros (force_zeros_for_empty_prompt), in both the embeddings and the
+    pooled embedding; the session header carries both pooled embeddings, the steps carry nothing new."""
+    backend = xl_served[1]
+    backend.recorded.clear()
+    result = _generate(tiny_sdxl_model_dir, backend, split="conv_in", scheduler="euler", seed=2, negative_prompt="")
+    assert np.abs(result.latent - reference(xl_pipe, "euler", seed=2, negative=None)).max() <= 1e-3
+    opened = [protocol.decode_frame(b) for p, b in backend.recorded if p.endswith("/sessions")]
+    assert set(opened[0].tensors) == {"cond", "uncond", "cond_pooled", "uncond_pooled"}
+    assert opened[0].tensors["cond_pooled"].shape == (1, 32) and not opened[0].tensors["uncond_pooled"].any()
+    steps = [protocol.decode_frame(b) for p, b in backend.recorded if p.endswith("/steps")]
+    assert all(set(f.tensors) == {"h"} for f in steps)
+
+
+def test_an_sdxl_batch(xl_pipe, tiny_sdxl_model_dir, xl_served):
+    result = _generate(tiny_sdxl_model_dir, xl_served[1], split="conv_in", scheduler="euler", seed=5, count=2)
+    for k in range(2):
+        assert np.abs(result.latent[k] - reference(xl_pipe, "euler", seed=5 + k)).max() <= 1e-3
+
+
+def test_on_device_sdxl_is_diffusers_sdxl(xl_pipe, tiny_sdxl_model_dir):
+    from hediff.desktop.core.on_device import OnDeviceGenerator
+
+    result = OnDeviceGenerator(tiny_sdxl_model_dir).generate(params(scheduler="euler-a", steps=STEPS, seed=3))
+    assert np.abs(result.latent - reference(xl_pipe, "euler-a", seed=3)).max() <= 1e-5
+    assert result.image.size == (SIZE, SIZE)
+
+
+def test_what_sdxl_does_not_do_yet_is_named(tiny_sdxl_model_dir, xl_served, tmp_path):
+    with pytest.raises(UnsupportedUNetError, match="'text_time' \\(SDXL\\) with split 'down0.resnet0'"):
+        check_unet_config(xl_served[0].unet.config, "down0.resnet0")
+    (tmp_path / "l.safetensors").write_bytes(b"")  # refused for the model before the file is read
+    with pytest.raises(LoraError, match="LoRAs on SDXL models are not supported yet"):
+        ServerModel(tiny_sdxl_model_dir, "x", device="cpu", dtype="float32", lora=(str(tmp_path / "l.safetensors"),))
+    from hediff.common.errors import UsageError
+
+    with pytest.raises(UsageError, match="img2img on SDXL models is not supported yet"):
+        _generate(tiny_sdxl_model_dir, xl_served[1], split="conv_in", scheduler="euler", init_image="x.png")
