@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from hediff.common import models
-from hediff.common.errors import UsageError
 from hediff.common.img2img import resize_init_image
 from hediff.common.lora import LoraError, parse_loras
 from hediff.common.schedulers import make_scheduler, model_evaluations
@@ -106,8 +105,6 @@ class LocalPipeline:
         """``init_image``: img2img with diffusers' StableDiffusionImg2ImgPipeline (same weights) from that
         picture at ``strength``; its size wins unless ``width``/``height`` (non-zero) ask for another.
         ``count``: that many images in one batch, image i drawn from seed ``seed + i``'s own generator."""
-        if init_image is not None and self.xl:
-            raise UsageError("img2img on SDXL models is not supported yet; use an SD 1.x or 2.x model for it")
         pipe = self.pipe if init_image is None else self._img2img()
         pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
         total = model_evaluations(scheduler, self.scheduler_config, steps, None if init_image is None else strength)
@@ -155,9 +152,10 @@ class LocalPipeline:
     def _img2img(self):
         """diffusers' img2img pipeline on the loaded components (no second copy of the weights)."""
         if self._img2img_pipe is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-            self._img2img_pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            cls = StableDiffusionXLImg2ImgPipeline if self.xl else StableDiffusionImg2ImgPipeline
+            self._img2img_pipe = cls(**self.pipe.components)
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 

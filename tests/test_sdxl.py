@@ -138,7 +138,71 @@ def test_what_sdxl_does_not_do_yet_is_named(tiny_sdxl_model_dir, xl_served, tmp_
     (tmp_path / "l.safetensors").write_bytes(b"")  # refused for the model before the file is read
     with pytest.raises(LoraError, match="LoRAs on SDXL models are not supported yet"):
         ServerModel(tiny_sdxl_model_dir, "x", device="cpu", dtype="float32", lora=(str(tmp_path / "l.safetensors"),))
-    from hediff.common.errors import UsageError
 
-    with pytest.raises(UsageError, match="img2img on SDXL models is not supported yet"):
-        _generate(tiny_sdxl_model_dir, xl_served[1], split="conv_in", scheduler="euler", init_image="x.png")
+
+@pytest.mark.parametrize(("split", "encryption"), [("conv_in", "full"), ("conv_in", "none"), ("u1", "none")])
+def test_sdxl_img2img_matches_diffusers(tiny_sdxl_model_dir, xl_served, tmp_path, split, encryption):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from tests.test_img2img import _picture
+
+    path = tmp_path / "init.png"
+    _picture().save(path)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("euler-a", pipe.scheduler.config)
+    ref = (
+        pipe(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            image=_picture(),
+            strength=0.6,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(6),
+            output_type="latent",
+        )
+        .images[0]
+        .double()
+        .numpy()
+    )
+    result = _generate(
+        tiny_sdxl_model_dir,
+        xl_served[1],
+        split=split,
+        scheduler="euler-a",
+        encryption=encryption,
+        seed=6,
+        init_image=str(path),
+        strength=0.6,
+        width=0,
+        height=0,
+    )
+    assert np.abs(result.latent - ref).max() <= 1e-3
+
+
+def test_on_device_sdxl_img2img(tiny_sdxl_model_dir, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from hediff.desktop.core.on_device import OnDeviceGenerator
+    from tests.test_img2img import _picture
+
+    path = tmp_path / "init.png"
+    _picture().save(path)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    ref = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=_picture(),
+        strength=0.5,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="latent",
+    ).images[0].double().numpy()
+    result = OnDeviceGenerator(tiny_sdxl_model_dir).generate(
+        params(scheduler="ddim", steps=STEPS, seed=1, init_image=str(path), strength=0.5, width=0, height=0)
+    )
+    assert np.abs(result.latent - ref).max() <= 1e-5

@@ -155,8 +155,6 @@ class Generator:
             )
         t_start = time.perf_counter()
         init_image = None
-        if params.init_image and self.model.xl:
-            raise UsageError("img2img on SDXL models is not supported yet; use an SD 1.x or 2.x model for it")
         if params.init_image:  # img2img: the picture sets the size unless width/height ask for another
             init_image = prepare_init_image(
                 load_init_image(params.init_image), self.model.vae_scale_factor, params.width, params.height
