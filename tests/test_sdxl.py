@@ -192,16 +192,21 @@ def test_on_device_sdxl_img2img(tiny_sdxl_model_dir, tmp_path):
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_model_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    ref = pipe(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        image=_picture(),
-        strength=0.5,
-        num_inference_steps=STEPS,
-        guidance_scale=7.5,
-        generator=torch.Generator("cpu").manual_seed(1),
-        output_type="latent",
-    ).images[0].double().numpy()
+    ref = (
+        pipe(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            image=_picture(),
+            strength=0.5,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(1),
+            output_type="latent",
+        )
+        .images[0]
+        .double()
+        .numpy()
+    )
     result = OnDeviceGenerator(tiny_sdxl_model_dir).generate(
         params(scheduler="ddim", steps=STEPS, seed=1, init_image=str(path), strength=0.5, width=0, height=0)
     )
