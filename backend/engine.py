@@ -64,7 +64,7 @@ class ServerModel:
         self.dtype = resolve_dtype(dtype, self.device)
         self.unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
         loras = parse_loras(lora)
-        apply_loras(loras, unet=self.unet)
+        apply_loras(loras, unet=self.unet, xl=self.unet.config.get("addition_embed_type") == "text_time")
         self.lora_count = len(loras)
         self.unet.eval()
         # every split this UNet supports; the others are refused per session with the reason (a 400, not a 500)

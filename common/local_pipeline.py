@@ -20,7 +20,7 @@ from PIL import Image
 
 from hediff.common import models
 from hediff.common.img2img import resize_init_image
-from hediff.common.lora import LoraError, parse_loras
+from hediff.common.lora import parse_loras
 from hediff.common.schedulers import make_scheduler, model_evaluations
 
 
@@ -72,8 +72,6 @@ class LocalPipeline:
             ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         loras = parse_loras(lora)
-        if loras and self.xl:
-            raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
         if loras:
             names = [f"lora{i}" for i in range(len(loras))]
             for name, item in zip(names, loras, strict=True):

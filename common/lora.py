@@ -104,46 +104,59 @@ def weights_digest(model_path: Path, loras: Sequence[Lora] = ()) -> str:
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
-def apply_loras(loras: Sequence[Lora], *, unet=None, text_encoder=None, tokenizer=None) -> None:
+def apply_loras(loras: Sequence[Lora], *, unet=None, text_encoder=None, text_encoder_2=None, xl: bool = False) -> None:
     """Fold ``loras`` into the given modules in place with diffusers' own loading (the parts of a LoRA for a
-    module that is not given are skipped, as diffusers skips them for a pipeline without it)."""
+    module that is not given are skipped, as diffusers skips them for a pipeline without it). ``xl``: an SDXL
+    model (its LoRA loader, and ``text_encoder_2``)."""
     if not loras:
         return
-    if unet is not None and unet.config.get("addition_embed_type") == "text_time":
-        raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
     try:
         import peft  # noqa: F401  (diffusers' LoRA loading needs it; say so before diffusers' own message)
     except ImportError:
         raise LoraError("LoRAs need the 'peft' package: pip install peft") from None
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if xl:
+        pipe = StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=None,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=None,
+            text_encoder=text_encoder,
+            tokenizer=None,
+            unet=unet,
+            scheduler=None,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2 if xl else None}
+    modules = {k: m for k, m in modules.items() if m is not None}
     names = [f"lora{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
         try:
             # load_lora_weights' own steps, for the given modules only (it wants every module of a pipeline)
+            extra = {"unet_config": unet.config} if xl and unet is not None else {}
             state_dict, alphas, metadata = pipe.lora_state_dict(
-                str(lora.file.parent), weight_name=lora.file.name, return_lora_metadata=True
+                str(lora.file.parent), weight_name=lora.file.name, return_lora_metadata=True, **extra
             )
             if not all("lora" in key for key in state_dict):
                 raise ValueError("not a LoRA checkpoint: every tensor name must contain 'lora'")
             common = {"network_alphas": alphas, "adapter_name": name, "metadata": metadata, "_pipeline": pipe}
-            if unet is not None:
-                pipe.load_lora_into_unet(state_dict, unet=unet, **common)
-            if text_encoder is not None:
-                pipe.load_lora_into_text_encoder(state_dict, text_encoder=text_encoder, **common)
+            for component, module in modules.items():
+                if component == "unet":
+                    pipe.load_lora_into_unet(state_dict, unet=module, **common)
+                else:
+                    pipe.load_lora_into_text_encoder(state_dict, text_encoder=module, prefix=component, **common)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise LoraError(f"the LoRA {str(lora.file)!r} does not fit this model: {e}") from None
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
-    components = [c for c, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None]
-    pipe.fuse_lora(components=components, adapter_names=names)
+    pipe.fuse_lora(components=list(modules), adapter_names=names)
     pipe.unload_lora_weights()

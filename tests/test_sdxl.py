@@ -10,7 +10,6 @@ from diffusers import StableDiffusionXLPipeline
 
 from hediff.backend.engine import ServerModel
 from hediff.common import protocol
-from hediff.common.lora import LoraError
 from hediff.common.schedulers import make_scheduler
 from hediff.common.split import UnsupportedUNetError, check_unet_config
 from hediff.desktop.core.backend_client import BackendClient
@@ -135,9 +134,6 @@ def test_on_device_sdxl_is_diffusers_sdxl(xl_pipe, tiny_sdxl_model_dir):
 def test_what_sdxl_does_not_do_yet_is_named(tiny_sdxl_model_dir, xl_served, tmp_path):
     with pytest.raises(UnsupportedUNetError, match="'text_time' \\(SDXL\\) with split 'down0.resnet0'"):
         check_unet_config(xl_served[0].unet.config, "down0.resnet0")
-    (tmp_path / "l.safetensors").write_bytes(b"")  # refused for the model before the file is read
-    with pytest.raises(LoraError, match="LoRAs on SDXL models are not supported yet"):
-        ServerModel(tiny_sdxl_model_dir, "x", device="cpu", dtype="float32", lora=(str(tmp_path / "l.safetensors"),))
 
 
 @pytest.mark.parametrize(("split", "encryption"), [("conv_in", "full"), ("conv_in", "none"), ("u1", "none")])
@@ -211,3 +207,76 @@ def test_on_device_sdxl_img2img(tiny_sdxl_model_dir, tmp_path):
         params(scheduler="ddim", steps=STEPS, seed=1, init_image=str(path), strength=0.5, width=0, height=0)
     )
     assert np.abs(result.latent - ref).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def xl_lora(tiny_sdxl_model_dir, tmp_path_factory) -> str:
+    """A random SDXL LoRA on the UNet's attention and both text encoders, saved by diffusers, at scale 0.7."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir)
+    torch.manual_seed(4)
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=unet_targets))
+    text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=text_targets))
+    out = tmp_path_factory.mktemp("xl-lora") / "lora"
+    StableDiffusionXLPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2),
+    )
+    return f"{out}:0.7"
+
+
+@pytest.fixture(scope="module")
+def xl_lora_backend(tiny_sdxl_model_dir, xl_lora):
+    server = ServerModel(tiny_sdxl_model_dir, "tiny-sdxl-lora", device="cpu", dtype="float32", lora=(xl_lora,))
+    running, info = start_backend(server)
+    yield info
+    running.stop()
+
+
+def _lora_reference(model_dir, lora: str, scheduler: str, seed: int) -> np.ndarray:
+    from hediff.common.lora import parse_lora
+
+    path, scale = parse_lora(lora)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(path, adapter_name="l0")
+    pipe.set_adapters(["l0"], adapter_weights=[scale])
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    latents = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="latent",
+    ).images
+    return latents[0].double().numpy()
+
+
+@pytest.mark.parametrize(("split", "encryption"), [("conv_in", "full"), ("conv_in", "none"), ("u1", "none")])
+def test_an_sdxl_lora_matches_diffusers(xl_pipe, tiny_sdxl_model_dir, xl_lora, xl_lora_backend, split, encryption):
+    ref = _lora_reference(tiny_sdxl_model_dir, xl_lora, "euler", seed=2)
+    with BackendClient(xl_lora_backend.url, xl_lora_backend.token) as client:
+        result = Generator(ClientModel(tiny_sdxl_model_dir, split, lora=(xl_lora,)), client).generate(
+            params(scheduler="euler", steps=STEPS, seed=2, split=split, encryption=encryption, lora=(xl_lora,))
+        )
+    assert np.abs(result.latent - ref).max() <= 1e-3
+    assert np.abs(result.latent - reference(xl_pipe, "euler", seed=2)).max() > 0.05  # the LoRA changed it
+
+
+def test_on_device_sdxl_lora(tiny_sdxl_model_dir, xl_lora):
+    from hediff.desktop.core.on_device import OnDeviceGenerator
+
+    result = OnDeviceGenerator(tiny_sdxl_model_dir, lora=(xl_lora,)).generate(
+        params(scheduler="euler", steps=STEPS, seed=2, lora=(xl_lora,))
+    )
+    assert np.abs(result.latent - _lora_reference(tiny_sdxl_model_dir, xl_lora, "euler", seed=2)).max() <= 1e-5

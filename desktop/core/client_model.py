@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from hediff.common import models
-from hediff.common.lora import LoraError, apply_loras, parse_loras, weights_digest
+from hediff.common.lora import apply_loras, parse_loras, weights_digest
 from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped, mix_guidance
 from hediff.desktop.core.preview import load_preview_map
 
@@ -62,13 +62,12 @@ class ClientModel:
             self.tokenizer_2 = models.load_tokenizer(self.path, "tokenizer_2")
             self.text_encoder_2 = models.load_text_encoder_2(self.path, device=self.device, dtype=self.dtype)
             self.zeros_for_empty = models.force_zeros_for_empty_prompt(self.path)
-            if loras:
-                raise LoraError("LoRAs on SDXL models are not supported yet; use an SD 1.x or 2.x model for LoRAs")
         part = UNetHeadTail if self.u_shaped else UNetHead
         if loras:
             # a LoRA spans the whole UNet: apply it to the whole UNet once, keep the client's layers of it
             unet = models.load_unet(self.path, device=self.device, dtype=self.dtype)
-            apply_loras(loras, unet=unet, text_encoder=self.text_encoder)
+            encoder_2 = {"text_encoder_2": self.text_encoder_2} if self.xl else {}
+            apply_loras(loras, unet=unet, text_encoder=self.text_encoder, xl=self.xl, **encoder_2)
             self.head = part.from_unet(unet, split).eval()
             del unet
         else:
