@@ -206,3 +206,14 @@ def test_the_cli_takes_repeated_loras(tiny_model_dir, lora_entries, tmp_path, ca
     rc = main([*base, *loras, "--out", str(tmp_path / "l.png"), "--latents-out", str(npy)])
     assert rc == 0, capsys.readouterr().err
     assert np.abs(np.load(npy)[0] - reference(tiny_model_dir, lora_entries, "ddim", seed=3)).max() <= 1e-3
+
+
+def test_serve_takes_repeated_loras_and_a_confidential_generation_refuses_them(tmp_path, capsys):
+    from hediff.desktop.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--lora", "/l/a:0.5", "--lora", "/l/b"])
+    assert args.lora == ["/l/a:0.5", "/l/b"]
+    base = ["generate", "--confidential", "--server", "https://gpu-box:8470", "--token", "t", "--prompt", "p"]
+    for extra, option in ((["--lora", "/l/a"], "--lora"), (["--count", "2"], "--count")):
+        assert main([*base, *extra]) == 2
+        assert f"{option} is not supported with --confidential yet" in capsys.readouterr().err
