@@ -20,6 +20,7 @@ from hediff.backend.limits import Limits  # noqa: F401 - re-exported: create_app
 from hediff.backend.sessions import Session, SessionError, SessionStore
 from hediff.common import he, models, protocol, settings, split
 from hediff.common.latent import EncryptedLatent, unpack_mask, update_latent
+from hediff.common.lora import apply_loras, parse_loras, weights_digest
 from hediff.common.protocol import Frame, ProtocolError, SessionSettings
 from hediff.common.schedulers import SCHEDULER_NAMES, build_plan, server_offset
 
@@ -60,7 +61,16 @@ class ModelFacts:
     loading it; ``ServerModel`` adds the weights and the forward passes.
     """
 
-    def __init__(self, model_path: Path, model_id: str, unet=None, device: str = "cpu", dtype: str = "float32"):
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        unet=None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        lora: tuple[str, ...] = (),
+    ):
+        """``lora``: the ``DIR[:SCALE]`` entries the server's UNet folds in (clients must name the same ones)."""
         self.model_id = model_id
         self.device_name, self.dtype_name = device, dtype  # what capabilities report: where the UNet runs
         unet = unet if unet is not None else split.meta_unet(models.load_unet_config(model_path))
@@ -79,13 +89,23 @@ class ModelFacts:
         self.scheduler_config = models.load_scheduler_config(model_path)
         self.vae_scale_factor = models.vae_scale_factor(model_path)
         self.prompt_tokens = models.prompt_token_count(model_path)
-        self.weights_digest = models.unet_weights_digest(model_path)
+        loras = parse_loras(lora)
+        self.weights_digest = weights_digest(model_path, loras)
+        self.lora_count = len(loras)
         self.latent_channels = int(self.unet_config.in_channels)
         self.cross_attention_dim = int(self.unet_config.cross_attention_dim)
         self.native_side = int(self.unet_config.sample_size) * self.vae_scale_factor
+        # SDXL: the width of the pooled text embedding the client sends (the added conditioning's rest is the
+        # six time ids the server makes from the size); None for a UNet without added conditioning
+        config = self.unet_config
+        self.pooled_dim = (
+            int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+            if config.get("addition_embed_type") == "text_time"
+            else None
+        )
 
-    def plan(self, scheduler: str, steps: int):
-        return _cached_plan(scheduler, _freeze(self.scheduler_config), steps)
+    def plan(self, scheduler: str, steps: int, strength: float | None = None):
+        return _cached_plan(scheduler, _freeze(self.scheduler_config), steps, strength)
 
     def size_limits(self, limits: Limits) -> settings.SizeLimits:
         """This model's size cap under the server's configuration (what capabilities advertise)."""
@@ -111,9 +131,11 @@ class ModelFacts:
         return list(self.bodies)
 
     def activation_shapes(self, split_name: str, latent_shape, batch: int = 1) -> dict[str, tuple[int, ...]]:
-        """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it)."""
-        b = batch if split.is_u_shaped(split_name) else 1
-        shapes = split.activation_shapes(self.unet_config, split_name, (b, *latent_shape))
+        """What the client sends; a U-shaped head runs on the guidance ``batch`` (its cross-attention needs it).
+        ``latent_shape`` is (C, H, W), or (N, C, H, W) for a session of N images (the head runs on all N)."""
+        *images, c, h, w = latent_shape
+        b = batch if split.is_u_shaped(split_name) else (images[0] if images else 1)
+        shapes = split.activation_shapes(self.unet_config, split_name, (b, c, h, w))
         return {k: tuple(v) for k, v in shapes.items()}
 
     def capabilities(self, limits: Limits) -> dict:
@@ -149,15 +171,19 @@ class BodyCall:
     split: str
     activations: dict[str, np.ndarray]
     timestep: int | float
-    embeddings: np.ndarray  # (branches, tokens, dim) as the client sent them
+    embeddings: np.ndarray  # (guidance branches x images, tokens, dim) as the client sent them
     guidance: float | None = None
     latent_hw: tuple[int, int] | None = None
     out_dtype: str = "float32"
+    added_cond: dict[str, np.ndarray] | None = None  # SDXL: text_embeds and time_ids, one row per embedding row
+    images: int = 1  # the session's images (--count), run as one batch
 
     def group_key(self) -> tuple:
         """Calls with equal keys can share one forward pass (same split, shapes, timestep type and output)."""
         shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in self.activations.items()))
+        added = tuple(sorted((k, v.shape[1:]) for k, v in (self.added_cond or {}).items()))
         return (
+            added,
             self.split,
             shapes,
             self.embeddings.shape[1:],
@@ -172,12 +198,15 @@ class BodyCall:
 class ServerModel(ModelFacts):
     """The full UNet (run from any split point on) with the facts clients must match."""
 
-    def __init__(self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self, model_path: Path, model_id: str, device: str = "auto", dtype: str = "auto", lora: tuple[str, ...] = ()
+    ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         unet = models.load_unet(model_path, device=self.device, dtype=self.dtype)
         unet.eval()
-        super().__init__(model_path, model_id, unet, str(self.device), str(self.dtype).replace("torch.", ""))
+        apply_loras(parse_loras(lora), unet=unet, xl=unet.config.get("addition_embed_type") == "text_time")
+        super().__init__(model_path, model_id, unet, str(self.device), str(self.dtype).replace("torch.", ""), lora)
         self.unet = unet
         self.lock = threading.Lock()  # one forward pass at a time on this device
 
@@ -187,32 +216,67 @@ class ServerModel(ModelFacts):
     def _embeddings(self, embeddings) -> torch.Tensor:
         return torch.from_numpy(np.array(embeddings)).to(self.device, self.dtype)
 
+    def _added(self, added_cond: dict | None) -> dict[str, torch.Tensor] | None:
+        # SDXL's time ids are small integers: exact in any dtype, as the pipeline makes them in the embeddings' dtype
+        return None if added_cond is None else self._tensors(added_cond)
+
     @torch.no_grad()
     def guided_noise(
-        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, guidance: float
+        self,
+        split_name: str,
+        activations: dict[str, np.ndarray],
+        timestep: int,
+        embeddings,
+        guidance: float,
+        added_cond: dict | None = None,
     ):
         with self.lock:
             acts = self._tensors(activations)
             embeddings = self._embeddings(embeddings)
             batch = embeddings.shape[0]
-            acts = {k: v.expand(batch, *v.shape[1:]) for k, v in acts.items()}
-            return split.mix_guidance(self.bodies[split_name](acts, timestep, embeddings), guidance)
+            images = next(iter(acts.values())).shape[0]  # the session's images, run as one batch
+            acts = {k: _tile(v, batch) for k, v in acts.items()}
+            noise = self.bodies[split_name](acts, timestep, embeddings, added_cond=self._added(added_cond))
+            return split.mix_guidance(noise, guidance, images)
 
     @torch.no_grad()
     def middle(
-        self, split_name: str, activations: dict[str, np.ndarray], timestep: int, embeddings, latent_hw, dtype: str
+        self,
+        split_name: str,
+        activations: dict[str, np.ndarray],
+        timestep: int,
+        embeddings,
+        latent_hw,
+        dtype: str,
+        added_cond: dict | None = None,
     ) -> np.ndarray:
         """U-shaped split: the hidden state entering the client's first up block, both guidance branches."""
         with self.lock:
             acts = self._tensors(activations)
-            hidden = self.bodies[split_name](acts, timestep, self._embeddings(embeddings), latent_size=tuple(latent_hw))
+            hidden = self.bodies[split_name](
+                acts,
+                timestep,
+                self._embeddings(embeddings),
+                latent_size=tuple(latent_hw),
+                added_cond=self._added(added_cond),
+            )
             return hidden.float().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
 
     def run(self, call: BodyCall) -> np.ndarray:
         """One session's call alone: exactly the single-process backend's computation."""
         if call.guidance is not None:
-            return self.guided_noise(call.split, call.activations, call.timestep, call.embeddings, call.guidance)
-        return self.middle(call.split, call.activations, call.timestep, call.embeddings, call.latent_hw, call.out_dtype)
+            return self.guided_noise(
+                call.split, call.activations, call.timestep, call.embeddings, call.guidance, call.added_cond
+            )
+        return self.middle(
+            call.split,
+            call.activations,
+            call.timestep,
+            call.embeddings,
+            call.latent_hw,
+            call.out_dtype,
+            call.added_cond,
+        )
 
     @torch.no_grad()
     def run_batch(self, calls: list[BodyCall]) -> list[np.ndarray]:
@@ -240,9 +304,12 @@ class ServerModel(ModelFacts):
                 parts = []
                 for c, n in zip(calls, rows):
                     a = torch.from_numpy(np.array(c.activations[name])).to(self.device, self.dtype)
-                    parts.append(a.expand(n, *a.shape[1:]) if a.shape[0] != n else a)
+                    parts.append(_tile(a, n))
                 acts[name] = torch.cat(parts)
             embeddings = torch.cat([self._embeddings(c.embeddings) for c in calls])
+            added = None
+            if first.added_cond is not None:
+                added = {k: torch.cat([self._added(c.added_cond)[k] for c in calls]) for k in first.added_cond}
             t_dtype = split.timestep_dtype(
                 torch.float64 if isinstance(first.timestep, float) else torch.int64, self.device
             )
@@ -251,20 +318,27 @@ class ServerModel(ModelFacts):
             )
             body = self.bodies[first.split]
             if first.guidance is None:
-                out = body(acts, timesteps, embeddings, latent_size=tuple(first.latent_hw))
+                out = body(acts, timesteps, embeddings, latent_size=tuple(first.latent_hw), added_cond=added)
             else:
-                out = body(acts, timesteps, embeddings)
+                out = body(acts, timesteps, embeddings, added_cond=added)
         answers, start = [], 0
         for c, n in zip(calls, rows):
             part = out[start : start + n]
             start += n
             if c.guidance is not None:
-                answers.append(split.mix_guidance(part, c.guidance))
+                answers.append(split.mix_guidance(part, c.guidance, c.images))
             else:
                 answers.append(
                     part.float().cpu().numpy().astype(np.float16 if c.out_dtype == "float16" else np.float32)
                 )
         return answers
+
+
+def _tile(activation: torch.Tensor, batch: int) -> torch.Tensor:
+    """The images' activation repeated for each guidance branch, in diffusers' order (``cat([latents] * 2)``)."""
+    if activation.shape[0] == 1:
+        return activation.expand(batch, *activation.shape[1:])
+    return activation.repeat(batch // activation.shape[0], *[1] * (activation.dim() - 1))
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -276,8 +350,12 @@ def _freeze(cfg: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(scheduler: str, frozen_config: tuple, steps: int):
-    return build_plan(scheduler, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}, steps)
+def _cached_plan(scheduler: str, frozen_config: tuple, steps: int, strength: float | None = None):
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_config}
+    try:
+        return build_plan(scheduler, config, steps, strength)
+    except ValueError as e:  # e.g. an img2img strength that runs no step: the client's mistake, said as such
+        raise ProtocolError(str(e)) from None
 
 
 _HEADER_BYTES_PER_FIELD = 256
@@ -356,7 +434,9 @@ class Engine:
             )
         u_shaped = split.is_u_shaped(settings.split)
         latent_shape = self.model.latent_shape(settings.height, settings.width)
-        plan = self.model.plan(settings.scheduler, settings.steps)
+        if settings.count > 1:  # the session's images travel and run as one batch
+            latent_shape = (settings.count, *latent_shape)
+        plan = self.model.plan(settings.scheduler, settings.steps, settings.strength)
         if plan.digest() != settings.plan_digest:
             raise ProtocolError(
                 "the client's step plan differs from the server's (different scheduler config or library versions); "
@@ -365,8 +445,9 @@ class Engine:
         if settings.weights_digest != self.model.weights_digest:
             raise ProtocolError(
                 f"the client's UNet weights (digest {settings.weights_digest[:12]}) are not the server's "
-                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r}): load the same model "
-                "folder (same fine-tune) on both sides, or ask the operator which model the server runs"
+                f"(digest {self.model.weights_digest[:12]}, model {self.model.model_id!r} with "
+                f"{self.model.lora_count} LoRA(s)): load the same model folder (same fine-tune) and the same LoRAs "
+                "at the same scales on both sides, or ask the operator which model and LoRAs the server runs"
             )
         tokens_dim = (self.model.prompt_tokens, self.model.cross_attention_dim)
         cond = protocol.require_tensor(frame, "cond", (1, *tokens_dim), ("float32", "float16"))
@@ -380,9 +461,13 @@ class Engine:
             if "context" not in frame.blobs:
                 raise ProtocolError("an encrypted session needs the 'context' blob (the HE evaluation parameters)")
             context = he.EvaluationContext(frame.blobs["context"], settings.he_preset)
-        unknown = sorted((set(frame.tensors) | set(frame.blobs)) - {"cond", "uncond", "context"})
+        pooled = self._pooled_embeddings(frame, settings.guidance > 1.0)
+        known = {"cond", "uncond", "context"} | ({"cond_pooled", "uncond_pooled"} if pooled else set())
+        unknown = sorted((set(frame.tensors) | set(frame.blobs)) - known)
         if unknown:
             raise ProtocolError(f"unexpected fields in a session request: {', '.join(unknown[:8])}")
+        # each branch once per image, as diffusers' num_images_per_prompt repeats them: (uncond x N, cond x N)
+        embeds = [e for e in embeds for _ in range(settings.count)]
         activation_shapes = self.model.activation_shapes(settings.split, latent_shape, len(embeds))
         max_blobs, max_step_bytes = step_bounds(settings, latent_shape, activation_shapes)
         if max_blobs > protocol.MAX_BLOBS or max_step_bytes > self.limits.max_request_bytes:
@@ -392,6 +477,11 @@ class Engine:
                 f"{self.limits.max_request_bytes} bytes in {protocol.MAX_BLOBS} parts per request: choose a smaller "
                 "size, or ask the operator to raise --max-request-mb"
             )
+        added_cond = None
+        if pooled:  # SDXL: per batch row, in the embeddings' order; the time ids follow from the size
+            rows = [p for p in pooled for _ in range(settings.count)]
+            time_ids = [models.add_time_ids(settings.height, settings.width)] * len(rows)
+            added_cond = {"text_embeds": np.concatenate(rows), "time_ids": np.array(time_ids, dtype=np.float64)}
         session = self.store.add(
             token_id,
             session_id=session_id,
@@ -403,6 +493,7 @@ class Engine:
             latent_shape=latent_shape,
             activation_shapes=activation_shapes,
             max_step_bytes=max_step_bytes,
+            added_cond=added_cond,
         )
         return {
             "session_id": session.id,
@@ -412,6 +503,14 @@ class Engine:
             "activation_shapes": {k: list(v) for k, v in session.activation_shapes.items()},
             "expires_after_idle_s": self.store.ttl_s,
         }
+
+    def _pooled_embeddings(self, frame: Frame, guided: bool) -> list[np.ndarray]:
+        """SDXL: the pooled text embeddings (uncond first when guided), [] for a model without them."""
+        if self.model.pooled_dim is None:
+            return []
+        shape = (1, self.model.pooled_dim)
+        names = ["uncond_pooled", "cond_pooled"] if guided else ["cond_pooled"]
+        return [protocol.require_tensor(frame, name, shape, ("float32", "float16")) for name in names]
 
     def step(self, session: Session, frame: Frame) -> bytes:
         t0 = time.perf_counter()
@@ -436,7 +535,15 @@ class Engine:
             t_parsed = time.perf_counter()
 
             eps = self.body(
-                BodyCall(settings.split, acts, plan_step.timestep, session.embeddings, guidance=settings.guidance)
+                BodyCall(
+                    settings.split,
+                    acts,
+                    plan_step.timestep,
+                    session.embeddings,
+                    guidance=settings.guidance,
+                    added_cond=session.added_cond,
+                    images=settings.count,
+                )
             )
             t_body = time.perf_counter()
 
@@ -479,8 +586,10 @@ class Engine:
                 acts,
                 plan_step.timestep,
                 session.embeddings,
-                latent_hw=tuple(session.latent_shape[1:]),
+                latent_hw=tuple(session.latent_shape[-2:]),
                 out_dtype=settings.activation_dtype,
+                added_cond=session.added_cond,
+                images=settings.count,
             )
         )
         t_body = time.perf_counter()

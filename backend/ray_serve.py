@@ -49,6 +49,7 @@ class RayServeConfig:
     model_path: str
     model_id: str
     tokens_path: str
+    lora: tuple[str, ...] = ()  # DIR[:SCALE] entries folded into the UNet, as `hediff serve --lora`
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "hediff"
     limits: Limits = field(default_factory=Limits)
@@ -76,6 +77,7 @@ class RayServeConfig:
     def from_args(cls, args: dict) -> RayServeConfig:
         args = dict(args)
         args["limits"] = Limits(**args.get("limits", {}))
+        args["lora"] = tuple(args.get("lora", ()))
         return cls(**args)
 
 
@@ -125,7 +127,9 @@ class UNetTier:
 
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        self.model = ServerModel(Path(config.model_path), config.model_id, device=config.device, dtype=config.dtype)
+        self.model = ServerModel(
+            Path(config.model_path), config.model_id, device=config.device, dtype=config.dtype, lora=config.lora
+        )
         self.redis = _redis(config.redis_url)
         self.sizes_key = batch_sizes_key(config.key_prefix)
         prepare_process()
@@ -163,7 +167,9 @@ class SessionTier:
         self.config = config
         self.unet = unet
         where = await unet.describe.remote()  # capabilities report where the UNet runs, not this CPU replica
-        self.model = ModelFacts(Path(config.model_path), config.model_id, device=where["device"], dtype=where["dtype"])
+        self.model = ModelFacts(
+            Path(config.model_path), config.model_id, device=where["device"], dtype=where["dtype"], lora=config.lora
+        )
         self.redis = _redis(config.redis_url)
         limits = config.limits
         self.store = RedisSessionStore(

@@ -112,6 +112,8 @@ def encode_static(session: Session) -> bytes:
     )
     if session.context_bytes is not None:
         frame.blobs["context"] = session.context_bytes
+    for name, rows in (session.added_cond or {}).items():
+        frame.tensors[f"added.{name}"] = np.asarray(rows)
     return frame.encode()
 
 
@@ -352,6 +354,7 @@ class RedisSessionStore:
             max_step_bytes=int(s.meta["max_step_bytes"]),
             context_bytes=context_bytes,
             next_step=int(d.meta["next_step"]),
+            added_cond={k.split(".", 1)[1]: v for k, v in s.tensors.items() if k.startswith("added.")} or None,
         )
         session.eps_history = {int(k): d.tensors[f"eps{k}"] for k in d.meta["eps"]}
         for entry in d.meta["latents"]:

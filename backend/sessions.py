@@ -59,6 +59,7 @@ class Session:
     last_response: tuple[int, bytes] | None = None
     max_step_bytes: int = 0  # the largest step request this session can need; larger bodies are refused unread
     context_bytes: bytes | None = None  # the HE context as sent, for a store that keeps sessions outside the process
+    added_cond: dict[str, Any] | None = None  # SDXL: text_embeds and time_ids per batch row (numpy)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -45,6 +45,7 @@ __all__ = [
     "CLIP_TOKENIZER_CONFIG",
     "build_tiny_model",
     "build_tiny_sd2_model",
+    "build_tiny_sdxl_model",
     "count_prompt_tokens",
     "encode_prompt",
     "load_scheduler_config",
@@ -346,6 +347,115 @@ def _build_tiny(
     return path
 
 
+#: SDXL base 1.0's scheduler config (Euler, leading spacing)
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+}
+
+
+def build_tiny_sdxl_model(path: Path, seed: int = 0) -> Path:
+    """A tiny, random StableDiffusionXLPipeline folder with SDXL's features: two text encoders (a CLIPTextModel
+    and a CLIPTextModelWithProjection whose projection is the pooled embedding, 32 + 32 = 64-wide token
+    embeddings), ``addition_embed_type="text_time"`` (pooled embedding + six time ids as added conditioning),
+    SDXL's block layout (a plain first down block, more transformer layers deeper), linear projections,
+    per-block heads, the 0.13025 VAE scaling and SDXL's Euler scheduler config. Same sizes otherwise as
+    :func:`build_tiny_model` (32 px <-> 4x16x16). Deterministic given ``seed``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    time_dim, pooled_dim = 8, 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 2],
+            cross_attention_dim=64,
+            attention_head_dim=[2, 4],
+            use_linear_projection=True,
+            norm_num_groups=8,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        vocab = tiny_clip_vocab()
+        encoders = []
+        for i, (cls, act) in enumerate(((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu"))):
+            torch.manual_seed(seed + 2 + i)
+            config = CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=37,
+                projection_dim=pooled_dim,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=CLIP_TOKENIZER_CONFIG["model_max_length"],
+                hidden_act=act,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>" if i == 0 else "!"],
+            )
+            encoders.append(cls(config).eval())
+        tokenizers = []
+        for pad in ("<|endoftext|>", "!"):  # SDXL's second tokenizer pads with "!"
+            with tempfile.TemporaryDirectory(prefix="hediff-tok-") as tmp:
+                _write_tiny_tokenizer(Path(tmp), pad)
+                tokenizers.append(CLIPTokenizer.from_pretrained(tmp, local_files_only=True))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    _write_tiny_tokenizer(path / "tokenizer")
+    _write_tiny_tokenizer(path / "tokenizer_2", "!")
+    return path
+
+
 # --------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------
@@ -472,20 +582,23 @@ def unet_weights_digest(path: Path) -> str:
 
 
 #: the diffusers pipeline classes a model folder may hold (model_index.json's _class_name)
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def model_family(path: Path) -> str:
     """``"sd1"`` or ``"sd2"`` for a StableDiffusionPipeline folder, from its configs: SD 2.x's UNets use linear
-    projections and 1024-wide text embeddings (its 768 px models also predict v, which the scheduler config says).
-    Any other pipeline class is a ``ModelFolderError`` naming the class."""
+    projections and 1024-wide text embeddings (its 768 px models also predict v, which the scheduler config says);
+    ``"sdxl"`` for a StableDiffusionXLPipeline folder (two text encoders, pooled text embeddings and time ids as
+    added conditioning). Any other pipeline class is a ``ModelFolderError`` naming the class."""
     folder = Path(path)
     cls = _read_json(folder / "model_index.json", "pipeline index", folder).get("_class_name")
     if cls not in SUPPORTED_PIPELINES:
         raise ModelFolderError(
             f"Model folder {folder} holds a {cls!r} (model_index.json); only {', '.join(SUPPORTED_PIPELINES)} "
-            "folders (Stable Diffusion 1.x and 2.x) can run here. Choose an SD 1.x or 2.x model."
+            "folders (Stable Diffusion 1.x, 2.x and XL) can run here. Choose an SD 1.x, 2.x or XL model."
         )
+    if cls == "StableDiffusionXLPipeline":
+        return "sdxl"
     unet = _read_json(folder / "unet" / "config.json", "UNet config", folder)
     return "sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 else "sd1"
 
@@ -499,30 +612,28 @@ def validate_model_folder(path: Path) -> None:
     if not folder.is_dir():
         raise ModelFolderError(f"Model folder {folder} does not exist or is not a directory. {_FIX_HINT}")
     _read_json(folder / "model_index.json", "pipeline index", folder)
-    for sub, what in (
-        ("unet", "UNet config"),
-        ("vae", "VAE config"),
-        ("text_encoder", "text encoder config"),
-    ):
+    xl = model_family(folder) == "sdxl"  # another pipeline class is refused here, naming it
+    encoders = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
+    for sub, what in (("unet", "UNet config"), ("vae", "VAE config"), *((e, f"{e} config") for e in encoders)):
         _read_json(folder / sub / "config.json", what, folder)
     for sub, stem, what in (
         ("unet", "diffusion_pytorch_model", "UNet weights"),
         ("vae", "diffusion_pytorch_model", "VAE weights"),
-        ("text_encoder", "model", "text encoder weights"),
+        *((e, "model", f"{e} weights") for e in encoders),
     ):
         for f in _weight_files(folder, sub, stem, what):
             _check_safetensors(f, folder, what)
-    tok = folder / "tokenizer"
-    has_bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
-    if not has_bpe_files and not (tok / "tokenizer.json").is_file():
-        raise ModelFolderError(
-            f"Model folder {folder} is missing tokenizer/vocab.json + tokenizer/merges.txt "
-            f"(or tokenizer/tokenizer.json) (CLIP tokenizer). {_FIX_HINT}"
-        )
-    if has_bpe_files:
-        _read_json(tok / "vocab.json", "tokenizer vocabulary", folder)
+    for name in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        tok = folder / name
+        has_bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+        if not has_bpe_files and not (tok / "tokenizer.json").is_file():
+            raise ModelFolderError(
+                f"Model folder {folder} is missing {name}/vocab.json + {name}/merges.txt "
+                f"(or {name}/tokenizer.json) (CLIP tokenizer). {_FIX_HINT}"
+            )
+        if has_bpe_files:
+            _read_json(tok / "vocab.json", "tokenizer vocabulary", folder)
     _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config", folder)
-    model_family(folder)  # an SDXL or other pipeline folder is refused here, naming its class
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -751,12 +862,34 @@ def load_text_encoder(path: Path, device: str | torch.device = "cpu", dtype: tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_tokenizer(path: Path):
-    """The ``CLIPTokenizer`` (in transformers 5 this is the tokenizers-backed ("fast") implementation)."""
+def load_tokenizer(path: Path, sub: str = "tokenizer"):
+    """The ``CLIPTokenizer`` (in transformers 5 this is the tokenizers-backed ("fast") implementation);
+    ``sub="tokenizer_2"``: SDXL's second one."""
     from transformers import CLIPTokenizer
 
-    comp = _component_dir(path, "tokenizer")
+    comp = _component_dir(path, sub)
     return CLIPTokenizer.from_pretrained(comp, local_files_only=True)
+
+
+def load_text_encoder_2(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """SDXL's second text encoder, a ``CLIPTextModelWithProjection`` (its projection is the pooled embedding)."""
+    from transformers import CLIPTextModelWithProjection
+
+    comp = _component_dir(path, "text_encoder_2")
+    model = CLIPTextModelWithProjection.from_pretrained(comp, local_files_only=True, use_safetensors=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def force_zeros_for_empty_prompt(path: Path) -> bool:
+    """SDXL: whether an absent negative prompt is all-zero embeddings (model_index.json, as the pipeline reads it)."""
+    path = Path(path)
+    return bool(_read_json(path / "model_index.json", "pipeline index", path).get("force_zeros_for_empty_prompt", True))
+
+
+def add_time_ids(height: int, width: int) -> list[float]:
+    """SDXL's micro-conditioning for a generation at ``height`` x ``width``: original size, crop (0, 0) and target
+    size, as StableDiffusionXLPipeline makes them by default."""
+    return [float(height), float(width), 0.0, 0.0, float(height), float(width)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -796,6 +929,41 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, negative_prompt: str = "
     cond = _encode_one(tokenizer, text_encoder, prompt)
     uncond = _encode_one(tokenizer, text_encoder, negative_prompt)
     return cond, uncond
+
+
+def encode_prompt_xl(
+    tokenizers, text_encoders, prompt: str, negative_prompt: str = "", zeros_for_empty: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cond, uncond, cond_pooled, uncond_pooled)`` exactly as ``StableDiffusionXLPipeline.encode_prompt``
+    makes them with guidance: each encoder's penultimate hidden states side by side, the second encoder's
+    projection as the pooled embedding. An empty negative prompt is the pipeline's absent one: zeros when
+    ``zeros_for_empty`` (the folder's ``force_zeros_for_empty_prompt``)."""
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise TypeError("prompt and negative_prompt must be strings")
+
+    def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+            ids = tokenizer(
+                [text],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            with torch.no_grad():
+                out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        dtype = text_encoders[-1].dtype
+        return torch.concat(hidden, dim=-1).to(dtype=dtype), pooled
+
+    cond, cond_pooled = encode(prompt)
+    if not negative_prompt and zeros_for_empty:
+        return cond, torch.zeros_like(cond), cond_pooled, torch.zeros_like(cond_pooled)
+    uncond, uncond_pooled = encode(negative_prompt)
+    return cond, uncond, cond_pooled, uncond_pooled
 
 
 def count_prompt_tokens(tokenizer, prompt: str) -> int:

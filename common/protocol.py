@@ -226,6 +226,11 @@ class SessionSettings:
     plan_digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
     # models.unet_weights_digest of the client's model: the server must run the same weights
     weights_digest: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    # img2img: the strength the plan starts at (the server builds the same shortened plan); None: from noise.
+    # The picture itself never travels: the client encodes and noises it.
+    strength: settings.Fraction | None = None
+    # images in the session, run as one UNet batch; the latent is then (count, C, h, w)
+    count: Annotated[int, Field(ge=1, le=settings.MAX_COUNT)] = 1
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,7 +284,7 @@ class SessionSettings:
 
 
 _HEADER_FIELDS = ("scheduler", "steps", "guidance", "height", "width", "split", "encryption", "he_preset")
-_HEADER_FIELDS += ("activation_dtype", "plan_digest", "weights_digest")
+_HEADER_FIELDS += ("activation_dtype", "plan_digest", "weights_digest", "strength", "count")
 
 
 def _rule(name: str) -> str:

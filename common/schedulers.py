@@ -75,7 +75,9 @@ __all__ = [
     "apply_step",
     "build_plan",
     "client_finish",
+    "img2img_start_latent",
     "make_scheduler",
+    "model_evaluations",
     "noise_term",
     "server_offset",
 ]
@@ -354,9 +356,13 @@ class AffinePlan:
     num_inference_steps: int
     init_noise_sigma: float
     steps: tuple[AffineStep, ...]
+    # img2img: the strength the plan starts at (its steps are the pipeline's last ones); None: from pure noise
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.scheduler)
+        if self.strength is not None:
+            object.__setattr__(self, "strength", float(self.strength))
         steps = tuple(s if isinstance(s, AffineStep) else AffineStep.from_dict(s) for s in self.steps)
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "num_inference_steps", int(self.num_inference_steps))
@@ -396,6 +402,7 @@ class AffinePlan:
             "num_inference_steps": self.num_inference_steps,
             "init_noise_sigma": self.init_noise_sigma,
             "steps": [s.to_dict() for s in self.steps],
+            "strength": self.strength,
         }
 
     @classmethod
@@ -409,6 +416,7 @@ class AffinePlan:
                 num_inference_steps=d["num_inference_steps"],
                 init_noise_sigma=d["init_noise_sigma"],
                 steps=tuple(AffineStep.from_dict(s) for s in d["steps"]),
+                strength=d.get("strength"),
             )
         except KeyError as exc:
             raise ValueError(f"AffinePlan dict is missing key {exc.args[0]!r}") from None
@@ -422,6 +430,8 @@ class AffinePlan:
             "init_noise_sigma": _round12(self.init_noise_sigma),
             "steps": [s._canonical() for s in self.steps],
         }
+        if self.strength is not None:  # only then: text-to-image plans keep the digests they always had
+            payload["strength"] = _round12(self.strength)
         return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     def digest(self) -> str:
@@ -482,18 +492,68 @@ def _tapped_noise(scheduler: SchedulerMixin, tap: _NoiseTap) -> Iterator[None]:
             module.randn_tensor = original
 
 
-def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> AffinePlan:
+def _check_strength(strength: Any, n: int) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    if min(int(n * strength), n) < 1:
+        raise ValueError(
+            f"strength {strength} of {n} steps runs no step (img2img runs int(steps x strength) of them): "
+            "raise the strength or the steps"
+        )
+    return float(strength)
+
+
+def _prepared(name: str, scheduler_config: Mapping[str, Any], n: int, strength: float | None):
+    """The scheduler after the pipeline's set-up and the timesteps it runs: all of them, or for img2img the last
+    ``int(n * strength)`` steps' worth, with the begin index set exactly as StableDiffusionImg2ImgPipeline's
+    ``get_timesteps`` does."""
+    scheduler = make_scheduler(name, scheduler_config)
+    n = _check_num_steps(n, int(scheduler.config.num_train_timesteps))
+    scheduler.set_timesteps(n, device="cpu")
+    timesteps = scheduler.timesteps
+    if strength is not None:
+        strength = _check_strength(strength, n)
+        t_start = max(n - min(int(n * strength), n), 0)
+        timesteps = timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler, n, timesteps
+
+
+def model_evaluations(
+    name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int, strength: float | None = None
+) -> int:
+    """How many UNet evaluations diffusers' pipeline makes (img2img: from ``strength`` on)."""
+    return len(_prepared(name, scheduler_config, num_inference_steps, strength)[2])
+
+
+def img2img_start_latent(
+    name: str,
+    scheduler_config: Mapping[str, Any],
+    num_inference_steps: int,
+    strength: float,
+    init_latents: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """img2img's x_0: the encoded image noised to the plan's first timestep by the scheduler's own ``add_noise``
+    (the pipeline's arithmetic and dtype, so the same seed gives the same start)."""
+    scheduler, _n, timesteps = _prepared(name, scheduler_config, num_inference_steps, strength)
+    return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(init_latents.shape[0]))
+
+
+def build_plan(
+    name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int, strength: float | None = None
+) -> AffinePlan:
     """Derive the affine plan of scheduler ``name`` from the real diffusers implementation.
 
     The scheduler is driven exactly like ``StableDiffusionPipeline`` does (``set_timesteps``
     on CPU, then ``scale_model_input`` followed by ``step`` at every timestep), but on one-hot
-    float64 coefficient vectors.  The result is verified against a numeric run of a fresh
-    scheduler before it is returned.
+    float64 coefficient vectors.  With ``strength`` (img2img) it runs only the steps
+    ``StableDiffusionImg2ImgPipeline`` runs from that strength on; ``x_0`` is then the noised
+    image (:func:`img2img_start_latent`).  The result is verified against a numeric run of a
+    fresh scheduler before it is returned.
     """
-    scheduler = make_scheduler(name, scheduler_config)
-    n = _check_num_steps(num_inference_steps, int(scheduler.config.num_train_timesteps))
-    scheduler.set_timesteps(n, device="cpu")
-    timesteps = scheduler.timesteps
+    scheduler, n, timesteps = _prepared(name, scheduler_config, num_inference_steps, strength)
     num_calls = len(timesteps)
     dim = 3 * num_calls + 1  # x_0..x_N, e_0..e_{N-1}, z_0..z_{N-1}
     e_off = num_calls + 1
@@ -558,15 +618,16 @@ def build_plan(name: str, scheduler_config: Mapping[str, Any], num_inference_ste
 
     init_sigma = scheduler.init_noise_sigma
     init_sigma = float(init_sigma.item() if isinstance(init_sigma, torch.Tensor) else init_sigma)
-    plan = AffinePlan(scheduler=name, num_inference_steps=n, init_noise_sigma=init_sigma, steps=tuple(steps))
+    plan = AffinePlan(
+        scheduler=name, num_inference_steps=n, init_noise_sigma=init_sigma, steps=tuple(steps), strength=strength
+    )
     _self_check(plan, scheduler_config)
     return plan
 
 
 def _self_check(plan: AffinePlan, scheduler_config: Mapping[str, Any], rtol: float = 1e-4) -> None:
     """Guard against a step that is not actually linear: replay a numeric run and compare."""
-    scheduler = make_scheduler(plan.scheduler, scheduler_config)
-    scheduler.set_timesteps(plan.num_inference_steps, device="cpu")
+    scheduler, _n, timesteps = _prepared(plan.scheduler, scheduler_config, plan.num_inference_steps, plan.strength)
     rng = np.random.default_rng(1234)
     size = (1, 8)
     x = rng.standard_normal(size) * plan.init_noise_sigma
@@ -580,7 +641,7 @@ def _self_check(plan: AffinePlan, scheduler_config: Mapping[str, Any], rtol: flo
 
     tap = _NoiseTap(draw)
     real = torch.from_numpy(x.copy())
-    for step, t in zip(plan.steps, scheduler.timesteps, strict=True):
+    for step, t in zip(plan.steps, timesteps, strict=True):
         i = step.index
         tap.step = i
         eps_hist[i] = rng.standard_normal(size)

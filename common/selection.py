@@ -96,6 +96,8 @@ def select_mask(latent: np.ndarray, mode: str, tau: float = DEFAULT_TAU) -> np.n
     if mode == Encryption.FULL:
         return None
     if mode == Encryption.MIN_DISTORTION:
+        if np.ndim(latent) == 4:  # a batch of images: each image's own selection, as if generated alone
+            return np.stack([min_distortion_mask(x, tau) for x in latent])
         return min_distortion_mask(latent, tau)
     if mode == Encryption.RANDOM_MASK:
         raise ValueError("the random mask does not depend on the latent: draw it once with random_mask()")

@@ -17,15 +17,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from hediff.common.errors import UsageError
+from hediff.common.lora import parse_lora
 
 __all__ = [
     "ACTIVATION_DTYPES",
     "DEFAULT_HE_PRESET",
     "DEFAULT_SPLIT",
+    "DEFAULT_STRENGTH",
+    "MAX_COUNT",
     "ENCRYPTION_MODES",
     "HE_PRESET_NAMES",
     "PAPER_SPLITS",
@@ -94,6 +97,10 @@ SIZE_MULTIPLE = 8  # diffusers' pipeline insists on multiples of 8
 MAX_SIDE = 2048
 MAX_SIDE_FACTOR = 2
 SERVER_MAX_STEPS = 500  # a server's default cap on steps per session
+#: diffusers' img2img default
+DEFAULT_STRENGTH = 0.8
+#: images per session: the server runs them in one UNet batch, so its memory bounds this
+MAX_COUNT = 16
 
 _NATIVE = "0: the model's native size"
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description="denoising steps")]
@@ -171,6 +178,42 @@ class GenerationSettings:
     activation_dtype: Annotated[
         ActivationDtype, Field(description="precision of the activations sent to the server")
     ] = "float32"
+    init_image: Annotated[
+        str,
+        Field(
+            description="img2img: the picture (PNG, JPEG) to start from, encoded on this machine; empty: start "
+            "from noise. Its size is the image's size unless width/height are given"
+        ),
+    ] = ""
+    strength: Annotated[
+        Fraction,
+        Field(description="img2img: how much of the picture is redrawn (1: all of it); int(steps x strength) run"),
+    ] = DEFAULT_STRENGTH
+    lora: Annotated[
+        tuple[str, ...],
+        Field(
+            description="LoRAs applied on this machine and on the server at the same scale, each DIR[:SCALE] "
+            "(a folder holding pytorch_lora_weights.safetensors, or the file; scale 1 if absent)"
+        ),
+    ] = ()
+    count: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_COUNT,
+            description="images in one session, with seeds seed, seed+1, ...; the server runs them in one batch",
+        ),
+    ] = 1
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):  # stored settings come back from JSON as lists
+            value = tuple(value)
+        if isinstance(value, tuple):
+            for entry in value:
+                parse_lora(entry)  # the form only: the files are read where the model loads
+        return value
 
     @model_validator(mode="after")
     def _rules_across_fields(self) -> GenerationSettings:
@@ -182,18 +225,31 @@ class GenerationSettings:
         return self
 
     def validate(self) -> None:
-        """The rules construction cannot check because stored settings legitimately lack them: a prompt."""
+        """The rules construction cannot check because stored settings legitimately lack them: a prompt, and
+        an img2img strength that runs at least one step."""
         if not self.prompt.strip():
             raise SettingsError("the prompt is empty", field="prompt", allowed="non-empty text", value=self.prompt)
+        if self.init_image and int(self.steps * self.strength) < 1:
+            rule = f"at least 1/steps ({1 / self.steps:g}) so that int(steps x strength) runs a step"
+            raise SettingsError(
+                f"strength must be {rule}, got {self.strength!r}", field="strength", allowed=rule, value=self.strength
+            )
+        if self.seed + self.count - 1 > SEED_MAX:
+            rule = f"at most {SEED_MAX - self.seed + 1} from seed {self.seed} (the seeds run up to {SEED_MAX})"
+            raise SettingsError(
+                f"count must be {rule}, got {self.count}", field="count", allowed=rule, value=self.count
+            )
 
     # --- serialisations ---
 
     def to_dict(self, include_prompt: bool = True) -> dict[str, Any]:
-        """JSON-ready fields (stored settings, gallery sidecars); the prompts only when asked for."""
+        """JSON-ready fields (stored settings, gallery sidecars); the prompts and the init image's path only when
+        asked for (a file name can say whose picture it is)."""
         data = dataclasses.asdict(self)
         if not include_prompt:
             data.pop("prompt")
             data.pop("negative_prompt")
+            data.pop("init_image")
         return data
 
     @classmethod
@@ -206,7 +262,10 @@ class GenerationSettings:
 
     def to_text(self, include_prompt: bool = False, prefix: str = "hediff:") -> dict[str, str]:
         """Fields as text (PNG text chunks); the prompts only when asked for."""
-        return {f"{prefix}{k}": str(v) for k, v in self.to_dict(include_prompt).items()}
+        return {
+            f"{prefix}{k}": json.dumps(list(v)) if isinstance(v, tuple) else str(v)
+            for k, v in self.to_dict(include_prompt).items()
+        }
 
     @classmethod
     def from_text(cls, text: dict[str, str], prefix: str = "hediff:") -> GenerationSettings:
@@ -218,8 +277,11 @@ class GenerationSettings:
                 continue
             kind = f.annotation
             try:
-                values[name] = int(raw) if kind is int else float(raw) if kind is float else raw
-            except ValueError:
+                if getattr(kind, "__origin__", None) is tuple:  # a list of texts, written as JSON
+                    values[name] = tuple(json.loads(raw))
+                else:
+                    values[name] = int(raw) if kind is int else float(raw) if kind is float else raw
+            except (ValueError, TypeError):
                 raise SettingsError(
                     f"{name} must be {allowed(name)}, got {raw!r}", field=name, allowed=allowed(name), value=raw
                 ) from None
@@ -286,6 +348,8 @@ def allowed(name: str) -> str:
     b = _bounds(name)
     if kind is str:
         return "text"
+    if getattr(kind, "__origin__", None) is tuple:
+        return "a list of DIR[:SCALE] (the scale a finite number)"
     if "multiple_of" in b:
         return f"a multiple of {b['multiple_of']} in [{b['ge']}, {b['le']}] ({_NATIVE})"
     if kind is int:

@@ -137,16 +137,19 @@ def split_family(split: str) -> str:
     return U_SHAPED_FAMILY if is_u_shaped(split) else PAPER_FAMILY
 
 
-def mix_guidance(noise: Tensor, guidance: float) -> np.ndarray:
-    """One image's guided noise prediction (float64) from the UNet's output on the prompt batch.
+def mix_guidance(noise: Tensor, guidance: float, images: int = 1) -> np.ndarray:
+    """The guided noise prediction (float64) of ``images`` images from the UNet's output on the prompt batch:
+    (C, H, W) for one image, (images, C, H, W) for more.
 
-    A batch of 2 is (unconditional, conditional), mixed in diffusers' pipeline's order and arithmetic so that the
-    result is bit-identical to it; a batch of 1 is the conditional branch alone (guidance <= 1 runs no other).
+    A batch of ``2 * images`` is (unconditional x images, conditional x images), mixed in diffusers' pipeline's
+    order and arithmetic so that the result is bit-identical to it; a batch of ``images`` is the conditional
+    branch alone (guidance <= 1 runs no other).
     """
-    if noise.shape[0] == 2:
+    if noise.shape[0] == 2 * images:
         uncond, cond = noise.chunk(2)
         noise = uncond + guidance * (cond - uncond)
-    return noise[0].float().cpu().numpy().astype(np.float64)
+    out = noise.float().cpu().numpy().astype(np.float64)
+    return out[0] if images == 1 else out
 
 
 def u_depth(split: str, down_blocks: int) -> int:
@@ -225,10 +228,17 @@ def check_unet_config(config: Mapping[str, Any], split: str) -> None:
     problems: list[str] = []
     if cfg["_class_name"] != "UNet2DConditionModel":
         problems.append(f"_class_name={cfg['_class_name']!r} (only UNet2DConditionModel is supported)")
+    addition = cfg.get("addition_embed_type")
+    if addition == "text_time" and split == "down0.resnet0":
+        problems.append(
+            "addition_embed_type='text_time' (SDXL) with split 'down0.resnet0': the client's resnet would need each "
+            "guidance branch's added embedding; use conv_in or a U-shaped split"
+        )
+    elif addition not in (None, "text_time"):
+        problems.append(f"addition_embed_type={addition!r} (only SDXL's 'text_time' is supported)")
     for key, what in (
         ("class_embed_type", "class embeddings"),
         ("num_class_embeds", "class embeddings"),
-        ("addition_embed_type", "additional (text/image/time) embeddings, e.g. SDXL"),
         ("encoder_hid_dim_type", "encoder_hid_proj"),
         ("encoder_hid_dim", "encoder_hid_proj"),
         ("time_cond_proj_dim", "timestep_cond projection (e.g. LCM)"),
@@ -401,14 +411,24 @@ def timestep_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return maybe_adjust_dtype_for_device(dtype, device)
 
 
+def _added_modules(unet) -> tuple[nn.Module, nn.Module] | None:
+    """SDXL's ``(add_time_proj, add_embedding)``; None for a UNet without added conditioning."""
+    if _full_config(unet.config).get("addition_embed_type") != "text_time":
+        return None
+    return unet.add_time_proj, unet.add_embedding
+
+
 def _time_embed(
     time_proj: nn.Module,
     time_embedding: nn.Module,
     time_embed_act: nn.Module | None,
     sample: Tensor,
     timestep: Tensor | float,
+    added: tuple[nn.Module, nn.Module] | None = None,
+    added_cond: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """``UNet2DConditionModel.get_time_embed`` + ``time_embedding`` + ``time_embed_act``."""
+    """``UNet2DConditionModel.get_time_embed`` + ``time_embedding`` (+ SDXL's ``get_aug_embed`` on
+    ``added_cond``'s ``text_embeds`` and ``time_ids``) + ``time_embed_act``."""
     timesteps = timestep
     if not torch.is_tensor(timesteps):
         dtype = timestep_dtype(torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
@@ -420,6 +440,14 @@ def _time_embed(
     # Timesteps returns float32 whatever the model dtype: cast like diffusers does.
     t_emb = time_proj(timesteps).to(dtype=sample.dtype)
     emb = time_embedding(t_emb, None)
+    if added is not None:
+        if added_cond is None or not {"text_embeds", "time_ids"} <= set(added_cond):
+            raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs added_cond text_embeds, time_ids")
+        add_time_proj, add_embedding = added
+        text_embeds = added_cond["text_embeds"].to(device=sample.device)
+        time_embeds = add_time_proj(added_cond["time_ids"].to(device=sample.device).flatten())
+        time_embeds = time_embeds.reshape((text_embeds.shape[0], -1))
+        emb = emb + add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
     if time_embed_act is not None:
         emb = time_embed_act(emb)
     return emb
@@ -692,6 +720,8 @@ class UNetHeadTail(nn.Module):
         self.time_proj = unet.time_proj
         self.time_embedding = unet.time_embedding
         self.time_embed_act = unet.time_embed_act
+        added = _added_modules(unet)  # SDXL: the client's blocks need the added conditioning too
+        self.add_time_proj, self.add_embedding = added if added is not None else (None, None)
         self.down_blocks = nn.ModuleList(list(unet.down_blocks)[: self.depth])
         # keyed by the UNet's own indices so that state-dict keys read "up_blocks.<i>. ..."
         self.up_blocks = nn.ModuleDict({str(i): unet.up_blocks[i] for i in range(n_up - self.depth, n_up)})
@@ -722,10 +752,17 @@ class UNetHeadTail(nn.Module):
         part.loaded_keys = _load_partial(part, model_path, device, dtype, f"the client's head and tail ({split!r})")
         return part.eval()
 
-    def head(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor):
+    def head(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        added_cond: Mapping[str, Tensor] | None = None,
+    ):
         """``({"h": ...}, kept)``: what goes to the server and what stays for :meth:`tail`.
 
-        A latent of batch 1 is expanded to the guidance batch ``encoder_hidden_states.shape[0]``.
+        A latent of batch 1 is expanded to the guidance batch ``encoder_hidden_states.shape[0]``. ``added_cond``:
+        SDXL's ``text_embeds`` and ``time_ids`` for that batch.
         """
         ref = self.conv_in.weight
         ehs = encoder_hidden_states.to(device=ref.device)
@@ -738,7 +775,8 @@ class UNetHeadTail(nn.Module):
         latent_hw = (int(sample.shape[2]), int(sample.shape[3]))
         if self.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = _time_embed(self.time_proj, self.time_embedding, self.time_embed_act, sample, timestep)
+        added = None if self.add_embedding is None else (self.add_time_proj, self.add_embedding)
+        emb = _time_embed(self.time_proj, self.time_embedding, self.time_embed_act, sample, timestep, added, added_cond)
         sample = self.conv_in(sample)
         res: tuple[Tensor, ...] = (sample,)
         for block in self.down_blocks:
@@ -794,6 +832,8 @@ class UNetBody(nn.Module):
         self.time_proj = unet.time_proj
         self.time_embedding = unet.time_embedding
         self.time_embed_act = unet.time_embed_act
+        added = _added_modules(unet)  # SDXL: pooled text embedding + time ids join the time embedding
+        self.add_time_proj, self.add_embedding = added if added is not None else (None, None)
         # The whole lists are kept (shared); the blocks that run on the client are skipped in forward.
         self.down_blocks = unet.down_blocks
         self.mid_block = unet.mid_block
@@ -844,6 +884,7 @@ class UNetBody(nn.Module):
         timestep: Tensor | float,
         encoder_hidden_states: Tensor,
         latent_size: tuple[int, int] | None = None,
+        added_cond: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Noise prediction ``(B, C_out, H, W)`` with ``B = encoder_hidden_states.shape[0]`` (paper splits), or the
         input of ``up_blocks[n-k]`` (U-shaped splits, which need the latent's spatial ``latent_size``).
@@ -871,8 +912,9 @@ class UNetBody(nn.Module):
         forward_upsample_size = _needs_upsample_size(self.num_upsamplers, latent_hw)
         upsample_size = None
 
-        # 1. time (the body's sample has the full batch, so timesteps broadcast to it)
-        emb = _time_embed(self.time_proj, self.time_embedding, self.time_embed_act, sample, timestep)
+        # 1. time (the body's sample has the full batch, so timesteps broadcast to it); SDXL adds its conditioning
+        added = None if self.add_embedding is None else (self.add_time_proj, self.add_embedding)
+        emb = _time_embed(self.time_proj, self.time_embedding, self.time_embed_act, sample, timestep, added, added_cond)
 
         # 3. down
         if self.split == "conv_in":

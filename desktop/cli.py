@@ -45,6 +45,7 @@ def _serve_on_ray(args, tokens_path: Path, limits, tls, torch_threads: int) -> i
     config = RayServeConfig(
         model_path=str(resolve_model(args.model)),
         model_id=args.model,
+        lora=tuple(args.lora),
         tokens_path=str(Path(tokens_path).resolve()),
         redis_url=args.redis,
         limits=limits,
@@ -120,6 +121,13 @@ def _add_serve(sub, with_options: bool = True) -> None:
         default=None,
         help="CPU threads of the UNet's forward passes (default: every core but one, which stays free to answer "
         "HTTP: a model that takes every core slows down many times over when connections need one too)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="DIR[:SCALE]",
+        help="a LoRA folded into the UNet (repeatable); clients must name the same LoRAs at the same scales",
     )
     p.add_argument(
         "--tokens-file",
@@ -260,12 +268,15 @@ _DEFAULT_HELP = {
     "prompt": "none, required",
     "steps": "the model's recommendation (hediff.json), else {default}",
     "guidance": "the model's recommendation (hediff.json), else {default}",
-    "width": "the model's native size",
-    "height": "the model's native size",
+    "width": "the model's native size; img2img: the picture's",
+    "height": "the model's native size; img2img: the picture's",
+    "init_image": "none: start from noise",
+    "lora": "none",
 }
 
 
 # None when not given: the model's recommendation or native size applies, or --plaintext may set encryption
+_METAVARS = {"init_image": "PNG", "lora": "DIR[:SCALE]"}
 _UNSET_BY_DEFAULT = ("steps", "guidance", "width", "height", "encryption")
 
 
@@ -320,6 +331,16 @@ def _add_generate(sub, with_settings: bool = True) -> None:
         options = settings.choices(name)
         kind = str if options is not None else info.annotation
         when_absent = _DEFAULT_HELP.get(name, "{default!r}").format(default=info.default)
+        if getattr(kind, "__origin__", None) is tuple:  # a list setting: the option repeats
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                action="append",
+                default=None,
+                metavar=_METAVARS.get(name, "TEXT"),
+                help=f"{settings.help_text(name)}; {settings.allowed(name)}, one per option (default: {when_absent})",
+            )
+            continue
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -327,7 +348,7 @@ def _add_generate(sub, with_settings: bool = True) -> None:
             choices=options,
             default=None if name in _UNSET_BY_DEFAULT else info.default,
             required=name == "prompt",
-            metavar=None if options is not None else kind.__name__.upper(),
+            metavar=None if options is not None else _METAVARS.get(name, kind.__name__.upper()),
             help=f"{settings.help_text(name)}; {settings.allowed(name)} (default: {when_absent})",
         )
     p.add_argument("--plaintext", action="store_true", help="same as --encryption none: the split without HE")
@@ -508,7 +529,7 @@ def cmd_serve(args) -> int:
 
     torch.set_num_threads(torch_threads)
     model_path = resolve_model(args.model)
-    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype)
+    model = ServerModel(model_path, args.model, device=args.device, dtype=args.dtype, lora=tuple(args.lora))
     scheme = "https" if tls else "http"
     print(
         f"hediff backend: model {args.model} on {model.device} ({model.dtype}), {scheme}://{args.host}:{args.port}",
@@ -551,7 +572,7 @@ def generation_settings(args):
     from hediff.common.settings import GenerationSettings, SettingsError
 
     given = {name: getattr(args, name) for name in GenerationSettings.__pydantic_fields__}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     if args.plaintext:
         if given.get("encryption", "none") != "none":
             raise UsageError(f"--plaintext means --encryption none, but --encryption {given['encryption']} was given")
@@ -640,13 +661,30 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0 - result.total_s  # the models load on the first generation
     from hediff.desktop.core.gallery import save_png_private
 
-    save_png_private(result, args.out, include_prompt=args.embed_prompt)  # 0600: the image is the private output
+    images = result.images or [result.image]
+    for k, path in enumerate(image_paths(args.out, len(images))):  # 0600: the images are the private output
+        save_png_private(_one_image(result, k) if len(images) > 1 else result, path, args.embed_prompt)
     if args.latents_out:
         import numpy as np
 
-        _write_whole(args.latents_out, lambda tmp: np.save(tmp, result.latent[None].astype(np.float32)))
+        latents = result.latent if result.latent.ndim == 4 else result.latent[None]  # (count, C, h, w)
+        _write_whole(args.latents_out, lambda tmp: np.save(tmp, latents.astype(np.float32)))
     _print_summary(result, load_s, args.out)
     return 0
+
+
+def image_paths(out: Path, count: int) -> list[Path]:
+    """Where --count images go: --out itself for the first (seed s), ``<stem>-<k>.png`` for seed s+k."""
+    return [out] + [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, count)]
+
+
+def _one_image(result, k: int):
+    """The result as saved for its k-th image: the metadata names that image's own seed (rerunning those
+    settings makes that image alone)."""
+    import dataclasses
+
+    params = dataclasses.replace(result.params, seed=result.params.seed + k, count=1)
+    return dataclasses.replace(result, image=result.images[k], params=params)
 
 
 def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
@@ -785,6 +823,15 @@ def cmd_generate_confidential(args) -> int:
 
     if not args.server:
         raise UsageError("--confidential needs --server https://...: a local backend is not a confidential one")
+    # the confidential server's request takes a prompt and sampling settings only: refuse what it would ignore
+    confidential_unused = (
+        ("--init-image", not args.init_image),
+        ("--count", args.count in (None, 1)),
+        ("--lora", not args.lora),
+    )
+    for option, unused in confidential_unused:
+        if not unused:
+            raise UsageError(f"{option} is not supported with --confidential yet; generate on this device or drop it")
     token = args.token or os.environ.get("HEDIFF_TOKEN")
     if not token:
         raise UsageError("--server needs an API token: pass --token or set HEDIFF_TOKEN")

@@ -35,6 +35,15 @@ def tiny_sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd2_model(tmp_path_factory.mktemp("tiny-sd2-model") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL folder (common.models.build_tiny_sdxl_model, seed 0: two text encoders, pooled text
+    embeddings and time ids as added conditioning), built once per session. Read-only."""
+    from hediff.common.models import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl-model") / "model", seed=0)
+
+
 # --- a real backend on loopback ------------------------------------------------------------------
 
 

@@ -103,17 +103,24 @@ def test_an_epsilon_client_is_refused_by_a_v_prediction_server(tiny_model_dir, s
         _generate(tiny_model_dir, sd2_backend, split="conv_in", scheduler="ddim")
 
 
-def test_the_model_family_comes_from_the_folder(tiny_model_dir, tiny_sd2_model_dir, tmp_path):
+def test_the_model_family_comes_from_the_folder(tiny_model_dir, tiny_sd2_model_dir, tiny_sdxl_model_dir, tmp_path):
     import json
     import shutil
 
     from hediff.common.models import ModelFolderError, model_family, validate_model_folder
 
     assert model_family(tiny_model_dir) == "sd1" and model_family(tiny_sd2_model_dir) == "sd2"
-    xl = tmp_path / "xl"
-    shutil.copytree(tiny_model_dir, xl)
-    index = json.loads((xl / "model_index.json").read_text())
-    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    assert model_family(tiny_sdxl_model_dir) == "sdxl"
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(tiny_model_dir, sd3)
+    index = json.loads((sd3 / "model_index.json").read_text())
+    (sd3 / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     for check in (model_family, validate_model_folder):
-        with pytest.raises(ModelFolderError, match="holds a 'StableDiffusionXLPipeline'.*Choose an SD 1.x or 2.x"):
-            check(xl)
+        with pytest.raises(ModelFolderError, match="holds a 'StableDiffusion3Pipeline'.*Choose an SD 1.x, 2.x or XL"):
+            check(sd3)
+    # an SDXL folder without its second text encoder is named as such
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_sdxl_model_dir, xl)
+    shutil.rmtree(xl / "text_encoder_2")
+    with pytest.raises(ModelFolderError, match="missing text_encoder_2/config.json"):
+        validate_model_folder(xl)

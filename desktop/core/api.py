@@ -173,7 +173,7 @@ class HEDiffusion:
         ``overrides`` say otherwise. Width and height 0 mean the model's native size. Unknown names are a
         TypeError, bad values a SettingsError."""
         base: dict[str, Any] = {"split": self.split, **self.recommended}
-        return GenerationSettings(prompt=prompt, **{**base, **overrides})
+        return GenerationSettings(prompt=prompt, **{**base, **_path_names(overrides)})
 
     def check(self, settings: GenerationSettings) -> None:
         """Everything that can be checked without loading a model: a prompt, the model's and server's limits."""
@@ -195,36 +195,39 @@ class HEDiffusion:
         then replace some of them). ``key``: a stored device key to use; by default every generation gets a
         fresh key. ``cancel``: a ``threading.Event`` that stops the generation between steps."""
         if isinstance(prompt, GenerationSettings):
-            settings = dataclasses.replace(prompt, **overrides) if overrides else prompt
+            settings = dataclasses.replace(prompt, **_path_names(overrides)) if overrides else prompt
         elif isinstance(prompt, str):
             settings = self.settings(prompt, **overrides)
         else:
             raise TypeError(f"generate() takes a prompt or GenerationSettings, not {type(prompt).__name__}")
         self.check(settings)
         if self.where is Where.DEVICE:
-            return self._device_generator().generate(settings, on_step=on_step, cancel=cancel, key=key)
+            return self._device_generator(settings.lora).generate(settings, on_step=on_step, cancel=cancel, key=key)
         from hediff.desktop.core.engine import Generator
 
-        generator = Generator(self._client_model(settings.split), self._backend())
+        generator = Generator(self._client_model(settings.split, settings.lora), self._backend(settings.lora))
         return generator.generate(settings, on_step=on_step, cancel=cancel, key=key)
 
-    def _device_generator(self):
-        if self._on_device is None:
+    def _device_generator(self, lora: tuple[str, ...] = ()):
+        if self._on_device is None or self._on_device.lora != tuple(lora):  # LoRAs change the weights: reload
             from hediff.desktop.core.on_device import OnDeviceGenerator
 
             quiet_libraries()
-            self._on_device = OnDeviceGenerator(self.model_path)
+            self._on_device = OnDeviceGenerator(self.model_path, lora=tuple(lora))
         return self._on_device
 
-    def _client_model(self, split: str):
-        if split not in self._client_models:
+    def _client_model(self, split: str, lora: tuple[str, ...] = ()):
+        key = (split, tuple(lora))
+        if key not in self._client_models:
             from hediff.desktop.core.client_model import ClientModel
 
             quiet_libraries()
-            self._client_models[split] = ClientModel(self.model_path, split)
-        return self._client_models[split]
+            self._client_models[key] = ClientModel(self.model_path, split, lora=tuple(lora))
+        return self._client_models[key]
 
-    def _backend(self) -> BackendClient:
+    def _backend(self, lora: tuple[str, ...] = ()) -> BackendClient:
+        """The server's client; a loopback backend starts with the first generation's LoRAs (a later generation
+        with others is refused by the weights digest: start another HEDiffusion for them)."""
         if self.client is None:
             from hediff.backend.app import create_app
             from hediff.backend.auth import TokenStore
@@ -234,7 +237,9 @@ class HEDiffusion:
 
             quiet_libraries()
             tokens, token = TokenStore.ephemeral()
-            server_model = ServerModel(self.model_path, self.model_spec, device=self._backend_device, dtype="float32")
+            server_model = ServerModel(
+                self.model_path, self.model_spec, device=self._backend_device, dtype="float32", lora=tuple(lora)
+            )
             self._local = start_in_thread(create_app(server_model, tokens))
             self.client = BackendClient(self._local.url, token, timeout_s=self._timeout_s, tls_ca=self._tls_ca)
         return self.client
@@ -252,3 +257,8 @@ class HEDiffusion:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _path_names(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A path object given for a file setting (``init_image``) as the text the settings hold."""
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()}

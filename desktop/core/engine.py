@@ -21,7 +21,8 @@ from PIL import Image
 
 from hediff.common import he, models, protocol
 from hediff.common.errors import Cancelled, UsageError
-from hediff.common.schedulers import AffinePlan, build_plan, noise_term, x0_coefficients
+from hediff.common.img2img import load_init_image, prepare_init_image
+from hediff.common.schedulers import AffinePlan, build_plan, img2img_start_latent, noise_term, x0_coefficients
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
@@ -60,8 +61,8 @@ class StepUpdate:
 @dataclass
 class GenerationResult:
     params: GenerationParams
-    image: Image.Image
-    latent: np.ndarray
+    image: Image.Image  # the first image (the only one unless params.count > 1)
+    latent: np.ndarray  # (C, H, W); (count, C, H, W) for several images
     step_timings: list[dict[str, float]] = field(default_factory=list)
     bytes_sent: list[int] = field(default_factory=list)
     bytes_received: list[int] = field(default_factory=list)
@@ -72,6 +73,7 @@ class GenerationResult:
     server_url: str = ""
     mode: str = "split"  # "split" (through a backend) or "on-device" (the whole pipeline in this process)
     key_fingerprint: str | None = None
+    images: list[Image.Image] = field(default_factory=list)  # every image, in seed order
 
     def timing_totals(self) -> dict[str, float]:
         return {k: float(sum(t.get(k, 0.0) for t in self.step_timings)) for k in TIMING_KEYS}
@@ -110,15 +112,25 @@ def describe_frame(frame: protocol.Frame) -> list[dict]:
 
 class SeedNoise:
     """Every random tensor of one generation, drawn from the seed's CPU generator in the order diffusers'
-    pipeline draws them: the initial latents, then each stochastic step's fresh noise, all float32."""
+    pipeline draws them: the initial latents, then each stochastic step's fresh noise, all float32.
 
-    def __init__(self, seed: int):
-        self._generator = torch.Generator("cpu").manual_seed(seed)
+    ``count`` images (seeds seed, seed+1, ...) each draw from their own seed's generator, so that each is the
+    image a single-image run with its seed makes; their latents are then (count, C, H, W)."""
+
+    def __init__(self, seed: int, count: int = 1):
+        self.generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
     def draw(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
-        """One (1, *shape) draw, times ``scale`` in float32 as the pipeline multiplies (x_T by init_noise_sigma)."""
-        noise = torch.randn((1, *shape), generator=self._generator, dtype=torch.float32)
-        return (noise * scale)[0].numpy().astype(np.float64)
+        """One draw of the latent ``shape`` ((count, C, H, W) for several images), times ``scale`` in float32 as
+        the pipeline multiplies (x_T by init_noise_sigma)."""
+        if len(self.generators) == 1:
+            return _draw(self.generators[0], shape, scale)
+        return np.stack([_draw(g, shape[1:], scale) for g in self.generators])
+
+
+def _draw(generator: torch.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    noise = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    return (noise * scale)[0].numpy().astype(np.float64)
 
 
 class Generator:
@@ -135,24 +147,44 @@ class Generator:
     ) -> GenerationResult:
         """Run one generation. ``key``: a stored device key to use; by default a fresh key per generation."""
         params.validate()
-        native = self.model.native_size
-        params = _with_changes(params, width=params.width or native, height=params.height or native)
         if params.split != self.model.split:
             raise UsageError(f"this client model was loaded for split {self.model.split!r}, not {params.split!r}")
+        if tuple(params.lora) != self.model.lora:
+            raise UsageError(
+                f"this client model was loaded with LoRAs {list(self.model.lora)}, not {list(params.lora)}"
+            )
         t_start = time.perf_counter()
-        plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps)
-        cond, uncond = self.model.encode_prompt(params.prompt, params.negative_prompt)
+        init_image = None
+        if params.init_image:  # img2img: the picture sets the size unless width/height ask for another
+            init_image = prepare_init_image(
+                load_init_image(params.init_image), self.model.vae_scale_factor, params.width, params.height
+            )
+            params = _with_changes(params, height=int(init_image.shape[2]), width=int(init_image.shape[3]))
+        native = self.model.native_size
+        params = _with_changes(params, width=params.width or native, height=params.height or native)
+        strength = params.strength if init_image is not None else None
+        plan = build_plan(params.scheduler, self.model.scheduler_config, params.steps, strength)
+        embeds = self.model.encode(params.prompt, params.negative_prompt)
+        cond, uncond = embeds["cond"], embeds["uncond"]
         strategy = strategy_for(self.model, params, key)
         params = _with_changes(params, **strategy.settings_overrides)
-        session_id, latent_shape = self._open_session(params, plan, cond, uncond, strategy)
+        session_id, latent_shape = self._open_session(params, plan, embeds, strategy)
+        added_cond = None
+        if "cond_pooled" in embeds:  # SDXL: what a client-side time embedding adds (U-shaped splits)
+            time_ids = np.array([models.add_time_ids(params.height, params.width)], dtype=np.float32)
+            added_cond = {"cond_pooled": embeds["cond_pooled"], "uncond_pooled": embeds["uncond_pooled"]}
+            added_cond["time_ids"] = time_ids
 
         result = GenerationResult(params=params, image=None, latent=None, server_url=self.client.url)  # type: ignore[arg-type]
         result.key_fingerprint = strategy.key.fingerprint if strategy.key else None
-        seed_noise = SeedNoise(params.seed)
-        history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
+        seed_noise = SeedNoise(params.seed, params.count)
+        if init_image is None:
+            history = {0: seed_noise.draw(latent_shape, plan.init_noise_sigma)}
+        else:
+            history = {0: self._noised_image(init_image, plan, seed_noise)}
         noise_history: dict[int, np.ndarray] = {}  # step -> the fresh noise z it drew; never leaves this machine
         keep = max(plan.client_history_needed(), plan.latent_history_needed())  # latents terms and pivot masks
-        strategy.start(plan, latent_shape, cond, uncond)
+        strategy.start(plan, latent_shape, cond, uncond, added_cond)
         x0 = X0Estimator(plan, x0_coefficients(plan, self.model.scheduler_config)) if on_step is not None else None
         result.setup_s = time.perf_counter() - t_start
         loop_start = time.perf_counter()
@@ -213,17 +245,34 @@ class Generator:
 
         result.latent = history[len(plan.steps)]
         t = time.perf_counter()
-        result.image = self.model.decode(result.latent)
+        result.images = [self.model.decode(x) for x in (result.latent if params.count > 1 else [result.latent])]
+        result.image = result.images[0]
         result.decode_s = time.perf_counter() - t
         result.total_s = time.perf_counter() - t_start
         return result
+
+    def _noised_image(self, image, plan: AffinePlan, seed_noise: SeedNoise) -> np.ndarray:
+        """img2img's x_0, drawn as StableDiffusionImg2ImgPipeline draws it: the VAE's sample, then the noise."""
+        latents, noise = [], []
+        for generator in seed_noise.generators:  # per image, as a single-image run with its seed draws
+            latents.append(self.model.encode_image(image, generator))
+            noise.append(torch.randn(tuple(latents[-1].shape), generator=generator, dtype=torch.float32))
+        start = img2img_start_latent(
+            plan.scheduler,
+            self.model.scheduler_config,
+            plan.num_inference_steps,
+            plan.strength,
+            torch.cat(latents),
+            torch.cat(noise),
+        )
+        start = start.cpu().numpy().astype(np.float64)
+        return start[0] if len(latents) == 1 else start
 
     def _open_session(
         self,
         params: GenerationParams,
         plan: AffinePlan,
-        cond: np.ndarray,
-        uncond: np.ndarray,
+        embeds: dict[str, np.ndarray],
         strategy: StepStrategy,
     ) -> tuple[str, tuple[int, ...]]:
         """Open the session on the server; its id and the latent shape both sides agreed on."""
@@ -238,9 +287,11 @@ class Generator:
             he_preset=params.he_preset if strategy.key else None,
             activation_dtype=params.activation_dtype,
             plan_digest=plan.digest(),
-            weights_digest=models.unet_weights_digest(self.model.path),
+            weights_digest=self.model.weights_digest,  # the UNet's and every LoRA's with its scale
+            strength=plan.strength,
+            count=params.count,
         )
-        open_frame = protocol.Frame(meta=settings.to_meta(), tensors={"cond": cond, "uncond": uncond})
+        open_frame = protocol.Frame(meta=settings.to_meta(), tensors=dict(embeds))
         open_frame.blobs.update(strategy.open_blobs())
         opened = self.client.open_session(open_frame)
         session_id = opened.get("session_id")
@@ -248,6 +299,7 @@ class Generator:
             raise BackendProtocolError(f"{self.client.url} answered the session request inconsistently")
         latent_shape = tuple(opened.get("latent_shape", ()))
         expected_shape = (
+            *((params.count,) if params.count > 1 else ()),
             self.model.latent_channels,
             params.height // self.model.vae_scale_factor,
             params.width // self.model.vae_scale_factor,
@@ -260,6 +312,8 @@ class Generator:
         return session_id, latent_shape
 
     def _preview(self, latent: np.ndarray, params: GenerationParams) -> Image.Image:
+        if latent.ndim == 4:  # several images: the first one's preview
+            latent = latent[0]
         if latent.shape[0] != 4:  # the fast preview map is for 4-channel latents only
             return Image.new("RGB", (params.width, params.height))
         return latent_preview(latent, self.model.preview_map, upscale=self.model.vae_scale_factor)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hediff.common.errors import UsageError
+from hediff.common.img2img import load_init_image, prepare_init_image
 from hediff.common.local_pipeline import LocalPipeline, LocalStep, PipelineCancelled
 from hediff.desktop.core.engine import (
     TIMING_KEYS,
@@ -31,8 +32,9 @@ ON_DEVICE_LOCATION = "this device"
 class OnDeviceGenerator:
     """The whole pipeline of one model folder, loaded once, generating in process."""
 
-    def __init__(self, model_path: Path, device: str = "cpu"):
-        self.pipeline = LocalPipeline(model_path, device=device)
+    def __init__(self, model_path: Path, device: str = "cpu", lora: tuple[str, ...] = ()):
+        self.lora = tuple(lora)
+        self.pipeline = LocalPipeline(model_path, device=device, lora=self.lora)
         self.preview_map = load_preview_map(Path(model_path), self.pipeline.latent_channels)
         self.native_size = self.pipeline.native_size
 
@@ -48,6 +50,12 @@ class OnDeviceGenerator:
         if key is not None:
             raise UsageError("a generation on this device encrypts nothing: do not pass a key")
         params.validate()
+        if tuple(params.lora) != self.lora:
+            raise UsageError(f"this model was loaded with LoRAs {list(self.lora)}, not {list(params.lora)}")
+        init_image = load_init_image(params.init_image) if params.init_image else None
+        if init_image is not None:  # the picture's size, as the split client records it
+            size = prepare_init_image(init_image, self.pipeline.vae_scale_factor, params.width, params.height).shape
+            params = dataclasses.replace(params, height=int(size[2]), width=int(size[3]))
         native = self.native_size
         # nothing is encrypted here: the record says so
         params = dataclasses.replace(
@@ -78,7 +86,11 @@ class OnDeviceGenerator:
                     total=step.total,
                     timestep=step.timestep,
                     latent=step.latent,
-                    preview=latent_preview(step.latent, self.preview_map, upscale=self.pipeline.vae_scale_factor),
+                    preview=latent_preview(
+                        step.latent[0] if step.latent.ndim == 4 else step.latent,  # several images: the first
+                        self.preview_map,
+                        upscale=self.pipeline.vae_scale_factor,
+                    ),
                     timings=timings,
                     bytes_sent=0,
                     bytes_received=0,
@@ -102,11 +114,15 @@ class OnDeviceGenerator:
                 scheduler=params.scheduler,
                 on_step=report,
                 cancel=cancel,
+                init_image=init_image,
+                strength=params.strength,
+                count=params.count,
             )
         except PipelineCancelled as e:
             raise GenerationCancelled(str(e)) from None
         result.latent = out.latent
         result.image = out.image
+        result.images = out.images
         result.decode_s = out.decode_s
         result.setup_s = loop_start - t_start
         result.total_s = time.perf_counter() - t_start

@@ -66,8 +66,16 @@ class StepStrategy(ABC):
         return {}
 
     @abstractmethod
-    def start(self, plan: AffinePlan, latent_shape: tuple[int, ...], cond: np.ndarray, uncond: np.ndarray) -> None:
-        """Set up for the session the server has just opened (part of the generation's set-up time)."""
+    def start(
+        self,
+        plan: AffinePlan,
+        latent_shape: tuple[int, ...],
+        cond: np.ndarray,
+        uncond: np.ndarray,
+        added_cond: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Set up for the session the server has just opened (part of the generation's set-up time).
+        ``added_cond``: SDXL's ``text_embeds`` (cond_pooled, uncond_pooled) and ``time_ids`` for one image."""
 
     @abstractmethod
     def request(self, step: AffineStep, history: LatentHistory, timings: dict[str, float]) -> StepRequest:
@@ -95,8 +103,8 @@ class _LatentSteps(StepStrategy):
 
     _server_multiplies = False  # whether the server's answer already carries the pivot's coefficient
 
-    def start(self, plan: AffinePlan, latent_shape: tuple[int, ...], cond: np.ndarray, uncond: np.ndarray) -> None:
-        self.latent_shape = latent_shape
+    def start(self, plan, latent_shape, cond, uncond, added_cond=None) -> None:
+        self.latent_shape = latent_shape  # the paper's heads run no time embedding: SDXL's added one is the server's
 
     def request(self, step: AffineStep, history: LatentHistory, timings: dict[str, float]) -> StepRequest:
         x = history[step.index]
@@ -157,8 +165,8 @@ class EncryptedLatentSteps(_LatentSteps):
     def open_blobs(self) -> dict[str, bytes]:
         return {"context": self.key.evaluation_context()}
 
-    def start(self, plan: AffinePlan, latent_shape: tuple[int, ...], cond: np.ndarray, uncond: np.ndarray) -> None:
-        super().start(plan, latent_shape, cond, uncond)
+    def start(self, plan, latent_shape, cond, uncond, added_cond=None) -> None:
+        super().start(plan, latent_shape, cond, uncond, added_cond)
         # drawn once from a fresh secret seed: the same index set every step, independent of the latent
         self._fixed_mask = (
             random_mask(latent_shape, self.params.mask_fraction, new_mask_seed())
@@ -229,11 +237,22 @@ class UShapedSteps(StepStrategy):
     def __init__(self, model: ClientModel, params: GenerationParams, key: he.ClientKey | None = None):
         super().__init__(model, params)  # no latent leaves, so no key is used
 
-    def start(self, plan: AffinePlan, latent_shape: tuple[int, ...], cond: np.ndarray, uncond: np.ndarray) -> None:
-        # the prompt batch the UNet runs on, in diffusers' order (negative first); guidance only when > 1
-        self.embeds = np.concatenate([uncond, cond]) if self.params.guidance > 1.0 else cond
+    def start(self, plan, latent_shape, cond, uncond, added_cond=None) -> None:
+        # the prompt batch the UNet runs on, in diffusers' order (negative first, each once per image); guidance
+        # only when > 1
+        self.images = latent_shape[0] if len(latent_shape) == 4 else 1
+        branches = [uncond, cond] if self.params.guidance > 1.0 else [cond]
+        self.embeds = np.concatenate([e for e in branches for _ in range(self.images)])
+        self.added_cond = None
+        if added_cond is not None:  # SDXL: the same rows for the added conditioning, in the same order
+            pooled = added_cond["uncond_pooled"], added_cond["cond_pooled"]
+            rows = [p for p in (pooled if self.params.guidance > 1.0 else pooled[1:]) for _ in range(self.images)]
+            self.added_cond = {
+                "text_embeds": np.concatenate(rows),
+                "time_ids": np.repeat(added_cond["time_ids"], len(rows), axis=0),
+            }
         self.hidden_shape = split.return_shape(
-            self.model.head.unet_config, self.params.split, (len(self.embeds), *latent_shape)
+            self.model.head.unet_config, self.params.split, (len(self.embeds), *latent_shape[-3:])
         )
         self._eps_kept = plan.eps_history_needed()
         self._eps_history: dict[int, np.ndarray] = {}  # step -> guided noise prediction, computed here
@@ -242,7 +261,11 @@ class UShapedSteps(StepStrategy):
     def request(self, step: AffineStep, history: LatentHistory, timings: dict[str, float]) -> StepRequest:
         t = time.perf_counter()
         activations, self._kept = self.model.run_u_head(
-            step.input_scale * history[step.index], step.timestep, self.embeds, self.params.activation_dtype
+            step.input_scale * history[step.index],
+            step.timestep,
+            self.embeds,
+            self.params.activation_dtype,
+            self.added_cond,
         )
         timings["head"] = time.perf_counter() - t
         return StepRequest(protocol.Frame(meta={"step": step.index}, tensors=dict(activations)))
@@ -253,7 +276,9 @@ class UShapedSteps(StepStrategy):
         t = time.perf_counter()
         _check_answer_step(answer, step)
         hidden = protocol.require_tensor(answer, split.RETURN_NAME, self.hidden_shape, (self.params.activation_dtype,))
-        self._eps_history[step.index] = self.model.run_u_tail(hidden, self._kept, self.embeds, self.params.guidance)
+        self._eps_history[step.index] = self.model.run_u_tail(
+            hidden, self._kept, self.embeds, self.params.guidance, self.images
+        )
         x_next = apply_step(step, history, self._eps_history)
         timings["head"] += time.perf_counter() - t  # "head" is all UNet work here: tail, guidance, step included
         for k in [k for k in self._eps_history if k <= step.index - self._eps_kept]:
