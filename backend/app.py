@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from hediff.backend.auth import TokenStore
 from hediff.backend.budget import InflightBudget
+from hediff.backend.cooldown import FailureCooldown
 from hediff.backend.engine import Engine, Limits, ServerModel
 from hediff.backend.scheduler import FairScheduler, QueueRefused
 from hediff.backend.sessions import SessionError, SessionStore
@@ -197,6 +198,7 @@ def create_http_app(backend, tokens: TokenStore, limits: Limits) -> FastAPI:
             f"(needs {2 * HeldBytes.COPIES} x max_request_bytes {limits.max_request_bytes})"
         )
     budget = InflightBudget(limits.max_inflight_bytes)
+    cooldown = FailureCooldown(limits.failures_before_cooldown, limits.failure_window_s, limits.failure_cooldown_s)
     watch_stop = threading.Event()
 
     def shutdown() -> None:
@@ -230,7 +232,10 @@ def create_http_app(backend, tokens: TokenStore, limits: Limits) -> FastAPI:
     app.state.shutdown = shutdown
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        token_id = getattr(request.state, "token_id", None)
+        if token_id is not None:
+            cooldown.failed(token_id, exc.code)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=headers)
 
@@ -245,6 +250,16 @@ def create_http_app(backend, tokens: TokenStore, limits: Limits) -> FastAPI:
         tid = tokens.verify(token.strip())
         if tid is None:
             raise ApiError(401, "unauthorized", "the bearer token is not valid for this server")
+        wait = cooldown.retry_after(tid)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "token_cooling_down",
+                f"this token's requests were refused as malformed {limits.failures_before_cooldown} times within "
+                f"{limits.failure_window_s:g} s; the server reads none of its requests for {wait} s more",
+                {"Retry-After": str(wait)},
+            )
+        request.state.token_id = tid
         return tid
 
     async def read_frame(request: Request, held: HeldBytes, max_bytes: int) -> protocol.Frame:

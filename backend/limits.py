@@ -21,3 +21,7 @@ class Limits:
     max_steps_per_token: int = 4  # steps one token may have queued or running
     max_queued_steps: int = 256  # steps the server queues in total
     model_workers: int = 1  # threads running model steps (one forward pass at a time on the device anyway)
+    # a token refused as malformed this many times within the window is refused unread for the cool-down
+    failures_before_cooldown: int = 5
+    failure_window_s: float = 10.0
+    failure_cooldown_s: float = 10.0

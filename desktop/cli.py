@@ -176,6 +176,19 @@ def _add_serve(sub, with_options: bool = True) -> None:
     g.add_argument(
         "--model-workers", type=int, default=lim.model_workers, help="threads running model steps (%(default)s)"
     )
+    g.add_argument(
+        "--failures-before-cooldown",
+        type=int,
+        default=lim.failures_before_cooldown,
+        help=f"malformed requests (400/413/415) one token may send within {lim.failure_window_s:g} s before the "
+        "server stops reading its requests for --failure-cooldown (%(default)s)",
+    )
+    g.add_argument(
+        "--failure-cooldown",
+        type=float,
+        default=lim.failure_cooldown_s,
+        help="seconds such a token is refused unread, 429 token_cooling_down (%(default)s)",
+    )
     g = p.add_argument_group("limits (connections)")
     g.add_argument(
         "--header-timeout",
@@ -488,6 +501,8 @@ def cmd_serve(args) -> int:
         ("--max-steps-per-token", args.max_steps_per_token),
         ("--max-queued-steps", args.max_queued_steps),
         ("--model-workers", args.model_workers),
+        ("--failures-before-cooldown", args.failures_before_cooldown),
+        ("--failure-cooldown", args.failure_cooldown),
         ("--header-timeout", args.header_timeout),
         ("--body-idle-timeout", args.body_idle_timeout),
         ("--body-timeout", args.body_timeout),
@@ -518,6 +533,8 @@ def cmd_serve(args) -> int:
         max_steps_per_token=args.max_steps_per_token,
         max_queued_steps=args.max_queued_steps,
         model_workers=args.model_workers,
+        failures_before_cooldown=args.failures_before_cooldown,
+        failure_cooldown_s=args.failure_cooldown,
     )
     connections = ConnectionLimits(
         header_timeout_s=args.header_timeout,

@@ -433,6 +433,37 @@ def test_concurrent_uploads_keep_server_memory_within_the_budget(tiny_model_dir,
 # --- 6: a frame whose shape product overflows int64 -------------------------------------------------------------
 
 
+def test_a_token_that_keeps_sending_malformed_bodies_cools_down_unread_and_alone(server_model):
+    tokens, flood = TokenStore.ephemeral()
+    other = tokens.create("other", persist=False)
+    running, app = serve(server_model, tokens, failures_before_cooldown=3, failure_cooldown_s=1.0)
+    try:
+        with httpx.Client(base_url=running.url, timeout=WAIT_S) as c:
+            garbage = b"\0" * (1 << 20)
+            codes = [c.post("/v1/sessions", content=garbage, headers={**auth(flood), **FRAME}) for _ in range(3)]
+            assert [r.json()["error"] for r in codes] == ["bad_frame"] * 3
+            # refused from its headers alone: the body is never sent, and the answer comes anyway
+            s = raw_connect(running.url)
+            s.sendall(
+                b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                + FRAME["content-type"].encode()
+                + b"\r\nAuthorization: Bearer "
+                + flood.encode()
+                + b"\r\nContent-Length: 1048576\r\n\r\n"
+            )
+            head = s.recv(65536).decode()
+            s.close()
+            assert head.startswith("HTTP/1.1 429") and "token_cooling_down" in head and "retry-after: 1" in head.lower()
+            assert "malformed 3 times" in head
+            # another token is not affected, and the first one is served again after the cool-down
+            assert c.get("/v1/capabilities", headers=auth(other)).status_code == 200
+            assert c.get("/v1/capabilities", headers=auth(flood)).status_code == 429
+            time.sleep(1.1)
+            assert c.get("/v1/capabilities", headers=auth(flood)).status_code == 200
+    finally:
+        running.stop()
+
+
 def test_shape_overflowing_int64_is_a_clear_400(backend):
     header = json.dumps(
         {
