@@ -226,6 +226,7 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
             encryption="none",
             scheduler=scheduler,
             split="u1" if i == 3 else "conv_in",
+            count=2 if i == 2 else 1,  # two images in one session: their rows stay together in a batch
         )
         recorded.append(list(recorder.exchanges))
     recorded = recorded + recorded

@@ -74,8 +74,12 @@ def _record(server_model, tiny_model_dir, **kw):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(scheduler="plms", encryption="full"), dict(scheduler="dpmpp-2m", encryption="min-distortion", tau=0.1)],
-    ids=["plms-full", "dpmpp-min-distortion"],
+    [
+        dict(scheduler="plms", encryption="full"),
+        dict(scheduler="dpmpp-2m", encryption="min-distortion", tau=0.1),
+        dict(scheduler="euler-a", encryption="none", count=2),
+    ],
+    ids=["plms-full", "dpmpp-min-distortion", "euler-a-two-images"],
 )
 def test_steps_alternating_between_two_servers_answer_bit_identically(two_servers, server_model, tiny_model_dir, kw):
     recorded = _record(server_model, tiny_model_dir, **kw)
