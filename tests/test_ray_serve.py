@@ -233,7 +233,9 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
     answers = _concurrently(
         8, lambda i: replay(ray_backend.url, ray_backend.tokens[i], recorded[i], verify=ray_backend.verify)
     )
-    worst = 0.0
+    # float32 kernels round differently at another batch size; the difference is measured relative to the answer's
+    # scale (Euler's latents reach sigma_max ~ 15), where 1e-5 is a few float32 ulps
+    worst: dict[int, tuple[float, float]] = {}
     for i in range(8):
         expected = step_answers(recorded[i])
         assert len(answers[i]) == len(expected)
@@ -241,8 +243,11 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
             g, w = protocol.decode_frame(got), protocol.decode_frame(want)
             assert _without_timings(g) == _without_timings(w) and g.tensors.keys() == w.tensors.keys()
             for name in g.tensors:
-                worst = max(worst, float(np.abs(g.tensors[name].astype(np.float64) - w.tensors[name]).max()))
-    assert worst <= 1e-5, f"batched answers differ from the single-process backend's by up to {worst:.2e}"
+                ref = w.tensors[name].astype(np.float64)
+                diff = float(np.abs(g.tensors[name].astype(np.float64) - ref).max())
+                scale = max(1.0, float(np.abs(ref).max()))
+                worst[i] = max(worst.get(i, (0.0, 0.0)), (diff / scale, diff))
+    assert max(rel for rel, _ in worst.values()) <= 1e-5, f"client: (relative, absolute) difference {worst}"
     sizes = batch_sizes(ray_backend.config.redis_url)
     assert max(sizes) >= 2 and np.mean(sizes) > 1.2, sizes
     served = list(served_sessions(ray_backend.config.redis_url).values())
