@@ -8,6 +8,7 @@ the UNet took, and can cancel between steps.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from PIL import Image
 from hediff.common import models
 from hediff.common.img2img import resize_init_image
 from hediff.common.lora import parse_loras
-from hediff.common.schedulers import make_scheduler, model_evaluations
+from hediff.common.schedulers import build_plan, make_scheduler, model_evaluations, x0_coefficients
 
 
 class PipelineCancelled(Exception):
@@ -35,6 +36,7 @@ class LocalStep:
     timestep: int
     latent: np.ndarray  # (C, h, w) float64 after this step
     step_s: float  # wall time of this step (UNet on both guidance branches + scheduler)
+    x0: np.ndarray | None = None  # the final latent this step's noise estimate predicts (same shape as latent)
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,26 @@ class LocalPipeline:
         ``count``: that many images in one batch, image i drawn from seed ``seed + i``'s own generator."""
         pipe = self.pipe if init_image is None else self._img2img()
         pipe.scheduler = make_scheduler(scheduler, self.scheduler_config)
-        total = model_evaluations(scheduler, self.scheduler_config, steps, None if init_image is None else strength)
+        img2img_strength = None if init_image is None else strength
+        total = model_evaluations(scheduler, self.scheduler_config, steps, img2img_strength)
         last = time.perf_counter()
+        seen = _watch_scheduler_steps(pipe.scheduler) if on_step is not None else None
+        x0_coeffs = None
+        if on_step is not None:
+            plan = build_plan(scheduler, self.scheduler_config, steps, img2img_strength)
+            x0_coeffs = x0_coefficients(plan, self.scheduler_config)
 
         def callback(_pipe, i: int, t, tensors: dict) -> dict:
             nonlocal last
             now = time.perf_counter()
             latent = _latent(tensors["latents"], count)
             if on_step is not None:
-                on_step(LocalStep(index=i, total=total, timestep=int(t), latent=latent, step_s=now - last))
+                x0 = None
+                if seen and i < len(x0_coeffs):  # the step's own noise estimate and the latent it started from
+                    s, q = x0_coeffs[i]
+                    eps, sample = seen.pop()
+                    x0 = _latent(s * sample.double() + q * eps.double(), count)
+                on_step(LocalStep(index=i, total=total, timestep=int(t), latent=latent, step_s=now - last, x0=x0))
             if cancel is not None and cancel.is_set() and i + 1 < total:
                 raise PipelineCancelled(f"cancelled after step {i + 1} of {total}")
             last = time.perf_counter()
@@ -157,12 +170,33 @@ class LocalPipeline:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
+    def decode_latent(self, latent: np.ndarray) -> Image.Image:
+        """One image's (C, h, w) latent as the pipeline decodes it (what a preview of it shows)."""
+        return self.decode(torch.from_numpy(np.asarray(latent, dtype=np.float32)[None]).to(self.pipe.vae.device))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Image.Image:
         """Exactly the pipeline's own decode and post-processing of one image."""
         vae = self.pipe.vae
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+
+
+def _watch_scheduler_steps(scheduler) -> list:
+    """Keeps what each ``scheduler.step(model_output, timestep, sample)`` call gets (the guided noise estimate and
+    the latent before the step) for the step's preview; the call itself is unchanged."""
+    seen: list = []
+    step = scheduler.step
+
+    # wraps: pipelines read step's signature to decide whether to pass the generator (ancestral samplers draw from
+    # it); without the original signature they would not, and the noise would come from torch's global generator
+    @functools.wraps(step)
+    def watched(model_output, timestep, sample, *args, **kwargs):
+        seen[:] = [(model_output.detach(), sample.detach())]
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = watched
+    return seen
 
 
 def _latent(latents: torch.Tensor, count: int) -> np.ndarray:

@@ -22,7 +22,8 @@ def on_device(tiny_model_dir):
     return OnDeviceGenerator(tiny_model_dir)
 
 
-@pytest.mark.parametrize("scheduler", ["plms", "euler"])
+# euler-a draws noise every step: the per-step preview must not change which generator it draws from
+@pytest.mark.parametrize("scheduler", ["plms", "euler", "euler-a"])
 def test_on_device_equals_diffusers_pipeline(on_device, tiny_model_dir, scheduler):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

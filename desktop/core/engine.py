@@ -26,7 +26,7 @@ from hediff.common.schedulers import AffinePlan, build_plan, img2img_start_laten
 from hediff.common.settings import GenerationSettings
 from hediff.desktop.core.backend_client import BackendClient, BackendError, BackendProtocolError, Exchange
 from hediff.desktop.core.client_model import ClientModel
-from hediff.desktop.core.preview import X0Estimator, latent_preview
+from hediff.desktop.core.preview import X0Estimator
 from hediff.desktop.core.step_strategies import StepStrategy, strategy_for
 
 # "head" is all UNet work on this machine: in a U-shaped split it includes the tail, guidance and scheduler step
@@ -314,9 +314,7 @@ class Generator:
     def _preview(self, latent: np.ndarray, params: GenerationParams) -> Image.Image:
         if latent.ndim == 4:  # several images: the first one's preview
             latent = latent[0]
-        if latent.shape[0] != 4:  # the fast preview map is for 4-channel latents only
-            return Image.new("RGB", (params.width, params.height))
-        return latent_preview(latent, self.model.preview_map, upscale=self.model.vae_scale_factor)
+        return self.model.preview(latent)
 
 
 def _add_exchange_timings(timings: dict[str, float], exchange: Exchange) -> None:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from hediff.common.errors import UsageError
 from hediff.common.img2img import load_init_image, prepare_init_image
 from hediff.common.local_pipeline import LocalPipeline, LocalStep, PipelineCancelled
@@ -23,7 +25,7 @@ from hediff.desktop.core.engine import (
     GenerationResult,
     StepUpdate,
 )
-from hediff.desktop.core.preview import latent_preview, load_preview_map
+from hediff.desktop.core.preview import PreviewRenderer, load_preview_map
 
 #: What the result and the UI show where a split generation shows its server's URL.
 ON_DEVICE_LOCATION = "this device"
@@ -36,6 +38,12 @@ class OnDeviceGenerator:
         self.lora = tuple(lora)
         self.pipeline = LocalPipeline(model_path, device=device, lora=self.lora)
         self.preview_map = load_preview_map(Path(model_path), self.pipeline.latent_channels)
+        self.preview = PreviewRenderer(
+            self.pipeline.decode_latent,
+            self.preview_map,
+            self.pipeline.vae_scale_factor,
+            self.pipeline.pipe.vae.config.block_out_channels,
+        )
         self.native_size = self.pipeline.native_size
 
     def generate(
@@ -86,11 +94,8 @@ class OnDeviceGenerator:
                     total=step.total,
                     timestep=step.timestep,
                     latent=step.latent,
-                    preview=latent_preview(
-                        step.latent[0] if step.latent.ndim == 4 else step.latent,  # several images: the first
-                        self.preview_map,
-                        upscale=self.pipeline.vae_scale_factor,
-                    ),
+                    # the final image this step predicts (x0), of the first image when there are several
+                    preview=self.preview(_first(step.x0 if step.x0 is not None else step.latent)),
                     timings=timings,
                     bytes_sent=0,
                     bytes_received=0,
@@ -127,3 +132,7 @@ class OnDeviceGenerator:
         result.setup_s = loop_start - t_start
         result.total_s = time.perf_counter() - t_start
         return result
+
+
+def _first(latent: np.ndarray) -> np.ndarray:
+    return latent[0] if latent.ndim == 4 else latent
