@@ -29,7 +29,9 @@ def describe_job(job, running: bool = False) -> str:
     if len(prompt) > 38:
         prompt = prompt[:37] + "…"
     state = "running" if running else "queued"
-    return f"#{job.id} {state} · {p.steps} steps · {p.width}×{p.height}\n{prompt}"
+    size = f"{p.width}×{p.height}" if p.width and p.height else "picture's size"  # img2img: the picture decides
+    images = f" · {p.count} images" if p.count > 1 else ""
+    return f"#{job.id} {state} · {p.steps} steps · {size}{images}\n{prompt}"
 
 
 class _QueueList(QListWidget):
