@@ -230,6 +230,17 @@ def test_an_img2img_batch_runs_and_the_gallery_lists_each_image_with_its_seed(qt
     restored = form.params()
     assert (restored.seed, restored.count, restored.strength, restored.init_image) == (21, 3, 0.5, str(photo))
     assert form.init_name.text() == "start.png, 32×32"
+
+    # a PNG dropped on the window: its metadata has no prompt or picture name (not embedded), the rest comes back
+    form.set_params(gs.GenerationSettings(prompt="mine"))
+    form.count_spin.setValue(1)
+    assert window.load_png(entries[2].image_path)
+    restored = form.params()
+    assert (restored.seed, restored.count, restored.strength) == (22, 3, 0.5)
+    assert (restored.prompt, restored.init_image) == ("mine", "")
+    assert form.choose_init_image(str(photo))
+    assert window.load_png(entries[0].image_path)
+    assert (form.params().seed, form.params().init_image) == (20, str(photo))  # the form's picture is kept
     window.close()
 
 
@@ -255,7 +266,11 @@ def test_an_on_device_job_with_a_lora_and_the_settings_it_restores_in_a_new_wind
     (event,) = wait_ended(qtbot, rec, 1)
     assert event[0] == "finished", event
     assert event[2].params.lora == (f"{lora}:0.7",) and len(event[2].images) == 2
-    assert [e.params.seed for e in s.gallery.entries()] == [3, 4]
+    entries = s.gallery.entries()
+    assert [e.params.seed for e in entries] == [3, 4]
+    form.set_loras([])
+    assert window.load_png(entries[1].image_path)  # the second image's PNG: its seed, the job's LoRA and count
+    assert (form.params().seed, form.params().lora, form.params().count) == (4, (f"{lora}:0.7",), 2)
     window.close()
 
     again = make_window(_services(s.data_dir, s.secrets))  # the stored last settings

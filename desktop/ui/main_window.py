@@ -363,11 +363,12 @@ class MainWindow(QMainWindow):
             self.show_error(f"Cannot load settings: {error_text(e)}")
             return False
         kept = ""
-        if not params.prompt:
+        if not params.prompt:  # written without the private fields: the prompts and the init image's name
             params = dataclasses.replace(
                 params,
                 prompt=self.form.prompt_edit.toPlainText().strip(),
                 negative_prompt=self.form.negative_edit.toPlainText().strip(),
+                init_image=params.init_image or self.form.init_image(),
             )
             kept = "; it carries no prompt, so yours was kept"
         self.form.set_params(params)
