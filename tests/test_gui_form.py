@@ -152,7 +152,8 @@ def test_the_open_sections_are_never_cut_off_in_width(qtbot, services, make_wind
     window.resize(*size)
     qtbot.waitUntil(lambda: window.size().toTuple() == size)
     form = window.form
-    assert form.choose_init_image(str(_picture(tmp_path / "start.png")))
+    assert form.choose_init_image(str(_picture(tmp_path / "a-long-holiday-photo-name-from-the-camera-20261207.png")))
+    assert form.init_toggle.text() == "Image to image: a-long-h…1207.png"
     assert form.add_lora(str(_lora_folder(tmp_path / "a-lora-with-a-rather-long-folder-name")), 0.8)
     QApplication.processEvents()
     scroll = form.parentWidget().parentWidget()

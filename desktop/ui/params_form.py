@@ -152,6 +152,14 @@ class _LoraRow(QWidget):
         return f"{self.path}:{self.scale_spin.value():g}"
 
 
+def _shorten(name: str, most: int = 18) -> str:
+    """A file name that fits a header: its start and its end (the suffix) around an ellipsis."""
+    if len(name) <= most:
+        return name
+    half = (most - 1) // 2
+    return f"{name[:half]}…{name[-half:]}"
+
+
 def _section_body() -> QFrame:
     body = QFrame()
     body.setFrameShape(QFrame.Shape.StyledPanel)
@@ -164,7 +172,9 @@ def _section_toggle(text: str) -> QToolButton:
     button.setCheckable(True)
     button.setArrowType(Qt.ArrowType.RightArrow)
     button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-    button.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    # what the header names (a picture's file) never widens the form: the two headers share its width
+    button.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    button.setMinimumWidth(1)
     button.setText(text)
     button.setFixedHeight(QComboBox().sizeHint().height())  # as tall as the form's other rows
     button.toggled.connect(lambda on: button.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow))
@@ -574,7 +584,7 @@ class ParamsForm(QWidget):
             )
             self.init_name.setText(f"{name}, {image.width}×{image.height}")
         self.init_name.setToolTip(self._init_image)
-        self.init_toggle.setText(f"Image to image: {name}")
+        self.init_toggle.setText(f"Image to image: {_shorten(name)}")
         self.initImageChanged.emit(self._init_image)
 
     def _browse_init_image(self) -> None:
