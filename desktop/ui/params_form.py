@@ -254,10 +254,6 @@ class ParamsForm(QWidget):
         self.guidance_spin.setDecimals(1)
         _spin("guidance", self.guidance_spin)
         self.count_spin = _spin("count", QSpinBox())
-        self.count_spin.setToolTip(
-            f"Images in one job (1 to {self.count_spin.maximum()}), with seeds seed, seed+1, …; the server runs "
-            "them in one batch"
-        )
         self.count_spin.setAccessibleName("Images")
         row = QHBoxLayout()
         row.addWidget(self.steps_spin, 1)
