@@ -115,8 +115,11 @@ def test_loras_are_checked_when_added_scaled_and_removed(form, tmp_path):
     form._lora_rows[0].scale_spin.setValue(0.75)
     assert form.params().lora == (f"{style}:0.75", f"{detail}:0.5")
 
+    form.set_loras([f"{style}:0.3333", f"{detail}:1"])  # a scale the spin box rounds is kept as given
+    assert form._lora_rows[0].scale_spin.value() == 0.333
+    assert form.params().lora == (f"{style}:0.3333", f"{detail}:1")
     form._lora_rows[0].remove_button.click()
-    assert form.params().lora == (f"{detail}:0.5",) and form.lora_toggle.text() == "LoRA: 1"
+    assert form.params().lora == (f"{detail}:1",) and form.lora_toggle.text() == "LoRA: 1"
 
 
 def test_params_and_stored_settings_round_trip_all_four(form, tmp_path):

@@ -68,7 +68,7 @@ def _spin(name: str, spin: QSpinBox | QDoubleSpinBox) -> QSpinBox | QDoubleSpinB
 
 INIT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INIT_THUMB = 64
-LORA_SCALE_RANGE = (-4.0, 4.0)  # diffusers takes any scale; beyond this a LoRA only breaks the image
+LORA_SCALE_RANGE = (-10.0, 10.0)  # diffusers takes any scale; far beyond 1 a LoRA only breaks the image
 
 
 def _image_paths(mime) -> list[Path]:
@@ -132,9 +132,13 @@ class _LoraRow(QWidget):
             self.name_label.setStyleSheet("color: #b00020;")
         self.scale_spin = QDoubleSpinBox()
         self.scale_spin.setRange(*LORA_SCALE_RANGE)
-        self.scale_spin.setDecimals(2)
+        self.scale_spin.setDecimals(3)
         self.scale_spin.setSingleStep(0.05)
         self.scale_spin.setValue(scale)
+        # the scale exactly as the settings gave it until the user changes it: the server's digest covers it, so
+        # a rounded 0.3333 would be another LoRA to it
+        self.scale = float(scale)
+        self.scale_spin.valueChanged.connect(lambda value: setattr(self, "scale", float(value)))
         self.scale_spin.setToolTip("The scale this LoRA is applied at, on this machine and on the server alike")
         self.scale_spin.setAccessibleName(f"Scale of {self.name_label.text()}")
         self.remove_button = QToolButton()
@@ -149,7 +153,8 @@ class _LoraRow(QWidget):
 
     def entry(self) -> str:
         """``DIR:SCALE``, as the settings hold it."""
-        return f"{self.path}:{self.scale_spin.value():g}"
+        short = f"{self.scale:g}"
+        return f"{self.path}:{short if float(short) == self.scale else repr(self.scale)}"  # exact, and short
 
 
 def _shorten(name: str, most: int = 18) -> str:
@@ -558,12 +563,11 @@ class ParamsForm(QWidget):
             return
         name = Path(self._init_image).name
         if image is None:
-            try:
-                from PIL import Image
+            from hediff.common.img2img import InitImageError, load_init_image
 
-                with Image.open(self._init_image) as im:
-                    image = im.convert("RGB")
-            except OSError:
+            try:
+                image = load_init_image(self._init_image)
+            except InitImageError:
                 image = None
         if image is None:
             self.init_thumb.show_empty("missing")
