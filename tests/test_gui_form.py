@@ -281,3 +281,29 @@ def test_an_on_device_job_with_a_lora_and_the_settings_it_restores_in_a_new_wind
     assert again.form.params().lora == (f"{lora}:0.7",) and again.form.params().count == 2
     assert again.form.lora_toggle.text() == "LoRA: 1"
     again.close()
+
+
+def test_the_gallery_keeps_the_picture_name_only_with_the_prompts_and_refuses_a_bad_batch_record(tmp_path):
+    from hediff.desktop.core.engine import GenerationResult
+    from hediff.desktop.core.gallery import Gallery
+
+    images = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
+    params = gs.GenerationSettings(prompt="p", seed=9, count=3, init_image=str(tmp_path / "me.png"), strength=0.4)
+    result = GenerationResult(params=params, image=images[0], latent=np.zeros((3, 4, 1, 1)), images=images)
+    gallery = Gallery(tmp_path / "gallery")
+    added = gallery.add_all(result, include_prompt_in_png=False)
+    assert [(e.params.seed, e.batch_index, e.batch_id) for e in added] == [
+        (9, 0, added[0].id),
+        (10, 1, added[0].id),
+        (11, 2, added[0].id),
+    ]
+    read = gallery.entries()
+    assert [e.id for e in read] == [e.id for e in added]  # a job's images together, in seed order
+    assert all(e.params.init_image == "" and e.params.prompt == "" and e.params.strength == 0.4 for e in read)
+
+    sidecar = gallery.root / f"{added[1].id}.json"
+    data = json.loads(sidecar.read_text())
+    data["batch"] = ["not", "a", "record"]
+    sidecar.write_text(json.dumps(data))
+    assert [e.id for e in gallery.entries()] == [added[0].id, added[2].id]
+    assert gallery.problems == [f"gallery entry {added[1].id}.json is corrupt (bad batch) and was skipped"]

@@ -179,8 +179,6 @@ class Gallery:
             entries.append(
                 self._add_one(one, created, include_prompt_in_png, remember_prompt, model, batch_id, index, len(images))
             )
-        if len(entries) > 1:
-            entries[0].batch_id = entries[0].id
         return entries
 
     def _add_one(
