@@ -4,6 +4,10 @@ The sidecar keeps the full parameters so "load settings back" works; the prompts
 "remember prompt" (the same choice that keeps them in the settings). It never leaves the private data folder. The
 PNG carries the prompt only if the user asked for that, and an export decides again. Every file is 0600.
 Ids are UTC timestamps with microseconds plus a random suffix: unique, and they sort by creation time.
+
+A job of ``count`` N stores N entries, one per image, as InvokeAI does: each is a whole image with its own seed
+(s, s+1, ...) in its settings and metadata, so it can be viewed, exported, deleted or reproduced alone; the
+sidecar records the batch (the first image's id, the index, N) so the gallery lists a job's images together.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class GalleryEntry:
     bytes_sent: int = 0
     bytes_received: int = 0
     model: str = ""  # "embedded", a model folder or a hub id; "" for entries from before it was kept
+    batch_id: str = ""  # the id of the job's first image when the job made several; "" for a single image
+    batch_index: int = 0  # 0-based place in the job's images (its seed is the job's seed + batch_index)
+    batch_size: int = 1
 
     def summary(self) -> str:
         """One line for a list: size, steps, scheduler, encryption, seed, time."""
@@ -57,8 +64,14 @@ class GalleryEntry:
         enc = p.encryption if p.encryption != "min-distortion" else f"min-distortion (tau {p.tau:g})"
         return (
             f"{p.width}x{p.height}, {self.steps} steps {p.scheduler}, {enc}, seed {p.seed}, "
-            f"guidance {p.guidance:g}, {self.total_s:.1f} s"
+            f"guidance {p.guidance:g}, {self.total_s:.1f} s{self.batch_text(', ')}"
         )
+
+    def batch_text(self, prefix: str = "") -> str:
+        """``image 2 of 4 of one job`` for an image of a batch; "" for a single image."""
+        if self.batch_size <= 1:
+            return ""
+        return f"{prefix}image {self.batch_index + 1} of {self.batch_size} of one job"
 
 
 def new_entry_id(now: float) -> str:
@@ -144,15 +157,46 @@ class Gallery:
     def add(
         self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False, model: str = ""
     ) -> GalleryEntry:
-        """Store a finished result: the PNG (prompt in its metadata only if asked) and the parameters sidecar
-        (the prompts only if ``remember_prompt``; ``model``: what made it, for search)."""
+        """Store a finished result (every image of a batch, see :meth:`add_all`); the entry of its first image."""
+        return self.add_all(result, include_prompt_in_png, remember_prompt, model)[0]
+
+    def add_all(
+        self, result: GenerationResult, include_prompt_in_png: bool, remember_prompt: bool = False, model: str = ""
+    ) -> list[GalleryEntry]:
+        """Store a finished result, one entry per image in seed order: the PNG (prompt in its metadata only if
+        asked) and the parameters sidecar (the prompts and the init image's path only if ``remember_prompt``;
+        ``model``: what made it, for search). Each image's settings carry its own seed."""
         if result.image is None:
             raise GalleryError("the result has no image to store")
+        images = list(result.images) or [result.image]
         ensure_private_dir(self.root, tighten_existing=True)
         created = float(self.clock())
+        entries: list[GalleryEntry] = []
+        for index, image in enumerate(images):
+            params = replace(result.params, seed=result.params.seed + index)
+            one = replace(result, params=params, image=image, images=[image])
+            batch_id = entries[0].id if entries else ""
+            entries.append(
+                self._add_one(one, created, include_prompt_in_png, remember_prompt, model, batch_id, index, len(images))
+            )
+        return entries
+
+    def _add_one(
+        self,
+        result: GenerationResult,
+        created: float,
+        include_prompt_in_png: bool,
+        remember_prompt: bool,
+        model: str,
+        batch_id: str,
+        batch_index: int,
+        batch_size: int,
+    ) -> GalleryEntry:
         entry_id = new_entry_id(created)
         while self._sidecar(entry_id).exists() or self._png(entry_id).exists():
             entry_id = new_entry_id(created)
+        if batch_size > 1 and not batch_id:
+            batch_id = entry_id
         png = save_png_private(result, self._png(entry_id), include_prompt_in_png)
         fractions = list(result.encrypted_fractions)
         entry = GalleryEntry(
@@ -169,12 +213,16 @@ class Gallery:
             bytes_sent=int(sum(result.bytes_sent)),
             bytes_received=int(sum(result.bytes_received)),
             model=str(model),
+            batch_id=batch_id,
+            batch_index=batch_index,
+            batch_size=batch_size,
         )
+        kept = entry.params if remember_prompt else replace(entry.params, prompt="", negative_prompt="", init_image="")
         sidecar = {
             "format": SIDECAR_FORMAT,
             "id": entry.id,
             "image": png.name,
-            "params": asdict(entry.params if remember_prompt else replace(entry.params, prompt="", negative_prompt="")),
+            "params": asdict(kept),
             "model": entry.model,
             "created": entry.created,
             "total_s": entry.total_s,
@@ -187,6 +235,8 @@ class Gallery:
             "bytes_received": entry.bytes_received,
             "prompt_in_png": bool(include_prompt_in_png),
         }
+        if batch_size > 1:
+            sidecar["batch"] = {"id": batch_id, "index": batch_index, "size": batch_size}
         # the sidecar is the commit point: an image without one is reported, never half-listed
         atomic_write(self._sidecar(entry_id), (json.dumps(sidecar, indent=1) + "\n").encode("utf-8"), mode=0o600)
         return entry
@@ -210,7 +260,8 @@ class Gallery:
             for png in sorted(self.root.glob("*.png")):
                 if _ID_RE.match(png.stem) and png.stem not in ids_with_sidecar:
                     problems.append(f"gallery image {png.name} has no settings file (.json) and was skipped")
-        found.sort(key=lambda e: (e.created, e.id), reverse=True)
+        # newest job first; a job's images together, in seed order
+        found.sort(key=lambda e: (-e.created, e.batch_id or e.id, e.batch_index))
         self.problems = problems
         return found
 
@@ -246,6 +297,9 @@ class Gallery:
             fingerprint = data.get("key_fingerprint")
             if fingerprint is not None and not isinstance(fingerprint, str):
                 raise ValueError("bad key fingerprint")
+            batch = data.get("batch") or {"id": "", "index": 0, "size": 1}
+            if not isinstance(batch, dict) or not isinstance(batch.get("id"), str):
+                raise ValueError("bad batch")
             totals = data.get("timing_totals", {})
             if not isinstance(totals, dict):
                 raise ValueError("bad timing totals")
@@ -263,6 +317,9 @@ class Gallery:
                 bytes_sent=int(_number(data.get("bytes_sent", 0), "bytes_sent")),
                 bytes_received=int(_number(data.get("bytes_received", 0), "bytes_received")),
                 model=str(data.get("model", "")),
+                batch_id=batch["id"],
+                batch_index=int(_number(batch.get("index", 0), "batch index")),
+                batch_size=int(_number(batch.get("size", 1), "batch size")),
             )
         except (UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
             why = f"missing {e}" if isinstance(e, KeyError) else str(e)

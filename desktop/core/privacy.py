@@ -46,3 +46,16 @@ def label_for(where: Where, split: str = "", encryption: str = "", verified: str
     if not text.startswith("Not private"):  # e.g. "leaks little beyond the prompt": the prompt alone is not private
         text = f"Not private: this server sees what the split sends; {text}"
     return PrivacyLabel(False, text)
+
+
+def init_image_note(private: bool, split: str) -> str:
+    """What happens to an img2img picture in this mode, said beside the label (the app's line and Privacy tab)."""
+    if private:
+        return "The init image is read and encoded on this machine and never leaves it."
+    from hediff.common.settings import U_SPLITS
+
+    sent = "the U-shaped head's activations" if split in U_SPLITS else f"the activations at {split}"
+    return (
+        "The init image is read and encoded on this machine; the server gets what the split sends of its noised "
+        f"latent ({sent}, as for text to image), enough to rebuild the picture as measured."
+    )

@@ -55,7 +55,7 @@ def summary(entry) -> str:
     p = entry.params
     lines = [
         f"{p.width}×{p.height}, {entry.steps} steps, {p.scheduler}, guidance {p.guidance:g}",
-        f"seed {p.seed}",
+        f"seed {p.seed}" + entry.batch_text(", "),
         f"encryption: {_encryption_text(entry)}",
         f"key: {entry.key_fingerprint or 'none'}",
         f"took {entry.total_s:.1f} s on {entry.server_url or 'unknown server'}",
@@ -235,7 +235,8 @@ class GalleryPanel(PanelMessages, QWidget):
         self.list.blockSignals(True)
         self.list.clear()
         for entry in entries:
-            item = QListWidgetItem(self._thumbnail(entry), f"seed {entry.params.seed}\n{entry.steps} steps")
+            place = f" · {entry.batch_index + 1}/{entry.batch_size}" if entry.batch_size > 1 else ""
+            item = QListWidgetItem(self._thumbnail(entry), f"seed {entry.params.seed}{place}\n{entry.steps} steps")
             item.setData(_ID_ROLE, entry.id)
             item.setToolTip(summary(entry))
             item.setTextAlignment(Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop)

@@ -28,13 +28,14 @@ from PySide6.QtWidgets import (
 )
 
 from hediff.common.settings import U_SPLITS
+from hediff.desktop.core.privacy import init_image_note
 from hediff.desktop.core.prompt_history import PromptHistory
 from hediff.desktop.ui.dialogs import ask_yes_no, error_text
 from hediff.desktop.ui.gallery_panel import GalleryPanel
 from hediff.desktop.ui.keys_panel import KeysPanel
 from hediff.desktop.ui.notify import Notifier
 from hediff.desktop.ui.params_form import ParamsForm
-from hediff.desktop.ui.preview import ImageView, compact, png_paths
+from hediff.desktop.ui.preview import ImageView, compact, image_grid, png_paths
 from hediff.desktop.ui.privacy_panel import PrivacyPanel
 from hediff.desktop.ui.queue_view import QueueView
 from hediff.desktop.ui.servers_panel import ServersPanel
@@ -246,6 +247,7 @@ class MainWindow(QMainWindow):
         self.form.serverChanged.connect(self._update_privacy_line)
         self.form.split_combo.currentIndexChanged.connect(self._update_privacy_line)
         self.form.encryption_combo.currentIndexChanged.connect(self._update_privacy_line)
+        self.form.initImageChanged.connect(self._update_privacy_line)
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -314,7 +316,8 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot generate: no server is configured; add one in the Servers tab.")
             return None
         native = self.form.native_side()
-        if native and not (params.width and params.height):  # the queue and captions show the real size, not 0x0
+        # the queue and captions show the real size, not 0x0; img2img's picture sets its own size unless asked
+        if native and not params.init_image and not (params.width and params.height):
             params = dataclasses.replace(params, width=params.width or native, height=params.height or native)
         server_name = self.form.server_combo.currentText()
         server = self.services.settings.server(server_id)
@@ -360,11 +363,12 @@ class MainWindow(QMainWindow):
             self.show_error(f"Cannot load settings: {error_text(e)}")
             return False
         kept = ""
-        if not params.prompt:
+        if not params.prompt:  # written without the private fields: the prompts and the init image's name
             params = dataclasses.replace(
                 params,
                 prompt=self.form.prompt_edit.toPlainText().strip(),
                 negative_prompt=self.form.negative_edit.toPlainText().strip(),
+                init_image=params.init_image or self.form.init_image(),
             )
             kept = "; it carries no prompt, so yours was kept"
         self.form.set_params(params)
@@ -489,7 +493,10 @@ class MainWindow(QMainWindow):
             self.privacy_line.setText(f"Privacy unknown ({e}): treat this as not private")
             return
         self.privacy_line.setStyleSheet(PRIVATE_STYLE if label.private else NOT_PRIVATE_STYLE)
-        self.privacy_line.setText(label.text)
+        text = label.text
+        if self.form.init_image():
+            text += f". {init_image_note(label.private, split)}"
+        self.privacy_line.setText(text)
 
     def _update_server_status(self, server_id: str) -> None:
         for server in self.services.settings.servers:
@@ -543,11 +550,14 @@ class MainWindow(QMainWindow):
         params, _server = self._submitted.pop(job_id, (result.params, ""))
         self._shown_seed = params.seed
         self.reuse_seed_button.setEnabled(True)
+        images = list(result.images) or [result.image]
+        seeds = f"seed {params.seed}" if len(images) == 1 else f"seeds {params.seed}–{params.seed + len(images) - 1}"
+        saved = self._saved_paths.pop(job_id, None)
         self.preview.set_image(
-            result.image,
+            images[0] if len(images) == 1 else image_grid(images),
             final=True,
-            path=self._saved_paths.pop(job_id, None),
-            caption=f"Job #{job_id} · seed {params.seed} · {params.width}×{params.height} · "
+            path=saved if len(images) == 1 else None,  # a grid is no one file: the gallery has each image
+            caption=f"Job #{job_id} · {seeds} · {result.params.width}×{result.params.height} · "
             f"{format_seconds(result.total_s)}",
         )
         self.progress.setRange(0, max(1, len(result.step_timings)))

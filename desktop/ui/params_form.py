@@ -1,4 +1,5 @@
-"""The generation settings form: prompt, sampling, size, encryption, split, model and server.
+"""The generation settings form: prompt, sampling, size, count, image to image, LoRAs, encryption, split, model and
+server.
 
 Ranges, choices, defaults and tooltips come from the settings model (common.settings), so the form cannot
 produce settings that the model, or the server whose limits it was given, refuses.
@@ -10,18 +11,21 @@ import dataclasses
 import random
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QPixmap
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QMenu,
     QPlainTextEdit,
+    QPushButton,
     QSizePolicy,
     QSpinBox,
     QToolButton,
@@ -30,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from hediff.common import settings as gs
+from hediff.desktop.ui.dialogs import MessageLabel, dim
 
 U_SPLIT_ENCRYPTION_TEXT = "none (latent stays here)"
 ENCRYPTION_LABELS = {
@@ -61,6 +66,126 @@ def _spin(name: str, spin: QSpinBox | QDoubleSpinBox) -> QSpinBox | QDoubleSpinB
     return spin
 
 
+INIT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+INIT_THUMB = 64
+LORA_SCALE_RANGE = (-10.0, 10.0)  # diffusers takes any scale; far beyond 1 a LoRA only breaks the image
+
+
+def _image_paths(mime) -> list[Path]:
+    """The local PNG / JPEG files a drop carries."""
+    if not mime.hasUrls():
+        return []
+    return [
+        Path(u.toLocalFile())
+        for u in mime.urls()
+        if u.isLocalFile() and u.toLocalFile().lower().endswith(INIT_IMAGE_SUFFIXES)
+    ]
+
+
+class _InitImageThumb(QLabel):
+    """The init image's thumbnail; a PNG or JPEG dropped on it becomes the init image."""
+
+    dropped = Signal(str)
+
+    def __init__(self):
+        super().__init__()
+        self.setFixedSize(INIT_THUMB, INIT_THUMB)
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setWordWrap(True)
+        self.setFrameShape(QLabel.Shape.StyledPanel)
+        self.setAcceptDrops(True)
+        self.setAccessibleName("Init image")
+        self.show_empty()
+
+    def show_empty(self, text: str = "Drop a picture") -> None:
+        self.setPixmap(QPixmap())
+        self.setText(text)
+
+    def dragEnterEvent(self, event) -> None:
+        if _image_paths(event.mimeData()):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event) -> None:
+        paths = _image_paths(event.mimeData())
+        if paths:
+            event.acceptProposedAction()
+            self.dropped.emit(str(paths[0]))
+
+
+class _LoraRow(QWidget):
+    """One LoRA of the list: its folder's name, its scale, a remove button."""
+
+    removed = Signal(object)
+
+    def __init__(self, path: str, scale: float, problem: str = ""):
+        super().__init__()
+        self.path = path
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.name_label = QLabel(Path(path).name or path)
+        self.name_label.setToolTip(f"{path}\n{problem}" if problem else path)
+        self.name_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        if problem:
+            self.name_label.setText(f"{self.name_label.text()} (not usable)")
+            self.name_label.setStyleSheet("color: #b00020;")
+        self.scale_spin = QDoubleSpinBox()
+        self.scale_spin.setRange(*LORA_SCALE_RANGE)
+        self.scale_spin.setDecimals(3)
+        self.scale_spin.setSingleStep(0.05)
+        self.scale_spin.setValue(scale)
+        # the scale exactly as the settings gave it until the user changes it: the server's digest covers it, so
+        # a rounded 0.3333 would be another LoRA to it
+        self.scale = float(scale)
+        self.scale_spin.valueChanged.connect(lambda value: setattr(self, "scale", float(value)))
+        self.scale_spin.setToolTip("The scale this LoRA is applied at, on this machine and on the server alike")
+        self.scale_spin.setAccessibleName(f"Scale of {self.name_label.text()}")
+        self.remove_button = QToolButton()
+        self.remove_button.setText("✕")
+        self.remove_button.setToolTip(f"Remove the LoRA {Path(path).name or path}")
+        self.remove_button.setAccessibleName("Remove LoRA")
+        self.remove_button.clicked.connect(lambda: self.removed.emit(self))
+        row.addWidget(self.name_label, 1)
+        row.addWidget(QLabel("Scale"))
+        row.addWidget(self.scale_spin)
+        row.addWidget(self.remove_button)
+
+    def entry(self) -> str:
+        """``DIR:SCALE``, as the settings hold it."""
+        short = f"{self.scale:g}"
+        return f"{self.path}:{short if float(short) == self.scale else repr(self.scale)}"  # exact, and short
+
+
+def _shorten(name: str, most: int = 18) -> str:
+    """A file name that fits a header: its start and its end (the suffix) around an ellipsis."""
+    if len(name) <= most:
+        return name
+    half = (most - 1) // 2
+    return f"{name[:half]}…{name[-half:]}"
+
+
+def _section_body() -> QFrame:
+    body = QFrame()
+    body.setFrameShape(QFrame.Shape.StyledPanel)
+    return body
+
+
+def _section_toggle(text: str) -> QToolButton:
+    """The header of a section that folds away (InvokeAI's accordions): the form fits a small window closed."""
+    button = QToolButton()
+    button.setCheckable(True)
+    button.setArrowType(Qt.ArrowType.RightArrow)
+    button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+    # what the header names (a picture's file) never widens the form: the two headers share its width
+    button.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    button.setMinimumWidth(1)
+    button.setText(text)
+    button.setFixedHeight(QComboBox().sizeHint().height())  # as tall as the form's other rows
+    button.toggled.connect(lambda on: button.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow))
+    return button
+
+
 class _PromptEdit(QPlainTextEdit):
     """A plain-text prompt box that is as tall as ``lines`` lines and submits on Ctrl+Enter."""
 
@@ -87,6 +212,7 @@ class ParamsForm(QWidget):
 
     generateRequested = Signal()  # Ctrl+Enter in a prompt box
     serverChanged = Signal(str)
+    initImageChanged = Signal(str)  # the init image's path; "" for text to image
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -94,7 +220,9 @@ class ParamsForm(QWidget):
         self._activation_dtype = d.activation_dtype
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.setSpacing(8)
+        # 4 px around the folded sections' one row, 6 between groups (whose titles separate them): closed, the
+        # form fits a 1024x700 window without scrolling
+        outer.setSpacing(4)
 
         # prompt
         prompt_box = QGroupBox("Prompt")
@@ -120,6 +248,7 @@ class ParamsForm(QWidget):
         pl.addLayout(prompt_row)
         pl.addWidget(self.negative_edit)
         outer.addWidget(prompt_box)
+        outer.addSpacing(2)
 
         # sampling
         sampling = QGroupBox("Sampling")
@@ -129,10 +258,14 @@ class ParamsForm(QWidget):
         self.guidance_spin.setSingleStep(0.5)
         self.guidance_spin.setDecimals(1)
         _spin("guidance", self.guidance_spin)
+        self.count_spin = _spin("count", QSpinBox())
+        self.count_spin.setAccessibleName("Images")
         row = QHBoxLayout()
         row.addWidget(self.steps_spin, 1)
         row.addWidget(QLabel("Guidance"))
         row.addWidget(self.guidance_spin, 1)
+        row.addWidget(QLabel("Images"))
+        row.addWidget(self.count_spin, 1)
         sf.addRow("Steps", row)
         self.scheduler_combo = QComboBox()
         self.scheduler_combo.addItems(list(gs.choices("scheduler")))
@@ -159,6 +292,7 @@ class ParamsForm(QWidget):
         row.addWidget(QLabel("px"))
         sf.addRow("Size", row)
         outer.addWidget(sampling)
+        outer.addWidget(self._build_extras())
 
         # privacy
         privacy = QGroupBox("Encryption")
@@ -201,6 +335,7 @@ class ParamsForm(QWidget):
         self.split_combo.currentIndexChanged.connect(self._encryption_changed)
         ef.addRow("Split", self.split_combo)
         outer.addWidget(privacy)
+        outer.addSpacing(2)
 
         # backend
         backend = QGroupBox("Backend")
@@ -238,6 +373,81 @@ class ParamsForm(QWidget):
             signal.connect(lambda *_args, name=name: self._filling or self._user_set.add(name))
         self.model_combo.activated.connect(lambda _i: self.set_model(self.model_combo.currentText()))
         self.model_combo.lineEdit().editingFinished.connect(lambda: self.set_model(self.model()))
+
+    def _build_extras(self) -> QWidget:
+        """Image to image and LoRAs: two sections that fold away, side by side while closed."""
+        extras = QWidget()
+        layout = QVBoxLayout(extras)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(4)
+        self.init_toggle = _section_toggle("Image to image")
+        self.lora_toggle = _section_toggle("LoRA")
+        headers = QHBoxLayout()
+        headers.setSpacing(4)
+        headers.addWidget(self.init_toggle)
+        headers.addWidget(self.lora_toggle)
+        layout.addLayout(headers)
+
+        # image to image: the picture is read and encoded here; the privacy line says what the split sends
+        self.init_box = _section_body()
+        il = QHBoxLayout(self.init_box)
+        self.init_thumb = _InitImageThumb()
+        self.init_thumb.setToolTip("Drop a PNG or JPEG here. " + gs.help_text("init_image").capitalize())
+        self.init_thumb.dropped.connect(self.choose_init_image)
+        il.addWidget(self.init_thumb, 0, Qt.AlignmentFlag.AlignTop)
+        side = QVBoxLayout()
+        self.init_name = QLabel("No picture: the image starts from noise")
+        self.init_name.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        dim(self.init_name)
+        self.init_choose = QPushButton("Choose…")
+        self.init_choose.setToolTip("Pick a PNG or JPEG to start from")
+        self.init_choose.clicked.connect(self._browse_init_image)
+        self.init_clear = QPushButton("Clear")
+        self.init_clear.setToolTip("Start from noise again (text to image)")
+        self.init_clear.clicked.connect(lambda: self.set_init_image(""))
+        self.strength_spin = QDoubleSpinBox()
+        self.strength_spin.setDecimals(2)
+        self.strength_spin.setSingleStep(0.05)
+        _spin("strength", self.strength_spin)
+        self.strength_spin.setAccessibleName("Strength")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.init_choose)
+        buttons.addWidget(self.init_clear)
+        strength = QHBoxLayout()
+        strength.addWidget(QLabel("Strength"))
+        strength.addWidget(self.strength_spin, 1)
+        side.addWidget(self.init_name)
+        side.addLayout(buttons)
+        side.addLayout(strength)
+        il.addLayout(side, 1)
+        layout.addWidget(self.init_box)
+        self.init_message = MessageLabel()
+        layout.addWidget(self.init_message)
+
+        # LoRAs: DIR:SCALE entries, checked when added (the weights are read where the model loads)
+        self.lora_box = _section_body()
+        self.lora_layout = QVBoxLayout(self.lora_box)
+        self.lora_layout.setSpacing(2)
+        self.lora_empty = QLabel("No LoRA: the model's own weights")
+        dim(self.lora_empty)
+        self.lora_layout.addWidget(self.lora_empty)
+        self.lora_add = QPushButton("Add LoRA folder…")
+        self.lora_add.setToolTip(gs.help_text("lora").capitalize())
+        self.lora_add.clicked.connect(self._browse_lora)
+        self.lora_layout.addWidget(self.lora_add)
+        self.lora_message = MessageLabel()
+        self.lora_layout.addWidget(self.lora_message)
+        layout.addWidget(self.lora_box)
+        self._lora_rows: list[_LoraRow] = []
+
+        self.init_box.setVisible(False)
+        self.lora_box.setVisible(False)
+        self.init_toggle.toggled.connect(self.init_box.setVisible)
+        self.lora_toggle.toggled.connect(self.lora_box.setVisible)
+        self._init_image = ""
+        self.set_init_image("")
+        self._update_lora_header()
+        return extras
 
     # --- construction helpers ---
 
@@ -317,6 +527,135 @@ class ParamsForm(QWidget):
         if folder:
             self.set_model(folder)
 
+    # --- image to image ---
+
+    def init_image(self) -> str:
+        return self._init_image
+
+    def choose_init_image(self, path: str) -> bool:
+        """Make the picture at ``path`` the init image if it can be read (a message says why not); True if so."""
+        from hediff.common.img2img import InitImageError, load_init_image
+
+        try:
+            image = load_init_image(path)
+        except InitImageError as e:
+            self.init_message.show_message(f"Not used: {e}", "error")
+            return False
+        self.set_init_image(str(path), image)
+        self.init_toggle.setChecked(True)
+        return True
+
+    def set_init_image(self, path: str, image=None) -> None:
+        """Show ``path`` as the init image ("": none). Settings being loaded name a file that may be gone since:
+        it stays chosen, marked missing, so the job says so instead of silently drawing from noise."""
+        from hediff.desktop.ui.preview import pil_to_qimage
+
+        self._init_image = str(path or "")
+        self.init_message.clear_message()
+        self.strength_spin.setEnabled(bool(self._init_image))
+        self.init_clear.setEnabled(bool(self._init_image))
+        if not self._init_image:
+            self.init_thumb.show_empty()
+            self.init_name.setText("No picture: the image starts from noise")
+            self.init_name.setToolTip("")
+            self.init_toggle.setText("Image to image")
+            self.initImageChanged.emit("")
+            return
+        name = Path(self._init_image).name
+        if image is None:
+            from hediff.common.img2img import InitImageError, load_init_image
+
+            try:
+                image = load_init_image(self._init_image)
+            except InitImageError:
+                image = None
+        if image is None:
+            self.init_thumb.show_empty("missing")
+            self.init_name.setText(f"{name} (missing)")
+            self.init_message.show_message(f"The init image {self._init_image} cannot be read.", "warning")
+        else:
+            pixmap = QPixmap.fromImage(pil_to_qimage(image))
+            self.init_thumb.setPixmap(
+                pixmap.scaled(
+                    QSize(INIT_THUMB - 4, INIT_THUMB - 4),
+                    Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation,
+                )
+            )
+            self.init_name.setText(f"{name}, {image.width}×{image.height}")
+        self.init_name.setToolTip(self._init_image)
+        self.init_toggle.setText(f"Image to image: {_shorten(name)}")
+        self.initImageChanged.emit(self._init_image)
+
+    def _browse_init_image(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose the picture to start from", "", "Pictures (*.png *.jpg *.jpeg)"
+        )
+        if path:
+            self.choose_init_image(path)
+
+    # --- LoRAs ---
+
+    def add_lora(self, path: str, scale: float = 1.0) -> bool:
+        """Add the LoRA folder (or .safetensors file) at ``path`` if it is one (a message says why not)."""
+        from hediff.common.lora import LoraError, parse_loras
+
+        path = str(path)
+        if any(row.path == path for row in self._lora_rows):
+            self.lora_message.show_message(f"{Path(path).name} is in the list already.", "error")
+            return False
+        try:
+            parse_loras([path])
+        except LoraError as e:
+            self.lora_message.show_message(f"Not added: {e}", "error")
+            return False
+        self.lora_message.clear_message()
+        self._add_lora_row(path, scale)
+        self.lora_toggle.setChecked(True)
+        return True
+
+    def _add_lora_row(self, path: str, scale: float, problem: str = "") -> None:
+        row = _LoraRow(path, scale, problem)
+        row.removed.connect(self._remove_lora_row)
+        self.lora_layout.insertWidget(self.lora_layout.indexOf(self.lora_add), row)
+        self._lora_rows.append(row)
+        self._update_lora_header()
+
+    def _remove_lora_row(self, row: _LoraRow) -> None:
+        self._lora_rows.remove(row)
+        self.lora_layout.removeWidget(row)
+        row.deleteLater()
+        self.lora_message.clear_message()
+        self._update_lora_header()
+
+    def set_loras(self, entries) -> None:
+        """The list from settings (``DIR[:SCALE]`` entries); one whose files are gone since stays, marked."""
+        from hediff.common.lora import LoraError, parse_lora, parse_loras
+
+        for row in list(self._lora_rows):
+            self._remove_lora_row(row)
+        for entry in entries:
+            path, scale = parse_lora(entry)
+            try:
+                parse_loras([path])
+                problem = ""
+            except LoraError as e:
+                problem = str(e)
+            self._add_lora_row(path, scale, problem)
+
+    def lora_entries(self) -> tuple[str, ...]:
+        return tuple(row.entry() for row in self._lora_rows)
+
+    def _update_lora_header(self) -> None:
+        n = len(self._lora_rows)
+        self.lora_empty.setVisible(n == 0)
+        self.lora_toggle.setText("LoRA" if n == 0 else f"LoRA: {n}")
+
+    def _browse_lora(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a LoRA folder (pytorch_lora_weights.safetensors)")
+        if folder:
+            self.add_lora(folder)
+
     # --- prompt history ---
 
     def set_history(self, prompts: list[str]) -> None:
@@ -368,6 +707,10 @@ class ParamsForm(QWidget):
             he_preset=self.preset_combo.currentData(),
             split=self.split_combo.currentText(),
             activation_dtype=self._activation_dtype,
+            init_image=self._init_image,
+            strength=float(self.strength_spin.value()),
+            lora=self.lora_entries(),
+            count=self.count_spin.value(),
         )
 
     def set_params(self, params: gs.GenerationSettings) -> None:
@@ -417,6 +760,8 @@ class ParamsForm(QWidget):
             (self.guidance_spin, p.guidance),
             (self.tau_spin, p.tau),
             (self.fraction_spin, p.mask_fraction),
+            (self.strength_spin, p.strength),
+            (self.count_spin, p.count),
         ):
             spin.setValue(value)
         self._set_combo_text(self.scheduler_combo, p.scheduler)
@@ -424,6 +769,10 @@ class ParamsForm(QWidget):
         self._set_combo_data(self.preset_combo, p.he_preset)
         self._set_combo_text(self.split_combo, p.split)
         self._activation_dtype = p.activation_dtype
+        if p.init_image != self._init_image:
+            self.set_init_image(p.init_image)
+        if p.lora != self.lora_entries():
+            self.set_loras(p.lora)
         self._encryption_changed()
 
     # --- model and server ---

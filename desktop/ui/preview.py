@@ -43,6 +43,23 @@ def fit_rect(image_size: QSize, area: QRect) -> QRect:
     return QRect(area.x() + (area.width() - w) // 2, area.y() + (area.height() - h) // 2, w, h)
 
 
+def image_grid(images, gap: int = 2):
+    """A job's images as one picture, in seed order, row by row, as near square as they go (DiffusionBee and
+    InvokeAI show a batch as a grid)."""
+    import math
+
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid
+
+
 def png_paths(mime: QMimeData) -> list[Path]:
     """The local .png files a drop carries."""
     if not mime.hasUrls():

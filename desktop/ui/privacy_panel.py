@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
@@ -18,6 +19,7 @@ from PySide6.QtWidgets import (
 
 from hediff.common.split import is_u_shaped
 from hediff.desktop.core import leakage
+from hediff.desktop.core.privacy import init_image_note
 from hediff.desktop.ui.timing_chart import format_bytes
 
 NOT_MEASURED = leakage.NOT_MEASURED
@@ -61,12 +63,14 @@ class PrivacyPanel(QWidget):
         self.key_label = self._value_label()
         self.server_label = self._value_label()
         self.leakage_label = self._value_label()
+        self.init_image_label = self._value_label()
         form.addRow("Encryption:", self.mode_label)
         form.addRow("Split:", self.split_label)
         form.addRow("Encrypted:", self.fraction_label)
         form.addRow("Key:", self.key_label)
         form.addRow("Server:", self.server_label)
         form.addRow("Measured leakage:", self.leakage_label)
+        form.addRow("Input image:", self.init_image_label)
         layout.addLayout(form)
 
         self.sent_caption = QLabel("What the last step sent to the server")
@@ -114,6 +118,7 @@ class PrivacyPanel(QWidget):
             self.key_label,
             self.server_label,
             self.leakage_label,
+            self.init_image_label,
         ):
             label.setText("–")
         self.leakage_label.setStyleSheet("")
@@ -146,6 +151,11 @@ class PrivacyPanel(QWidget):
                 f"Nothing leaves this machine (the backend runs on it). A remote server: {measured}"
             )
             self.leakage_label.setStyleSheet("")
+        if params.init_image:
+            name = Path(params.init_image).name
+            self.init_image_label.setText(f"{name}: {init_image_note(not remote, params.split)}")
+        else:
+            self.init_image_label.setText("none (text to image)")
         self.sent_table.setRowCount(0)
 
     def update_step(self, update) -> None:

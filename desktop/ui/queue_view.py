@@ -29,7 +29,10 @@ def describe_job(job, running: bool = False) -> str:
     if len(prompt) > 38:
         prompt = prompt[:37] + "…"
     state = "running" if running else "queued"
-    return f"#{job.id} {state} · {p.steps} steps · {p.width}×{p.height}\n{prompt}"
+    # 0: the window fills in the model's native size when it knows it; img2img's picture sets its own size
+    size = f"{p.width}×{p.height}" if p.width and p.height else "picture's size" if p.init_image else "native size"
+    images = f" · {p.count} images" if p.count > 1 else ""
+    return f"#{job.id} {state} · {p.steps} steps · {size}{images}\n{prompt}"
 
 
 class _QueueList(QListWidget):

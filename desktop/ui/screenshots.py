@@ -1,6 +1,7 @@
 """Screenshots of the main window for the docs, each at 1024x700, 1280x800 and 1920x1080: mid-generation (the
-x0 preview), finished, the privacy tab and the gallery; and the model manager, preferences and large image view
-dialogs at their own size.
+x0 preview), finished (a batch of BATCH images, shown as a grid), the privacy tab, the gallery and the form with
+image to image open on the first image; and the model manager, preferences and large image view dialogs at their
+own size.
 
     python -m hediff.desktop.ui.screenshots OUT_DIR [--model PATH] [--steps N] [--size PX]
 
@@ -27,6 +28,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 PROMPT = "a large yellow star at the top right on a black background"
 SECOND_PROMPT = "a large pink circle at the bottom left on a white background"
 NEGATIVE = ""
+BATCH = 4  # the second job's images: the finished view and the gallery show a batch
 
 
 def _wait(app, predicate, timeout_s: float) -> bool:
@@ -119,6 +121,7 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, si
         window.worker.jobFailed.connect(shooter.on_failed)
         first = window.generate()
         form.prompt_edit.setPlainText(SECOND_PROMPT)
+        form.count_spin.setValue(BATCH)
         second = window.generate()  # shows a queued job in the first screenshot
         if first is None or second is None:
             raise RuntimeError(f"could not queue the jobs: {window.message_label.text()}")
@@ -134,6 +137,14 @@ def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, si
         ):
             window.tabs.setCurrentWidget(tab)
             written += grab_at_sizes(window, out_dir / f"{name}.png")
+        oldest = services.gallery.entries()[-1]  # the first job's image, the picture to start from
+        form.count_spin.setValue(1)
+        form.choose_init_image(str(oldest.image_path))
+        form.strength_spin.setValue(0.6)
+        window.tabs.setCurrentWidget(window.timing_chart)
+        written += grab_at_sizes(window, out_dir / "main-window-img2img.png")
+        form.set_init_image("")
+        form.init_toggle.setChecked(False)
         written += grab_dialogs(window, out_dir)
         window.close()
         app.processEvents()
