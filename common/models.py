@@ -245,6 +245,24 @@ def _write_tiny_tokenizer(tok_dir: Path, pad_token: str = "<|endoftext|>") -> No
         (Path(tok_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def _tiny_vae(**overrides):
+    """The test models' two-level VAE (random weights from the caller's seed)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **overrides,
+    )
+
+
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """Write a tiny, complete, randomly initialised Stable Diffusion 1.x diffusers folder to ``path``.
 
@@ -283,7 +301,7 @@ def _build_tiny(
     scheduler: Any,
     pad_token: str = "<|endoftext|>",
 ) -> Path:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -295,17 +313,7 @@ def _build_tiny(
         unet = UNet2DConditionModel(**unet_config)
 
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = _tiny_vae()
 
         torch.manual_seed(seed + 2)
         vocab = tiny_clip_vocab()
@@ -373,7 +381,7 @@ def build_tiny_sdxl_model(path: Path, seed: int = 0) -> Path:
     SDXL's block layout (a plain first down block, more transformer layers deeper), linear projections,
     per-block heads, the 0.13025 VAE scaling and SDXL's Euler scheduler config. Same sizes otherwise as
     :func:`build_tiny_model` (32 px <-> 4x16x16). Deterministic given ``seed``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -404,19 +412,7 @@ def build_tiny_sdxl_model(path: Path, seed: int = 0) -> Path:
             projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
         vocab = tiny_clip_vocab()
         encoders = []
         for i, (cls, act) in enumerate(((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu"))):
