@@ -12,7 +12,6 @@ from pathlib import Path
 from PySide6.QtCore import QMimeData, QSize, Qt, QUrl, Signal
 from PySide6.QtGui import QColor, QDesktopServices, QIcon, QImage, QPainter, QPixmap
 from PySide6.QtWidgets import (
-    QApplication,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -30,7 +29,7 @@ from PySide6.QtWidgets import (
 
 from hediff.desktop.core.gallery import EXPORT_SCALES, matches
 from hediff.desktop.ui.dialogs import MessageLabel, PanelMessages, StatusLabel, ask_yes_no, dim, error_text
-from hediff.desktop.ui.preview import ImageViewer
+from hediff.desktop.ui.preview import ImageViewer, copy_image
 
 THUMB = 128
 _ID_ROLE = Qt.ItemDataRole.UserRole
@@ -357,17 +356,16 @@ class GalleryPanel(PanelMessages, QWidget):
         return mime
 
     def copy_selected(self) -> bool:
-        """The selected image to the clipboard: its pixels, and the PNG file for apps that take files."""
+        """The selected image's pixels to the clipboard."""
         entry = self._need_selection()
         if entry is None:
             return False
-        mime = self._mime_for(self.list.selectedItems())
-        if mime is None or not mime.hasImage():
+        image = QImage(str(entry.image_path))
+        if image.isNull():
             self._fail(f"The image file {entry.image_path} cannot be read.")
             return False
-        size = mime.imageData().size()
-        QApplication.clipboard().setMimeData(mime)
-        self._ok(f"Copied the image ({size.width()}×{size.height()}) to the clipboard.")
+        copy_image(image)
+        self._ok(f"Copied the image ({image.width()}×{image.height()}) to the clipboard.")
         return True
 
     def export_selected(

@@ -60,6 +60,13 @@ def image_grid(images, gap: int = 2):
     return grid
 
 
+def copy_image(image: QImage) -> None:
+    """The image's pixels on the clipboard. Through setImage, so that Qt makes the clipboard's data itself: a
+    QMimeData made in Python and handed to the clipboard is deleted by Qt after the interpreter has finished, and
+    the app crashed on exit (SIGSEGV in shiboken) after any copy."""
+    QApplication.clipboard().setImage(image)
+
+
 def png_paths(mime: QMimeData) -> list[Path]:
     """The local .png files a drop carries."""
     if not mime.hasUrls():
@@ -372,8 +379,7 @@ class ImageView(QWidget):
         """Put the image on the clipboard; False when there is none."""
         if self.preview.pixmap().isNull():
             return False
-        mime = self.preview.drag_mime_data()
-        QApplication.clipboard().setMimeData(mime)
+        copy_image(self.preview.pixmap().toImage())
         return True
 
     def _update(self) -> None:
