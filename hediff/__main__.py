@@ -1,3 +1,3 @@
-from hediff.desktop.cli import main
+from hediff.desktop.cli import run
 
-raise SystemExit(main())
+run()

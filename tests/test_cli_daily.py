@@ -122,7 +122,8 @@ def test_gui_names_the_missing_xcb_libraries_and_the_apt_line(monkeypatch, capsy
 def test_ctrl_c_mid_generation_stops_with_one_line_and_no_file(tiny_model_dir, tmp_path):
     out = tmp_path / "out.png"
     cmd = [sys.executable, "-m", "hediff.desktop.cli", "generate", "--local-backend", "--model", str(tiny_model_dir)]
-    cmd += ["--prompt", "a red circle", "--steps", "200", "--scheduler", "ddim", "--out", str(out)]
+    # the server's most steps: the run must still be going when the signal comes, even on a fast idle machine
+    cmd += ["--prompt", "a red circle", "--steps", "500", "--scheduler", "ddim", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = ""
@@ -131,7 +132,7 @@ def test_ctrl_c_mid_generation_stops_with_one_line_and_no_file(tiny_model_dir, t
             chunk = proc.stderr.read(1)
             assert chunk, f"exited before denoising: {seen}"
             seen += chunk
-        time.sleep(1.0)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         rest_out, rest_err = proc.communicate(timeout=60)
     finally:

@@ -576,3 +576,23 @@ def test_a_job_that_ends_while_the_window_is_inactive_notifies(qtbot, services, 
     _finished_job(qtbot, window, steps=2)
     assert len(window.notifier.shown) == 1  # the user was here: no notification
     window.close()
+
+
+def test_the_app_exits_cleanly_after_copying_an_image():
+    """Qt deletes the clipboard's data after Python has finished: data made in Python crashed the app on exit."""
+    import subprocess
+    import sys
+
+    code = (
+        "from PySide6.QtWidgets import QApplication\n"
+        "from PySide6.QtGui import QImage\n"
+        "from hediff.desktop.ui.preview import copy_image\n"
+        "app = QApplication([])\n"
+        "image = QImage(8, 8, QImage.Format.Format_RGB32)\n"
+        "image.fill(0xFF0000)\n"
+        "copy_image(image)\n"
+        "assert QApplication.clipboard().image().pixel(1, 1) == image.pixel(1, 1)\n"
+    )
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
