@@ -56,9 +56,9 @@ TIMESTEP = 801
 
 def _client_part(config: dict, split_name: str):
     """The client's layers of ``split_name`` with random weights; the rest of the UNet is never allocated."""
-    from hediff.common.split import UNetHead, UNetHeadTail, _meta_unet, is_u_shaped
+    from hediff.common.split import UNetHead, UNetHeadTail, is_u_shaped, meta_unet
 
-    meta = _meta_unet(config)
+    meta = meta_unet(config)
     n_params = sum(p.numel() for p in meta.parameters())
     part = (UNetHeadTail if is_u_shaped(split_name) else UNetHead).from_unet(meta, split_name)
     part = part.to_empty(device="cpu")
