@@ -252,8 +252,9 @@ def test_eight_clients_are_batched_stay_on_one_replica_and_match_the_single_proc
     assert max(sizes) >= 2 and np.mean(sizes) > 1.2, sizes
     served = list(served_sessions(ray_backend.config.redis_url).values())
     assert len(served) == 8
-    assert all(len(by) == 1 for by in served), served  # every call of a session on one replica
-    assert len({next(iter(by)) for by in served}) == 2, "both session replicas took sessions"
+    # every call of a session on one replica (which replica a session hashes to is chance: 8 sessions all on one
+    # of two replicas happens once in 128 runs; the kill test below shows sessions on both and moving between them)
+    assert all(len(by) == 1 for by in served), served
 
 
 def _session_replica_actors():
