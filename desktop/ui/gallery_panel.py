@@ -330,6 +330,18 @@ class GalleryPanel(PanelMessages, QWidget):
 
     def view_selected(self) -> ImageViewer | None:
         """Show the selected image large, with zoom; the viewer (non-modal), or None."""
+        selected = self._selected_image()
+        if selected is None:
+            return None
+        entry, image = selected
+        viewer = ImageViewer(image, f"Seed {entry.params.seed} · {_format_time(entry.created)}", entry.image_path, self)
+        viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        viewer.show()
+        self.viewer = viewer
+        return viewer
+
+    def _selected_image(self):
+        """(entry, its image) of the selection, or None after saying why (nothing selected, an unreadable file)."""
         entry = self._need_selection()
         if entry is None:
             return None
@@ -337,11 +349,7 @@ class GalleryPanel(PanelMessages, QWidget):
         if image.isNull():
             self._fail(f"The image file {entry.image_path} cannot be read.")
             return None
-        viewer = ImageViewer(image, f"Seed {entry.params.seed} · {_format_time(entry.created)}", entry.image_path, self)
-        viewer.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        viewer.show()
-        self.viewer = viewer
-        return viewer
+        return entry, image
 
     def _mime_for(self, items) -> QMimeData | None:
         entries = [self._entries.get(item.data(_ID_ROLE)) for item in items]
@@ -357,13 +365,10 @@ class GalleryPanel(PanelMessages, QWidget):
 
     def copy_selected(self) -> bool:
         """The selected image's pixels to the clipboard."""
-        entry = self._need_selection()
-        if entry is None:
+        selected = self._selected_image()
+        if selected is None:
             return False
-        image = QImage(str(entry.image_path))
-        if image.isNull():
-            self._fail(f"The image file {entry.image_path} cannot be read.")
-            return False
+        _entry, image = selected
         copy_image(image)
         self._ok(f"Copied the image ({image.width()}×{image.height()}) to the clipboard.")
         return True
