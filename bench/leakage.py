@@ -500,6 +500,7 @@ def embedding_noise_leakage(setup: Setup, n_prompts: int, sigmas: tuple[float, .
         for p in POSITIONS
         for z in SIZES
         for b in BACKGROUNDS
+        if b != c
     ]
     captions = [s.caption() for s in scenes]
 

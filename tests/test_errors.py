@@ -25,6 +25,8 @@ from hediff.desktop.core.backend_client import (
 )
 from hediff.desktop.core.engine import GenerationCancelled
 from hediff.desktop.core.keystore import KeyringUnavailable, KeyStoreError, WrongPassphrase
+from hediff.desktop.core.preview import PreviewMapError
+from hediff.desktop.core.preview_decoder import PreviewDecoderError
 from hediff.desktop.core.services import NoServerToken
 from hediff.desktop.ui.worker import expected_errors
 
@@ -40,6 +42,8 @@ EXPECTED_EXIT = {
     ModelFolderError: errors.EXIT_MODEL,
     ModelNotFoundError: errors.EXIT_MODEL,
     UnsupportedUNetError: errors.EXIT_MODEL,
+    PreviewMapError: errors.EXIT_MODEL,
+    PreviewDecoderError: errors.EXIT_MODEL,
     KeyringUnavailable: errors.EXIT_KEYS,
     KeyStoreError: errors.EXIT_KEYS,
     WrongPassphrase: errors.EXIT_KEYS,

@@ -1,9 +1,9 @@
-"""Architecture of the embedded model: Stable Diffusion 1.x classes and layout, sized for 64x64 shapes.
+"""Architecture of the embedded model: Stable Diffusion 1.x classes and layout, sized for 128x128 shapes.
 
 Same diffusers/transformers classes as SD 1.x (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel + CLIPTokenizer, the SD 1.x PNDM scheduler config), so the split, loading and parity code paths
-are exactly the ones a real SD folder takes. Differences are sizes only: 64x64 images, a VAE with scale
-factor 4 (latents 4x16x16), three UNet resolutions (so the U-shaped `u2` split exists), a 2-layer text encoder
+are exactly the ones a real SD folder takes. Differences are sizes only: 128x128 images, a VAE with SD's scale
+factor 8 (latents 4x16x16), three UNet resolutions (so the U-shaped `u2` split exists), a 2-layer text encoder
 over a word-level vocabulary.
 """
 
@@ -14,16 +14,16 @@ from typing import Any
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-    # Narrow at full resolution, where the VAE spends most of its time.
-    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    # Four levels: scale factor 8, as SD's. Narrow at full resolution, where the VAE spends most of its time.
+    "block_out_channels": [16, 32, 64, 64],
     "layers_per_block": 1,
     "latent_channels": 4,
     # 4 groups: with one channel per group the last norm removes each image's mean colour (measured: the VAE
     # collapses to a constant output).
     "norm_num_groups": 4,
-    "sample_size": 64,
+    "sample_size": 128,
 }
 
 UNET_CONFIG: dict[str, Any] = {
@@ -45,7 +45,7 @@ TEXT_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 256,
     "projection_dim": 64,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",

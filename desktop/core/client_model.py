@@ -15,7 +15,7 @@ from safetensors import safe_open
 from hediff.common import models
 from hediff.common.lora import apply_loras, parse_loras, weights_digest
 from hediff.common.split import UNetHead, UNetHeadTail, UShapedKept, is_u_shaped, mix_guidance
-from hediff.desktop.core.preview import PreviewRenderer, load_preview_map
+from hediff.desktop.core.preview import PreviewRenderer
 
 
 def load_vae_decoder(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
@@ -77,9 +77,8 @@ class ClientModel:
         self.scheduler_config = models.load_scheduler_config(self.path)
         unet_config = models.load_unet_config(self.path)
         self.latent_channels = int(unet_config["in_channels"])
-        self.preview_map = load_preview_map(self.path, self.latent_channels)
-        self.preview = PreviewRenderer(
-            self.decode, self.preview_map, self.vae_scale_factor, self.vae.config.block_out_channels
+        self.preview = PreviewRenderer.for_model(
+            self.path, self.decode, self.latent_channels, self.vae_scale_factor, self.vae.config.block_out_channels
         )
         self.recommended = models.recommended_settings(self.path)
         self.native_size = int(unet_config["sample_size"]) * self.vae_scale_factor

@@ -25,7 +25,7 @@ from hediff.desktop.core.engine import (
     GenerationResult,
     StepUpdate,
 )
-from hediff.desktop.core.preview import PreviewRenderer, load_preview_map
+from hediff.desktop.core.preview import PreviewRenderer
 
 #: What the result and the UI show where a split generation shows its server's URL.
 ON_DEVICE_LOCATION = "this device"
@@ -37,10 +37,10 @@ class OnDeviceGenerator:
     def __init__(self, model_path: Path, device: str = "cpu", lora: tuple[str, ...] = ()):
         self.lora = tuple(lora)
         self.pipeline = LocalPipeline(model_path, device=device, lora=self.lora)
-        self.preview_map = load_preview_map(Path(model_path), self.pipeline.latent_channels)
-        self.preview = PreviewRenderer(
+        self.preview = PreviewRenderer.for_model(
+            Path(model_path),
             self.pipeline.decode_latent,
-            self.preview_map,
+            self.pipeline.latent_channels,
             self.pipeline.vae_scale_factor,
             self.pipeline.pipe.vae.config.block_out_channels,
         )

@@ -1,5 +1,6 @@
-"""Per-step previews: the model's VAE where it is cheap, else a fast linear latent-to-RGB map; and the final
-latent each step predicts (x0), which is what a preview should show.
+"""Per-step previews: the model's own tiny preview decoder where it ships one, else its VAE where that is cheap,
+else a fast linear latent-to-RGB map; and the final latent each step predicts (x0), which is what a preview
+should show.
 
 A model folder may ship its own fitted map as ``preview.json`` (``{"factors": C x 3, "bias": 3}``, what
 ``python -m training.train`` writes for the embedded model); SD 1.x folders without one use the widely used
@@ -21,6 +22,7 @@ from hediff.common.errors import ModelError
 
 if TYPE_CHECKING:
     from hediff.common.schedulers import AffinePlan, AffineStep
+    from hediff.desktop.core.preview_decoder import TinyDecoder
 
 # Widely used linear approximation of the SD 1.x VAE decoder (latent channel -> RGB in [-1, 1]).
 SD1_LATENT_RGB_FACTORS = np.array(
@@ -83,9 +85,9 @@ def latent_preview(
     return Image.fromarray(img)
 
 
-# A VAE decode's work, in output pixels x sum of its levels' squared widths: the embedded model's 64 px decode is
-# 2.2e7 (10 ms on the project's 2-core CPU), SD 1.5's 512 px one 1.6e11 (seconds). A decode of at most this much
-# runs every step; more, and the preview uses the linear map.
+# A VAE decode's work, in output pixels x sum of its levels' squared widths: a 64 px decode through a 3-level
+# (16, 32, 64) VAE is 2.2e7 (10 ms on the project's 2-core CPU), SD 1.5's 512 px one 1.6e11 (seconds). A decode of
+# at most this much runs every step (for a model without a preview decoder); more, and the linear map is used.
 VAE_PREVIEW_MAX_WORK = 1e8
 
 
@@ -95,8 +97,9 @@ def vae_decode_work(latent_hw: tuple[int, int], vae_scale_factor: int, vae_block
 
 
 class PreviewRenderer:
-    """What a step's preview shows of a (C, H, W) latent: the model's own VAE decode when that is cheap (a small
-    model or a small image: the picture exactly as it will decode), else the linear map."""
+    """What a step's preview shows of a (C, H, W) latent: the model's tiny preview decoder if it ships one (a few
+    ms at any size); else the model's own VAE decode when that is cheap (a small model or a small image: the
+    picture exactly as it will decode); else the linear map."""
 
     def __init__(
         self,
@@ -105,16 +108,40 @@ class PreviewRenderer:
         upscale: int,
         vae_block_channels=(),
         max_work: float = VAE_PREVIEW_MAX_WORK,
+        tiny_decoder: TinyDecoder | None = None,
     ):
         self._decode, self.preview_map, self.upscale = decode, preview_map, upscale
         self.vae_block_channels, self.max_work = tuple(vae_block_channels), max_work
+        self.tiny_decoder = tiny_decoder
+
+    @classmethod
+    def for_model(
+        cls,
+        model_dir: Path,
+        decode: Callable[[np.ndarray], Image.Image],
+        latent_channels: int,
+        vae_scale_factor: int,
+        vae_block_channels,
+    ) -> PreviewRenderer:
+        """The renderer of a model folder: its ``preview_decoder/`` and ``preview.json`` when it has them."""
+        from hediff.desktop.core.preview_decoder import load_preview_decoder
+
+        return cls(
+            decode,
+            load_preview_map(model_dir, latent_channels),
+            vae_scale_factor,
+            vae_block_channels,
+            tiny_decoder=load_preview_decoder(model_dir, latent_channels, vae_scale_factor),
+        )
 
     def uses_vae(self, latent_hw: tuple[int, int]) -> bool:
-        if self._decode is None or not self.vae_block_channels:
+        if self.tiny_decoder is not None or self._decode is None or not self.vae_block_channels:
             return False
         return vae_decode_work(latent_hw, self.upscale, self.vae_block_channels) <= self.max_work
 
     def __call__(self, latent: np.ndarray) -> Image.Image:
+        if self.tiny_decoder is not None:
+            return self.tiny_decoder.to_image(latent)
         if self.uses_vae(tuple(latent.shape[-2:])):
             return self._decode(latent)
         if latent.shape[0] != self.preview_map.factors.shape[0]:  # the linear map fits its channel count only
