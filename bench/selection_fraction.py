@@ -27,7 +27,7 @@ PROMPTS = (
     "a large red circle at the top left on a white background",
     "a small green square in the center on a gray background",
     "a large yellow star at the bottom right on a black background",
-    "a small purple ring at the top left and a small orange cross at the bottom right on a gray background",
+    "a purple ring to the left of an orange cross on a gray background",
 )
 
 

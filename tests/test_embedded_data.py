@@ -185,3 +185,54 @@ def test_preview_decoder_training_resumes_to_the_same_weights(tmp_path, monkeypa
     resumed = T.train_preview_decoder(cfg, images, mean, std, 0.7, tmp_path / "b")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _tiny_run(tmp_path, steps: int, resume_at: int | None):
+    from transformers import CLIPTokenizer
+
+    cfg = T.TrainConfig(
+        images=32, unet_batch=4, unet_steps=steps, unet_cosine_steps=2, warmup=1, checkpoint_every=1, threads=1
+    )
+    write_tokenizer(tmp_path / "tok", vocabulary_words())
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
+    vocab, _ = build_vocab(vocabulary_words())
+    captions = [training_scene(i)[0].caption() for i in range(cfg.images)]
+    mean = torch.randn(cfg.images, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    std = torch.full_like(mean, 0.1)
+
+    def fresh():
+        torch.manual_seed(0)
+        _, unet, text_encoder = build_components(vocab)
+        return unet, text_encoder
+
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    if resume_at is not None:
+        cfg.unet_steps = resume_at
+        unet, te = fresh()
+        T.train_unet(cfg, unet, te, tok, captions, mean, std, 1.0, work)
+        cfg.unet_steps = steps
+    unet, te = fresh()
+    T.train_unet(cfg, unet, te, tok, captions, mean, std, 1.0, work)
+    return unet
+
+
+@pytest.mark.parametrize("resume_at", [1, 2, 3])  # in the cosine cycle, at its end, in the refinement phase
+def test_unet_training_resumes_to_the_same_weights(tmp_path, resume_at):
+    torch.set_num_threads(1)
+    straight = _tiny_run(tmp_path / "a", 4, None)
+    resumed = _tiny_run(tmp_path / "b", 4, resume_at)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    untrained = build_components(build_vocab(vocabulary_words())[0])[1]
+    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), untrained.state_dict().values()))
+
+
+def test_unet_learning_rate_schedule():
+    cfg = T.TrainConfig(unet_lr=1e-3, warmup=10, unet_cosine_steps=110, unet_steps=150, refine_lr=2e-4)
+    assert T.unet_lr(cfg, 0) == pytest.approx(1e-4)
+    assert T.unet_lr(cfg, 9) == pytest.approx(1e-3)
+    assert T.unet_lr(cfg, 10) == pytest.approx(1e-3)
+    assert T.unet_lr(cfg, 60) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert T.unet_lr(cfg, 109) == pytest.approx(1e-3 * 0.05, rel=0.01)
+    assert T.unet_lr(cfg, 110) == T.unet_lr(cfg, 149) == 2e-4

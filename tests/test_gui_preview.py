@@ -80,9 +80,10 @@ def test_x0_preview_shows_the_final_image_by_a_third_of_the_steps(where):
     x_t = latent_preview(third.latent, preview_map).resize(final.size)
     x0_db = _psnr(third.preview.resize(final.size), final)
     x_t_db = _psnr(x_t, final)
-    # the embedded model's VAE decodes x0 every step (cheap at 64 px). Measured (seed 7, step 7 of 21): x0 through
-    # the VAE 35.2 dB on this device and through the backend alike; through the linear map it was 14.2 dB, x_t 4.1
-    assert x0_db >= 30.0 and x0_db > x_t_db + 25.0, (x0_db, x_t_db)
+    # the embedded model's preview decoder draws x0 every step. Measured (v3, seed 7, step 7 of 21): x0 through it
+    # 23.6 dB on this device and through the backend alike, x_t 6.3 dB (v2, x0 through its 64 px VAE: 35.2 dB; the
+    # preview decoder itself is 29.8 dB from the VAE on final latents)
+    assert x0_db >= 21.0 and x0_db > x_t_db + 15.0, (x0_db, x_t_db)
 
 
 def test_the_vae_decodes_previews_only_where_it_is_cheap():
@@ -95,7 +96,7 @@ def test_the_vae_decodes_previews_only_where_it_is_cheap():
         return Image.new("RGB", (latent.shape[-1] * 8, latent.shape[-2] * 8), (255, 0, 0))
 
     preview_map = load_preview_map(EMBEDDED_MODEL_DIR)
-    embedded = PreviewRenderer(decode, preview_map, 4, [16, 32, 64])  # the shipped model's VAE
+    embedded = PreviewRenderer(decode, preview_map, 4, [16, 32, 64])  # a 64 px model's 3-level VAE (embedded v2)
     latent = np.random.default_rng(0).standard_normal((4, 16, 16))
     assert embedded.uses_vae((16, 16)) and embedded(latent).getpixel((0, 0)) == (255, 0, 0)
     sd15 = PreviewRenderer(decode, preview_map, 8, [128, 256, 512, 512])  # SD 1.5's VAE: seconds at 512 px

@@ -517,7 +517,7 @@ def test_model_manager_adds_describes_and_sets_the_default(qtbot, services, make
     window = make_window(services)
     dialog = window.open_model_manager(modal=False)
     assert dialog.specs() == ["embedded"] and dialog.item_texts() == ["Embedded model  (default)"]
-    assert dialog.size_label.text() == "64 × 64 px (up to 128 px)"
+    assert dialog.size_label.text() == "128 × 128 px (up to 256 px)"
     assert dialog.recommended_label.text() == "guidance 2, steps 20"
     assert dialog.split_rows() == [(s, "yes") for s in ("conv_in", "down0.resnet0", "u1", "u2", "u3")]
     assert not dialog.remove_button.isEnabled()

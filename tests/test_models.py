@@ -356,4 +356,4 @@ def test_common_imports_no_gui_or_web_framework():
 def test_vae_scale_factor_and_prompt_tokens_match_the_pipeline(tiny_model_dir, tiny_pipe):
     assert models.vae_scale_factor(tiny_model_dir) == tiny_pipe.vae_scale_factor == 2
     assert models.prompt_token_count(tiny_model_dir) == tiny_pipe.tokenizer.model_max_length == 77
-    assert models.vae_scale_factor(models.EMBEDDED_MODEL_DIR) == 4  # the shipped model: 3 VAE downsamplings
+    assert models.vae_scale_factor(models.EMBEDDED_MODEL_DIR) == 8  # the shipped model: 3 VAE downsamplings, as SD

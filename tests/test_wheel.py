@@ -112,7 +112,7 @@ def test_installed_wheel_generates_the_embedded_models_image_from_outside_the_re
         output_type="np",
     ).images
     reference = (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
-    assert installed.shape == reference.shape == (64, 64, 3)
+    assert installed.shape == reference.shape == (128, 128, 3)
     assert psnr(reference, installed) >= 35.0
     seen = read_image(installed)
     assert (seen.colour, seen.shape, seen.position) == ("red", "circle", "center"), seen

@@ -342,7 +342,7 @@ class Gallery:
     def export(self, entry_id: str, dest: Path, include_prompt: bool, scale: int = 1, smooth: bool = False) -> Path:
         """Write the image as a PNG to ``dest`` (a file, ".png" added if missing, or a folder to put
         ``hediff-<id>.png`` in) with the parameters in its metadata, the prompts only if ``include_prompt``.
-        ``scale``: upscale by a whole factor (a 64 px image is unreadable as is), with crisp pixels (nearest) or,
+        ``scale``: upscale by a whole factor (a 128 px image is small as is), with crisp pixels (nearest) or,
         if ``smooth``, Lanczos filtering. Returns the path written."""
         if isinstance(scale, bool) or not isinstance(scale, int) or scale not in EXPORT_SCALES:
             raise GalleryError(f"the export scale must be one of {', '.join(map(str, EXPORT_SCALES))}, got {scale!r}")

@@ -147,7 +147,7 @@ class GalleryPanel(PanelMessages, QWidget):
         self.scale_combo = QComboBox()
         for factor in EXPORT_SCALES:
             self.scale_combo.addItem("as is" if factor == 1 else f"{factor}×", factor)
-        self.scale_combo.setToolTip("Export larger: a 64 px image is unreadable at its own size")
+        self.scale_combo.setToolTip("Export larger: a 128 px image is small at its own size")
         self.smooth_check = QCheckBox("Smooth")
         self.smooth_check.setToolTip("Smooth (Lanczos) upscaling; unticked keeps crisp pixels (nearest)")
         self.load_button.setToolTip("Put this image's settings (including its prompt) back into the form.")

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 
 # Prompts the embedded shapes model was trained to follow (its vocabulary has no words for anything else).
 PROMPT = "a large yellow star at the top right on a black background"
-SECOND_PROMPT = "a large pink circle at the bottom left on a white background"
+SECOND_PROMPT = "a pink circle above a green square on a blue background"
 NEGATIVE = ""
 BATCH = 4  # the second job's images: the finished view and the gallery show a batch
 
@@ -86,7 +86,7 @@ def grab_at_sizes(window, path: Path) -> list[Path]:
     return written
 
 
-def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, size: int = 64) -> list[Path]:
+def take_screenshots(out_dir: Path, model: str = "embedded", steps: int = 20, size: int = 128) -> list[Path]:
     from hediff.desktop.core.keystore import MemoryKeyring, SecretStore
     from hediff.desktop.core.services import AppServices
     from hediff.desktop.ui.main_window import MainWindow
@@ -179,7 +179,7 @@ def grab_dialogs(window, out_dir: Path) -> list[Path]:
 def _viewer(gallery):
     viewer = gallery.view_selected()
     if viewer is not None:
-        viewer.view.preview.set_zoom(8.0)  # 8x: the pixels of a 64 px image, crisp
+        viewer.view.preview.set_zoom(4.0)  # 4x: the pixels of a 128 px image, crisp
     return viewer
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", default="embedded", help="model folder or 'embedded' (default)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=64, help="image width and height in pixels (default 64)")
+    parser.add_argument("--size", type=int, default=128, help="image width and height in pixels (default 128)")
     args = parser.parse_args(argv)
     try:
         paths = take_screenshots(args.out_dir, args.model, args.steps, args.size)
